@@ -1,0 +1,423 @@
+//! The configuration file: parsing, defaults and validation.
+//!
+//! Owns the TOML schema and every check that can be made without touching
+//! the system (the kernel module checks paths and privileges). A bad config
+//! is an error naming the field, never a panic.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::tariff::{Tariff, TariffError};
+
+/// Everything `meterd run` needs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where and how the agent meters.
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// Money and the ledger.
+    #[serde(default)]
+    pub billing: BillingConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The metered services; at least one.
+    #[serde(rename = "service", default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// cgroup v2 directory whose sockets are metered (it and its
+    /// descendants). Default: the root of the cgroup v2 mount.
+    pub cgroup: Option<PathBuf>,
+    /// bpffs directory for meterd's pinned maps and links. Pins keep the
+    /// counting going while the agent is stopped.
+    pub pin_dir: PathBuf,
+    /// Base read and billing interval.
+    #[serde(with = "duration_str")]
+    pub interval: Duration,
+    /// A UDP flow without a datagram for this long has ended.
+    #[serde(with = "duration_str")]
+    pub udp_idle_timeout: Duration,
+    /// Capacity of the live-connection map. Connections beyond it are still
+    /// billed at close, without a start time; the overflow is reported.
+    pub max_connections: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            cgroup: None,
+            pin_dir: PathBuf::from("/sys/fs/bpf/meterd"),
+            interval: Duration::from_secs(1),
+            udp_idle_timeout: Duration::from_secs(30),
+            max_connections: 262_144,
+        }
+    }
+}
+
+/// `[billing]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// ISO 4217 code of the currency all prices are in.
+    pub currency: String,
+    /// SQLite ledger file (created with mode 0600).
+    pub ledger: PathBuf,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            currency: "EUR".into(),
+            ledger: PathBuf::from("/var/lib/meterd/ledger.sqlite"),
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of `/metrics` and the status API. Loopback by default.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9947)),
+        }
+    }
+}
+
+/// `[[service]]`: one metered service and its tariff.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Name used in the ledger and as a metric label.
+    pub name: String,
+    /// Listening TCP ports of the service.
+    #[serde(default)]
+    pub tcp_ports: Vec<u16>,
+    /// UDP ports of the service (QUIC, RTP, SRT).
+    #[serde(default)]
+    pub udp_ports: Vec<u16>,
+    /// How its sessions are charged.
+    pub tariff: Tariff,
+}
+
+/// What can be wrong with a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config: no [[service]] defined: meterd needs at least one service to meter")]
+    NoService,
+    #[error("config: service #{index} has an empty name")]
+    EmptyName { index: usize },
+    #[error("config: service name {name:?} is used twice")]
+    DuplicateName { name: String },
+    #[error("config: service {name:?} has no tcp_ports and no udp_ports")]
+    NoPorts { name: String },
+    #[error("config: {protocol} port 0 in service {name:?} is not a port")]
+    PortZero {
+        name: String,
+        protocol: &'static str,
+    },
+    #[error("config: {protocol} port {port} is in service {first:?} and in service {second:?}")]
+    PortTwice {
+        protocol: &'static str,
+        port: u16,
+        first: String,
+        second: String,
+    },
+    #[error("config: service {name:?}: tariff: {source}")]
+    Tariff { name: String, source: TariffError },
+    #[error("config: agent.{field} = {value:?} must be between {min:?} and {max:?}")]
+    DurationRange {
+        field: &'static str,
+        value: Duration,
+        min: Duration,
+        max: Duration,
+    },
+    #[error("config: billing.currency {0:?} is not a 3-letter ISO 4217 code (e.g. \"EUR\")")]
+    Currency(String),
+    #[error("config: agent.max_connections must be between 1024 and 16777216, not {0}")]
+    MaxConnections(u32),
+    #[error(
+        "config: agent.pin_dir {0:?} must be an absolute path inside a bpffs mount such as /sys/fs/bpf"
+    )]
+    PinDir(PathBuf),
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let a = &self.agent;
+        check_range(
+            "interval",
+            a.interval,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        check_range(
+            "udp_idle_timeout",
+            a.udp_idle_timeout,
+            Duration::from_secs(1),
+            Duration::from_hours(24),
+        )?;
+        if !(1024..=16_777_216).contains(&a.max_connections) {
+            return Err(ConfigError::MaxConnections(a.max_connections));
+        }
+        if !a.pin_dir.is_absolute() {
+            return Err(ConfigError::PinDir(a.pin_dir.clone()));
+        }
+        let c = &self.billing.currency;
+        if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError::Currency(c.clone()));
+        }
+        if self.services.is_empty() {
+            return Err(ConfigError::NoService);
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut tcp: HashMap<u16, &str> = HashMap::new();
+        let mut udp: HashMap<u16, &str> = HashMap::new();
+        for (index, s) in self.services.iter().enumerate() {
+            if s.name.trim().is_empty() {
+                return Err(ConfigError::EmptyName { index });
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(ConfigError::DuplicateName {
+                    name: s.name.clone(),
+                });
+            }
+            if s.tcp_ports.is_empty() && s.udp_ports.is_empty() {
+                return Err(ConfigError::NoPorts {
+                    name: s.name.clone(),
+                });
+            }
+            for (protocol, ports, seen) in [
+                ("tcp", &s.tcp_ports, &mut tcp),
+                ("udp", &s.udp_ports, &mut udp),
+            ] {
+                for &port in ports {
+                    if port == 0 {
+                        return Err(ConfigError::PortZero {
+                            name: s.name.clone(),
+                            protocol,
+                        });
+                    }
+                    if let Some(first) = seen.insert(port, &s.name) {
+                        return Err(ConfigError::PortTwice {
+                            protocol,
+                            port,
+                            first: first.to_owned(),
+                            second: s.name.clone(),
+                        });
+                    }
+                }
+            }
+            s.tariff.validate().map_err(|source| ConfigError::Tariff {
+                name: s.name.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The config as TOML, with every default filled in.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+    }
+
+    /// Whether any service meters UDP (the ingress program is needed only then).
+    pub fn meters_udp(&self) -> bool {
+        self.services.iter().any(|s| !s.udp_ports.is_empty())
+    }
+}
+
+fn check_range(
+    field: &'static str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::DurationRange {
+            field,
+            value,
+            min,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Durations written as `"500ms"`, `"1s"`, `"2m"`, `"1h"`.
+pub mod duration_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    /// Parses `"<integer><ms|s|m|h>"`.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("{text:?} has no unit: write e.g. \"500ms\", \"1s\", \"2m\""))?;
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+        let ms = match unit.trim() {
+            "ms" => Some(n),
+            "s" => n.checked_mul(1000),
+            "m" | "min" => n.checked_mul(60_000),
+            "h" => n.checked_mul(3_600_000),
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {text:?}: use ms, s, m or h"
+                ));
+            }
+        };
+        ms.map(Duration::from_millis)
+            .ok_or_else(|| format!("{text:?} is too long"))
+    }
+
+    /// Renders a duration the way [`parse`] reads it.
+    pub fn render(d: Duration) -> String {
+        let ms = d.as_millis();
+        if ms.is_multiple_of(3_600_000) && ms > 0 {
+            format!("{}h", ms / 3_600_000)
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
+            format!("{}m", ms / 60_000)
+        } else if ms.is_multiple_of(1000) {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&render(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(D::Error::custom)
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_toml())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TARIFF: &str = "[service.tariff]\nkind = \"volume\"\nprice_minor = 1\nunit_bytes = 1\n";
+
+    fn service(extra: &str) -> String {
+        format!("[[service]]\nname = \"web\"\ntcp_ports = [8080]\n{extra}{TARIFF}")
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = Config::parse(&service("")).unwrap();
+        assert_eq!(c.agent.interval, Duration::from_secs(1));
+        assert_eq!(c.agent.pin_dir, PathBuf::from("/sys/fs/bpf/meterd"));
+        assert_eq!(c.billing.currency, "EUR");
+        assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9947");
+        // The rendered config parses back to the same thing.
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = Config::parse(&service("colour = \"red\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn port_in_two_services_is_rejected() {
+        let text = format!(
+            "{}{}",
+            service(""),
+            service("").replace("\"web\"", "\"radio\"")
+        );
+        let e = Config::parse(&text).unwrap_err().to_string();
+        assert!(e.contains("tcp port 8080") && e.contains("radio"), "{e}");
+    }
+
+    #[test]
+    fn no_service_is_rejected() {
+        assert!(matches!(Config::parse(""), Err(ConfigError::NoService)));
+    }
+
+    #[test]
+    fn durations_parse_and_render() {
+        assert_eq!(
+            duration_str::parse("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(duration_str::parse("2m").unwrap(), Duration::from_secs(120));
+        assert!(duration_str::parse("5").is_err());
+        assert!(duration_str::parse("5 parsecs").is_err());
+        assert_eq!(duration_str::render(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(duration_str::render(Duration::from_secs(60)), "1m");
+        let e = Config::parse(&format!("[agent]\ninterval = \"10ms\"\n{}", service("")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent.interval"), "{e}");
+    }
+}

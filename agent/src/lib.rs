@@ -1,0 +1,14 @@
+//! meterd: bills streaming sessions by the bytes and seconds the kernel saw.
+//!
+//! Data flows one way: kernel counters ([`kernel`]) -> session table
+//! ([`sessions`]) -> settlement sinks ([`closed_log`]), driven by the
+//! daemon loop in [`agent`]. [`config`] and [`tariff`] hold what the
+//! operator configured.
+
+pub mod agent;
+pub mod clock;
+pub mod closed_log;
+pub mod config;
+pub mod kernel;
+pub mod sessions;
+pub mod tariff;

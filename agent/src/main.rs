@@ -1,0 +1,143 @@
+//! `meterd`: the command line. Parses arguments, sets up logging, and calls
+//! into the library; no logic of its own.
+
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use meterd::{
+    agent::{self, RunOptions},
+    config::Config,
+    kernel::Kernel,
+};
+
+/// Per-connection metering and billing for streaming hosts.
+///
+/// meterd counts the payload bytes of every connection of the services you
+/// configure, in the kernel (eBPF attached to a cgroup v2), and settles each
+/// session when its connection closes. Counting goes on while the agent is
+/// stopped: a restarted agent bills what happened meanwhile, exactly once.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to the streaming server's cgroup and meter until stopped
+    /// (SIGTERM/SIGINT: finish, keep counting in the kernel, exit 0).
+    ///
+    /// Needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN).
+    Run {
+        /// Config file (TOML); see config/meterd.toml for every setting.
+        #[arg(
+            short,
+            long,
+            env = "METERD_CONFIG",
+            default_value = "/etc/meterd/meterd.toml"
+        )]
+        config: PathBuf,
+        /// Append one JSON line per settled session to this file.
+        #[arg(long)]
+        closed_log: Option<PathBuf>,
+        /// Create this file once metering has started (for scripts and tests).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Validate a config file and print it with every default filled in.
+    CheckConfig {
+        /// Config file (TOML).
+        config: PathBuf,
+    },
+    /// Detach meterd from the kernel and remove its pins.
+    ///
+    /// Counts of connections still open are dropped: settle them first by
+    /// stopping the streaming server, or accept the loss.
+    Unload {
+        /// Config file whose agent.pin_dir to unload.
+        #[arg(
+            short,
+            long,
+            env = "METERD_CONFIG",
+            default_value = "/etc/meterd/meterd.toml"
+        )]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meterd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run {
+            config,
+            closed_log,
+            ready_file,
+        } => {
+            let config = Config::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(agent::run(
+                config,
+                RunOptions {
+                    closed_log,
+                    ready_file,
+                },
+                shutdown_signal(),
+            ))?;
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config)?;
+            print!("{config}");
+        }
+        Command::Unload { config } => {
+            let config = Config::load(&config)?;
+            let report = Kernel::unload(&config.agent.pin_dir)?;
+            println!(
+                "meterd: unloaded {}: {} links detached, {} maps removed, {} open connections no longer metered",
+                config.agent.pin_dir.display(),
+                report.links,
+                report.maps,
+                report.live_dropped
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+    }
+}
+
+/// Human-readable with colours on a terminal; plain lines without
+/// timestamps under systemd (the journal stamps them).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("METERD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}

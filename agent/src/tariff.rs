@@ -1,0 +1,303 @@
+//! Tariffs: what a service charges per unit of data or of time.
+//!
+//! Owns the tariff schema and its validation. Prices are exact: a price is an
+//! integer number of millionths of the currency's minor unit, so "0.002 cent
+//! per MB" is representable and no float ever touches money.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
+
+/// Millionths of a minor unit per minor unit.
+pub const MICRO: u64 = 1_000_000;
+
+/// A service's tariff.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Tariff {
+    /// Per unit of bytes.
+    Volume(VolumeTariff),
+    /// Per unit of connection time.
+    Time(TimeTariff),
+}
+
+/// `kind = "volume"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeTariff {
+    /// Price of one unit, in minor units (a decimal string allows fractions).
+    pub price_minor: Price,
+    /// Bytes per unit: an integer, or a string such as "1MB" or "1GiB".
+    pub unit_bytes: ByteSize,
+    /// Which direction(s) count.
+    #[serde(default)]
+    pub direction: Direction,
+    /// How the last partial unit is charged at settlement.
+    #[serde(default)]
+    pub rounding: Rounding,
+    /// Smallest charge of a settled session, in minor units.
+    #[serde(default)]
+    pub minimum_charge_minor: u64,
+}
+
+/// `kind = "time"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeTariff {
+    /// Price of one unit, in minor units (a decimal string allows fractions).
+    pub price_minor: Price,
+    /// Seconds per unit.
+    pub unit_seconds: u64,
+    /// How the last partial unit is charged at settlement.
+    #[serde(default)]
+    pub rounding: Rounding,
+    /// Smallest charge of a settled session, in minor units.
+    #[serde(default)]
+    pub minimum_charge_minor: u64,
+}
+
+/// Which bytes a volume tariff counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Bytes delivered to the client.
+    #[default]
+    Egress,
+    /// Bytes received from the client.
+    Ingress,
+    /// Both.
+    Both,
+}
+
+/// Settlement rule for the last, partial unit (patent step S18).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rounding {
+    /// A started unit is a whole one.
+    #[default]
+    PerStartedUnit,
+    /// The exact fraction, rounded half-up to the minor unit.
+    ProRata,
+    /// Only whole units are charged.
+    Floor,
+}
+
+/// Unit price in millionths of a minor unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Price {
+    /// Millionths of a minor unit.
+    pub micro: u64,
+}
+
+/// Bytes per volume unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+/// What can be wrong with a tariff.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TariffError {
+    #[error("unit_bytes must be at least 1")]
+    ZeroBytes,
+    #[error("unit_seconds must be at least 1")]
+    ZeroSeconds,
+    #[error("unit_seconds {0} is more than a year")]
+    AbsurdSeconds(u64),
+    #[error("price_minor {0} is absurd (more than 10^9 minor units per unit)")]
+    AbsurdPrice(Price),
+    #[error("minimum_charge_minor {0} is absurd (more than 10^9)")]
+    AbsurdMinimum(u64),
+}
+
+const MAX_PRICE_MINOR: u64 = 1_000_000_000;
+
+impl Tariff {
+    /// Rejects zero units and absurd amounts.
+    pub fn validate(&self) -> Result<(), TariffError> {
+        let (price, minimum) = match self {
+            Self::Volume(v) => {
+                if v.unit_bytes.0 == 0 {
+                    return Err(TariffError::ZeroBytes);
+                }
+                (v.price_minor, v.minimum_charge_minor)
+            }
+            Self::Time(t) => {
+                if t.unit_seconds == 0 {
+                    return Err(TariffError::ZeroSeconds);
+                }
+                if t.unit_seconds > 366 * 86_400 {
+                    return Err(TariffError::AbsurdSeconds(t.unit_seconds));
+                }
+                (t.price_minor, t.minimum_charge_minor)
+            }
+        };
+        if price.micro > MAX_PRICE_MINOR * MICRO {
+            return Err(TariffError::AbsurdPrice(price));
+        }
+        if minimum > MAX_PRICE_MINOR {
+            return Err(TariffError::AbsurdMinimum(minimum));
+        }
+        Ok(())
+    }
+
+    /// `"volume"` or `"time"`: the tariff-kind metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Volume(_) => "volume",
+            Self::Time(_) => "time",
+        }
+    }
+}
+
+impl Price {
+    /// Parses `"12"`, `"0.25"` or `"0.000001"` minor units. No sign, at most
+    /// six fraction digits: anything else is an error, never a rounding.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(int) || !(frac.is_empty() || digits(frac)) {
+            return Err(format!(
+                "price {text:?} is not a non-negative decimal number of minor units (e.g. \"5\" or \"0.25\")"
+            ));
+        }
+        if frac.len() > 6 {
+            return Err(format!(
+                "price {text:?} has more than 6 fraction digits of a minor unit"
+            ));
+        }
+        let too_big = || format!("price {text:?} is too large");
+        let int: u64 = int.parse().map_err(|_| too_big())?;
+        let frac_micro: u64 = format!("{frac:0<6}").parse().map_err(|_| too_big())?;
+        let micro = int
+            .checked_mul(MICRO)
+            .and_then(|m| m.checked_add(frac_micro))
+            .ok_or_else(too_big)?;
+        Ok(Self { micro })
+    }
+}
+
+impl fmt::Display for Price {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (int, frac) = (self.micro / MICRO, self.micro % MICRO);
+        if frac == 0 {
+            write!(f, "{int}")
+        } else {
+            let frac = format!("{frac:06}");
+            write!(f, "{int}.{}", frac.trim_end_matches('0'))
+        }
+    }
+}
+
+/// Integer or string in TOML.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrString {
+    Int(i64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for Price {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match IntOrString::deserialize(d)? {
+            IntOrString::Int(n) => Self::parse(&n.to_string()).map_err(D::Error::custom),
+            IntOrString::Str(s) => Self::parse(&s).map_err(D::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Price {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.micro.is_multiple_of(MICRO) {
+            s.serialize_u64(self.micro / MICRO)
+        } else {
+            s.serialize_str(&self.to_string())
+        }
+    }
+}
+
+impl ByteSize {
+    /// Parses `"1500"`, `"1MB"` (10^6), `"1MiB"` (2^20), `"2 GB"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("size {text:?} does not start with a whole number"))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "kB" | "KB" => 1000,
+            "MB" => 1000_u64.pow(2),
+            "GB" => 1000_u64.pow(3),
+            "TB" => 1000_u64.pow(4),
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {text:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+                ));
+            }
+        };
+        n.checked_mul(factor)
+            .map(Self)
+            .ok_or_else(|| format!("size {text:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match IntOrString::deserialize(d)? {
+            IntOrString::Int(n) => u64::try_from(n)
+                .map(Self)
+                .map_err(|_| D::Error::custom(format!("unit_bytes {n} is negative"))),
+            IntOrString::Str(s) => Self::parse(&s).map_err(D::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_are_exact() {
+        assert_eq!(Price::parse("5").unwrap().micro, 5_000_000);
+        assert_eq!(Price::parse("0.25").unwrap().micro, 250_000);
+        assert_eq!(Price::parse("0.000001").unwrap().micro, 1);
+        assert_eq!(Price::parse("0.25").unwrap().to_string(), "0.25");
+        assert!(Price::parse("-1").is_err());
+        assert!(Price::parse("0.0000001").is_err());
+        assert!(Price::parse("1e3").is_err());
+        assert!(Price::parse("").is_err());
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(ByteSize::parse("1MB").unwrap().0, 1_000_000);
+        assert_eq!(ByteSize::parse("1 GiB").unwrap().0, 1 << 30);
+        assert_eq!(ByteSize::parse("1500").unwrap().0, 1500);
+        assert!(ByteSize::parse("1 parsec").is_err());
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let t: Tariff =
+            toml::from_str("kind = \"volume\"\nprice_minor = 1\nunit_bytes = 0").unwrap();
+        assert_eq!(t.validate(), Err(TariffError::ZeroBytes));
+        let t: Tariff =
+            toml::from_str("kind = \"time\"\nprice_minor = \"2000000000\"\nunit_seconds = 60")
+                .unwrap();
+        assert!(matches!(t.validate(), Err(TariffError::AbsurdPrice(_))));
+        let e = toml::from_str::<Tariff>("kind = \"volume\"\nprice_minor = -3\nunit_bytes = 1")
+            .unwrap_err();
+        assert!(e.to_string().contains("price"), "{e}");
+    }
+}

@@ -1,0 +1,180 @@
+//! Types shared by meterd's eBPF programs and its agent, and the pure rules
+//! both sides need to agree on.
+//!
+//! Owns: map names, map key/value layouts (`#[repr(C)]`, fixed-width, explicit
+//! padding, no `bool`), and the TCP arithmetic that turns the kernel's
+//! sequence-space counters into payload bytes. Does not own: how maps are read
+//! (the agent's `kernel` module) or how bytes become money (`billing`).
+//!
+//! The crate is `no_std`; the `user` feature adds the `aya::Pod` impls the
+//! agent needs, so the kernel side never links aya.
+#![no_std]
+
+pub mod tcp;
+
+/// Names of the maps in the eBPF object, shared so a rename cannot drift.
+pub mod map_names {
+    /// `Array<u32>`, 65536 slots indexed by local TCP port: `service + 1`, 0 = not metered.
+    pub const TCP_PORTS: &str = "TCP_PORTS";
+    /// `Array<u32>`, 65536 slots indexed by local UDP port: `service + 1`, 0 = not metered.
+    pub const UDP_PORTS: &str = "UDP_PORTS";
+    /// `HashMap<u64 cookie, Counts>`: live TCP counts, read every cycle.
+    pub const LIVE: &str = "LIVE";
+    /// `HashMap<u64 cookie, ConnInfo>`: who a live TCP connection is, read once per connection.
+    pub const INFO: &str = "INFO";
+    /// `HashMap<UdpFlowKey, UdpFlow>`: live UDP flows.
+    pub const UDP_FLOWS: &str = "UDP_FLOWS";
+    /// `RingBuf` of [`crate::Closed`] records.
+    pub const CLOSED: &str = "CLOSED";
+    /// `PerCpuArray<u64>` of [`crate::Stat`] counters.
+    pub const STATS: &str = "STATS";
+}
+
+/// Number of slots of the port maps: one per possible port.
+pub const PORT_SLOTS: u32 = 65536;
+
+/// Payload bytes of one connection or flow. Live values never exceed the
+/// truth; the values in a [`Closed`] record are exact.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Bytes delivered to the client (acknowledged by it, for TCP).
+    pub bytes_out: u64,
+    /// Bytes received from the client.
+    pub bytes_in: u64,
+}
+
+/// IPv4 family (`AF_INET`), as the kernel reports it.
+pub const AF_INET: u16 = 2;
+/// IPv6 family (`AF_INET6`), as the kernel reports it.
+pub const AF_INET6: u16 = 10;
+/// IP protocol number of TCP.
+pub const IPPROTO_TCP: u16 = 6;
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u16 = 17;
+
+/// Who a connection is: written once when the kernel sees it established.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// `bpf_ktime_get_boot_ns()` at establishment (CLOCK_BOOTTIME), 0 if unknown.
+    pub start_ns: u64,
+    /// `bpf_ktime_get_boot_ns()` at close, 0 while open. Set only when the
+    /// close record could not go through the ring buffer ([`CONN_CLOSED`]).
+    pub end_ns: u64,
+    /// Server address, network byte order; IPv4 in word 0, rest zero.
+    pub local_addr: [u32; 4],
+    /// Client address, same encoding.
+    pub remote_addr: [u32; 4],
+    /// Server port, host byte order.
+    pub local_port: u16,
+    /// Client port, host byte order.
+    pub remote_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub protocol: u16,
+    /// Index of the service in the agent's config.
+    pub service: u32,
+    /// `CONN_*` bits.
+    pub flags: u32,
+}
+
+/// The connection has closed but its record could not be queued (ring buffer
+/// full): the entry stays in `LIVE`/`INFO` with final counts for the agent to
+/// collect and delete.
+pub const CONN_CLOSED: u32 = 1 << 0;
+/// There was no room in `LIVE`/`INFO` when the connection opened; the close
+/// record carries the exact counts but no start time.
+pub const CONN_UNTRACKED: u32 = 1 << 1;
+/// A FIN from the client was taken out of `bytes_in`.
+pub const CONN_FIN_IN: u32 = 1 << 2;
+/// An acknowledged FIN of the server was taken out of `bytes_out`.
+pub const CONN_FIN_OUT: u32 = 1 << 3;
+
+/// Final record of a closed TCP connection, from the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Closed {
+    /// Socket cookie: unique per boot, shared by sock_ops and cgroup_skb.
+    pub cookie: u64,
+    /// Exact payload totals.
+    pub counts: Counts,
+    /// Who it was; `end_ns` is the close time.
+    pub info: ConnInfo,
+}
+
+/// Key of a UDP flow: the 4-tuple as seen from the server.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    /// Server address, network byte order; IPv4 in word 0.
+    pub local_addr: [u32; 4],
+    /// Client address, same encoding.
+    pub remote_addr: [u32; 4],
+    /// Server port, host byte order.
+    pub local_port: u16,
+    /// Client port, host byte order.
+    pub remote_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// Explicit padding, always zero (the key is hashed bytewise).
+    pub pad: u16,
+}
+
+/// Counts of a UDP flow; the flow ends after an idle timeout, enforced by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpFlow {
+    /// Payload bytes (UDP datagram minus its 8-byte header) per direction.
+    pub counts: Counts,
+    /// Boot-time ns of the first datagram.
+    pub first_ns: u64,
+    /// Boot-time ns of the latest datagram.
+    pub last_ns: u64,
+    /// Index of the service in the agent's config.
+    pub service: u32,
+    /// Explicit padding.
+    pub pad: u32,
+}
+
+/// Slots of the `STATS` per-CPU counter array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// A connection could not be added to `LIVE`/`INFO` (map full).
+    LiveFull = 0,
+    /// A close record did not fit the ring buffer; it was left in `LIVE`.
+    RingFull = 1,
+    /// A close record did not fit and there was no `LIVE` entry to leave it in: lost.
+    Lost = 2,
+    /// A UDP flow could not be added (map full): its datagrams were not counted.
+    UdpFull = 3,
+    /// Connections registered.
+    Opened = 4,
+    /// Close records queued.
+    Closed = 5,
+}
+
+/// Number of `STATS` slots.
+pub const STAT_SLOTS: u32 = 6;
+
+const _: () = {
+    // The value sizes the agent's batch reader and the ring buffer rely on.
+    assert!(size_of::<Counts>() == 16);
+    assert!(size_of::<ConnInfo>() == 64);
+    assert!(size_of::<Closed>() == 88);
+    assert!(size_of::<UdpFlowKey>() == 40);
+    assert!(size_of::<UdpFlow>() == 40);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all are `#[repr(C)]`, made only of integers, with explicit
+    // padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::Counts {}
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::Closed {}
+    unsafe impl aya::Pod for super::UdpFlowKey {}
+    unsafe impl aya::Pod for super::UdpFlow {}
+}

@@ -1,0 +1,34 @@
+//! meterd's kernel side: counts payload bytes of the metered services'
+//! connections and hands every closed connection's final count to the agent.
+//!
+//! One hook per file:
+//! - [`sockops`]: registers accepted TCP connections on metered ports and, at
+//!   close, emits their exact totals to the `CLOSED` ring buffer.
+//! - [`egress`]: refreshes live TCP counts from the kernel's own per-socket
+//!   counters, and counts outgoing UDP datagrams of metered flows.
+//! - [`ingress`]: counts incoming UDP datagrams (attached only when UDP ports
+//!   are metered: for TCP it would cost a run per received ACK for nothing).
+//!
+//! The maps are in [`maps`]; their layouts live in `meterd-common`.
+#![no_std]
+#![no_main]
+// `atomic_xadd`: the bpf target has no atomic read-modify-write methods.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_xadd, see udp.rs")]
+
+mod egress;
+mod ingress;
+mod maps;
+mod sockops;
+mod udp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
