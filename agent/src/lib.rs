@@ -6,6 +6,7 @@
 //! operator configured.
 
 pub mod agent;
+pub mod billing;
 pub mod clock;
 pub mod closed_log;
 pub mod config;

@@ -148,6 +148,84 @@ impl Tariff {
     }
 }
 
+/// Nanoseconds per second, for time tariffs (durations are kernel ns).
+const NS_PER_S: u64 = 1_000_000_000;
+
+impl Tariff {
+    /// The quantity this tariff charges for: bytes in the counted
+    /// direction(s), or nanoseconds of connection time.
+    pub fn quantity(&self, bytes_out: u64, bytes_in: u64, elapsed_ns: u64) -> u64 {
+        match self {
+            Self::Volume(v) => match v.direction {
+                Direction::Egress => bytes_out,
+                Direction::Ingress => bytes_in,
+                Direction::Both => bytes_out.saturating_add(bytes_in),
+            },
+            Self::Time(_) => elapsed_ns,
+        }
+    }
+
+    /// Quantity per unit (bytes, or ns).
+    pub fn unit(&self) -> u64 {
+        match self {
+            Self::Volume(v) => v.unit_bytes.0,
+            Self::Time(t) => t.unit_seconds.saturating_mul(NS_PER_S),
+        }
+    }
+
+    fn price(&self) -> Price {
+        match self {
+            Self::Volume(v) => v.price_minor,
+            Self::Time(t) => t.price_minor,
+        }
+    }
+
+    fn rounding(&self) -> Rounding {
+        match self {
+            Self::Volume(v) => v.rounding,
+            Self::Time(t) => t.rounding,
+        }
+    }
+
+    fn minimum_minor(&self) -> u64 {
+        match self {
+            Self::Volume(v) => v.minimum_charge_minor,
+            Self::Time(t) => t.minimum_charge_minor,
+        }
+    }
+
+    /// Whole units in `quantity`: what a billing cycle may charge for.
+    pub fn whole_units(&self, quantity: u64) -> u64 {
+        quantity / self.unit()
+    }
+
+    /// Price of `units` whole units, in millionths of a minor unit.
+    pub fn price_micro(&self, units: u64) -> u128 {
+        u128::from(units) * u128::from(self.price().micro)
+    }
+
+    /// The session's whole charge for a total `quantity`, in minor units:
+    /// the tariff applied once, with its rounding rule for the last partial
+    /// unit and its minimum charge. Amounts below a minor unit are rounded
+    /// half-up.
+    pub fn total_minor(&self, quantity: u64) -> u64 {
+        let unit = u128::from(self.unit());
+        let q = u128::from(quantity);
+        let price = u128::from(self.price().micro);
+        let micro = u128::from(MICRO);
+        // The charge as the exact fraction numerator / denominator minor units.
+        let (numerator, denominator) = match self.rounding() {
+            Rounding::PerStartedUnit => (q.div_ceil(unit) * price, micro),
+            Rounding::Floor => (q / unit * price, micro),
+            Rounding::ProRata => (q * price, unit * micro),
+        };
+        let minor = (2 * numerator + denominator) / (2 * denominator);
+        u64::try_from(minor)
+            .unwrap_or(u64::MAX)
+            .max(self.minimum_minor())
+    }
+}
+
 impl Price {
     /// Parses `"12"`, `"0.25"` or `"0.000001"` minor units. No sign, at most
     /// six fraction digits: anything else is an error, never a rounding.
@@ -285,6 +363,76 @@ mod tests {
         assert_eq!(ByteSize::parse("1 GiB").unwrap().0, 1 << 30);
         assert_eq!(ByteSize::parse("1500").unwrap().0, 1500);
         assert!(ByteSize::parse("1 parsec").is_err());
+    }
+
+    fn volume(price: &str, unit: u64, rounding: Rounding) -> Tariff {
+        Tariff::Volume(VolumeTariff {
+            price_minor: Price::parse(price).unwrap(),
+            unit_bytes: ByteSize(unit),
+            direction: Direction::Both,
+            rounding,
+            minimum_charge_minor: 0,
+        })
+    }
+
+    #[test]
+    fn rounding_modes_by_hand() {
+        // 5 cents per MB, 2.5 MB used.
+        let q = 2_500_000;
+        assert_eq!(
+            volume("5", 1_000_000, Rounding::PerStartedUnit).total_minor(q),
+            15
+        );
+        assert_eq!(volume("5", 1_000_000, Rounding::Floor).total_minor(q), 10);
+        assert_eq!(volume("5", 1_000_000, Rounding::ProRata).total_minor(q), 13); // 12.5 -> 13
+        assert_eq!(
+            volume("5", 1_000_000, Rounding::ProRata).total_minor(2_499_999),
+            12
+        ); // 12.499995
+        // Nothing used: nothing charged, whatever the rounding.
+        assert_eq!(
+            volume("5", 1_000_000, Rounding::PerStartedUnit).total_minor(0),
+            0
+        );
+        // Exact units: all three agree.
+        for r in [Rounding::PerStartedUnit, Rounding::Floor, Rounding::ProRata] {
+            assert_eq!(volume("5", 1_000_000, r).total_minor(3_000_000), 15);
+        }
+    }
+
+    #[test]
+    fn fractional_prices_and_minimum() {
+        // 0.2 cent per MB, 1 GB: 200 cents exactly.
+        assert_eq!(
+            volume("0.2", 1_000_000, Rounding::Floor).total_minor(1_000_000_000),
+            200
+        );
+        // 0.2 cent per MB, 3 MB: 0.6 -> rounds half-up to 1.
+        assert_eq!(
+            volume("0.2", 1_000_000, Rounding::Floor).total_minor(3_000_000),
+            1
+        );
+        let t = Tariff::Time(TimeTariff {
+            price_minor: Price::parse("10").unwrap(),
+            unit_seconds: 60,
+            rounding: Rounding::PerStartedUnit,
+            minimum_charge_minor: 25,
+        });
+        // 61 s: two started minutes = 20, raised to the minimum 25.
+        assert_eq!(t.total_minor(61 * NS_PER_S), 25);
+        // 150 s: three started minutes = 30.
+        assert_eq!(t.total_minor(150 * NS_PER_S), 30);
+        assert_eq!(t.quantity(5, 5, 7), 7);
+    }
+
+    #[test]
+    fn direction_selects_bytes() {
+        let mut t = volume("1", 1, Rounding::Floor);
+        assert_eq!(t.quantity(10, 3, 99), 13);
+        if let Tariff::Volume(v) = &mut t {
+            v.direction = Direction::Egress;
+        }
+        assert_eq!(t.quantity(10, 3, 99), 10);
     }
 
     #[test]

@@ -1,0 +1,87 @@
+//! `cargo xtask`: meterd's developer and CI entry point.
+//!
+//! `cargo xtask run` and `cargo xtask test` are the two commands the README
+//! promises work on a fresh Debian 12 machine: each installs what is missing
+//! (saying what and why, one line per step) and then builds and runs. This
+//! file only parses the command line; the steps live in their modules.
+
+mod ebpf;
+mod run;
+mod setup;
+mod test;
+mod toolchain;
+mod util;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, run and test meterd",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building, running and testing need (apt packages, Rust
+    /// toolchains, bpf-linker, bpffs mount); checks first, so reruns are fast.
+    Setup,
+    /// Build the eBPF programs into target/bpf/meterd.bpf.o.
+    BuildEbpf {
+        /// Build the eBPF crate's dev profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Set up, build (release) and start `meterd run` in the foreground.
+    Run {
+        /// Agent config [default: config/meterd.toml in the repository].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Extra arguments for `meterd run`, after `--`
+        /// (e.g. `-- --closed-log /tmp/closed.jsonl`).
+        #[arg(last = true)]
+        extra: Vec<OsString>,
+    },
+    /// Run the whole suite CI runs: fmt, clippy, unit and end-to-end tests.
+    Test {
+        /// Without root, run the end-to-end tests anyway and let them report
+        /// SKIPPED instead of failing the suite.
+        #[arg(long)]
+        allow_skip: bool,
+        /// Only run unit and end-to-end tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match dispatch(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Setup => setup::run(setup::Scope::Full),
+        Cmd::BuildEbpf { debug } => {
+            setup::run(setup::Scope::Build)?;
+            ebpf::build(debug)
+        }
+        Cmd::Run { config, extra } => run::run(config, &extra),
+        Cmd::Test { allow_skip, filter } => test::run(&test::Options { allow_skip, filter }),
+    }
+}
