@@ -1,26 +1,42 @@
-//! The daemon: the loop that turns kernel counts into settled sessions.
+//! The daemon: the loop that turns kernel counts into charges and settled
+//! sessions.
 //!
 //! Every interval it reads the live maps (one batch read), refreshes the
-//! session table and ends idle UDP flows; in between, it drains the ring
-//! buffer of closed connections as records arrive. Settled sessions go to
-//! the sinks (today the closed-connection log and the log output).
+//! session table, charges every live session for the whole units it used
+//! since the last cycle (one ledger transaction), checks account limits, and
+//! ends idle UDP flows. In between, it drains the ring buffer of closed
+//! connections as records arrive and settles each one, and it serves the
+//! attribution API's requests.
 //!
 //! `run` takes its shutdown as a future, so tests and `main` decide when it
-//! stops; on shutdown it drains once more and returns, leaving the pins in
-//! place so the kernel keeps counting.
+//! stops; on shutdown it drains and bills once more and returns, leaving the
+//! pins in place so the kernel keeps counting.
 
-use std::{future::Future, path::PathBuf, time::Duration};
+use std::{
+    future::Future,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
 
 use aya::maps::{MapData, RingBuf};
 use meterd_common::{Counts, Stat, UdpFlow, UdpFlowKey};
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
 
 use crate::{
+    api::{self, ApiError, Command, Outcome},
+    attribution::Pending,
+    billing::Accruals,
     clock,
     closed_log::{ClosedLog, ClosedLogError},
     config::Config,
+    hooks::{self, LimitReached},
     kernel::{self, Kernel, KernelError},
-    sessions::{self, Sessions, Settled},
+    ledger::{ChargeRow, Ledger, LedgerError, SessionRecord, rfc3339},
+    limits::Limits,
+    sessions::{self, Session, Sessions, Settled},
 };
 
 /// Options of `meterd run` beyond the config file.
@@ -37,6 +53,10 @@ pub struct RunOptions {
 pub enum AgentError {
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error(transparent)]
     ClosedLog(#[from] ClosedLogError),
     #[error("{what}: {source}")]
@@ -57,11 +77,13 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let ledger = Ledger::open(&config.billing.ledger, &config.billing.currency)?;
     let mut kernel = Kernel::open(&config)?;
     tracing::info!(
         startup = ?kernel.startup,
         object = %kernel::object_version(),
         pin_dir = %kernel.pin_dir().display(),
+        ledger = %config.billing.ledger.display(),
         services = config.services.len(),
         "metering"
     );
@@ -75,6 +97,16 @@ pub async fn run(
         }
         None => None,
     };
+    let accruals = Accruals::restore(ledger.open_accruals()?);
+    let limits = Limits::new(
+        &config.accounts,
+        ledger.spent_by_account()?,
+        ledger.accounts_with_event("limit_reached")?,
+    );
+    let (api_tx, mut api_rx) = mpsc::channel(1024);
+    let api_at = api::spawn(&config, api_tx).await?;
+    tracing::info!(api = %api_at, open_sessions = accruals.len(), "attribution API listening");
+
     let ring = kernel
         .take_closed()
         .expect("a freshly opened Kernel holds its ring buffer");
@@ -86,6 +118,10 @@ pub async fn run(
         config,
         kernel,
         sessions,
+        ledger,
+        accruals,
+        limits,
+        pending: Pending::default(),
         log,
         live: Vec::new(),
         udp: Vec::new(),
@@ -95,7 +131,8 @@ pub async fn run(
     agent.drain(ring.get_mut())?;
     agent.cycle()?;
     if let Some(path) = &options.ready_file {
-        std::fs::write(path, b"metering\n").map_err(io(format!("writing {}", path.display())))?;
+        std::fs::write(path, format!("api={api_at}\n"))
+            .map_err(io(format!("writing {}", path.display())))?;
     }
 
     let mut ticker = tokio::time::interval(agent.config.agent.interval);
@@ -109,6 +146,7 @@ pub async fn run(
                 agent.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
+            Some(command) = api_rx.recv() => agent.command(command),
             _ = ticker.tick() => {
                 agent.drain(ring.get_mut())?;
                 agent.cycle()?;
@@ -129,6 +167,10 @@ struct Agent {
     config: Config,
     kernel: Kernel,
     sessions: Sessions,
+    ledger: Ledger,
+    accruals: Accruals,
+    limits: Limits,
+    pending: Pending,
     log: Option<ClosedLog>,
     /// Reused buffer of the live TCP read.
     live: Vec<(u64, Counts)>,
@@ -139,14 +181,15 @@ struct Agent {
 }
 
 impl Agent {
-    /// Settles every queued close record. Each is written before its slot
-    /// is released (the item's drop), so a crash re-delivers, never loses.
+    /// Settles every queued close record. Each is committed to the ledger
+    /// before its slot is released (the item's drop), so a crash
+    /// re-delivers, never loses; the ledger ignores a re-delivered one.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<usize, AgentError> {
         let mut n = 0;
         while let Some(item) = ring.next() {
             if let Some(closed) = kernel::decode_closed(&item) {
                 if let Some(settled) = self.sessions.close_tcp(&closed) {
-                    self.settle(&settled)?;
+                    self.settle(settled)?;
                 }
             } else {
                 tracing::error!(
@@ -160,7 +203,7 @@ impl Agent {
         Ok(n)
     }
 
-    /// One read of the live maps.
+    /// One billing cycle.
     fn cycle(&mut self) -> Result<(), AgentError> {
         let stats = self.kernel.stats()?;
         let ring_full = Stat::RingFull as usize;
@@ -183,9 +226,10 @@ impl Agent {
                     }
                 }
             });
-        for s in &settled {
+        for s in settled {
+            let cookie = s.session.cookie;
             self.settle(s)?;
-            self.kernel.forget(s.session.cookie)?;
+            self.kernel.forget(cookie)?;
         }
 
         self.kernel.read_udp(&mut self.udp)?;
@@ -197,33 +241,165 @@ impl Agent {
             // Taken atomically: a datagram after this starts a new flow.
             if let Some(last) = self.kernel.take_udp(&key)? {
                 let settled = self.sessions.end_udp(&key, &last);
-                self.settle(&settled)?;
+                self.settle(settled)?;
             }
+        }
+
+        if !self.pending.is_empty() {
+            for s in self.sessions.live_mut() {
+                if s.attribution.is_none() {
+                    s.attribution = self.pending.take_for(s);
+                }
+            }
+            self.pending
+                .expire(Instant::now(), self.config.api.pending_ttl);
+        }
+        self.charge()?;
+        self.check_limits()?;
+        Ok(())
+    }
+
+    /// Charges every live session for the whole units used since the last
+    /// cycle, in one ledger transaction.
+    fn charge(&mut self) -> Result<(), AgentError> {
+        let now_ns = clock::boot_ns();
+        let mut rows = Vec::new();
+        let mut accounts = Vec::new();
+        for s in self.sessions.live() {
+            let Some(service) = self.config.services.get(s.service as usize) else {
+                continue;
+            };
+            let quantity = service.tariff.quantity(
+                s.counts.bytes_out,
+                s.counts.bytes_in,
+                elapsed_ns(s.start_ns, now_ns),
+            );
+            if let Some((charge, accrual)) = self.accruals.charge(&s.id, &service.tariff, quantity)
+            {
+                accounts.push(s.account());
+                rows.push((s, service.name.as_str(), charge, accrual));
+            }
+        }
+        let charges: Vec<ChargeRow<'_>> = rows
+            .iter()
+            .zip(&accounts)
+            .map(|((s, service, charge, accrual), account)| ChargeRow {
+                session_id: &s.id,
+                seq: charge.seq,
+                service,
+                account,
+                units: charge.units,
+                amount_micro: charge.amount_micro,
+                accrual: *accrual,
+            })
+            .collect();
+        self.ledger.record_cycle(SystemTime::now(), &charges)?;
+        for (row, account) in rows.iter().zip(&accounts) {
+            self.limits.add(
+                account,
+                i64::try_from(row.2.amount_micro).unwrap_or(i64::MAX),
+            );
         }
         Ok(())
     }
 
-    fn settle(&mut self, settled: &Settled) -> Result<(), AgentError> {
+    /// The patent's check processing: accounts that ran out.
+    fn check_limits(&mut self) -> Result<(), AgentError> {
+        for (account, spent_minor, limit_minor) in self.limits.check() {
+            let event = LimitReached {
+                event: "limit_reached",
+                account,
+                spent_minor,
+                limit_minor,
+                currency: self.config.billing.currency.clone(),
+            };
+            tracing::warn!(
+                account = %event.account,
+                spent_minor,
+                limit_minor,
+                "limit_reached"
+            );
+            let detail = serde_json::to_string(&event).unwrap_or_default();
+            self.ledger.record_event(
+                SystemTime::now(),
+                "limit_reached",
+                &event.account,
+                &detail,
+            )?;
+            hooks::fire(
+                &event,
+                self.config.billing.limit_hook.clone(),
+                self.config.billing.limit_webhook.as_deref(),
+            );
+        }
+        Ok(())
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Attribute {
+                conn,
+                attribution,
+                reply,
+            } => {
+                let outcome = if self.sessions.attribute(conn, &attribution) {
+                    Outcome::Applied
+                } else {
+                    self.pending.add(conn, attribution, Instant::now());
+                    Outcome::Pending
+                };
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    /// Settles a session: the tariff applied to its total, minus what the
+    /// cycles charged, in the ledger; then the optional log.
+    fn settle(&mut self, mut settled: Settled) -> Result<(), AgentError> {
+        if settled.session.attribution.is_none() {
+            settled.session.attribution = self.pending.take_for(&settled.session);
+        }
         let s = &settled.session;
-        let service = self
-            .config
-            .services
-            .get(s.service as usize)
-            .map_or("unknown", |svc| svc.name.as_str());
+        let Some(service) = self.config.services.get(s.service as usize) else {
+            tracing::error!(id = %s.id, service = s.service, "session of an unknown service: not billed");
+            return Ok(());
+        };
+        let duration_ns = elapsed_ns(s.start_ns, settled.end_ns);
+        let quantity = service
+            .tariff
+            .quantity(s.counts.bytes_out, s.counts.bytes_in, duration_ns);
+        let amounts = self.accruals.settle(&s.id, &service.tariff, quantity);
+        let account = s.account();
+        let record = session_record(
+            s,
+            &settled,
+            service.name.clone(),
+            &account,
+            duration_ns,
+            &amounts,
+            &self.config.billing.currency,
+        );
+        if !self.ledger.record_settlement(&record, SystemTime::now())? {
+            tracing::debug!(id = %s.id, "already settled: ignored");
+            return Ok(());
+        }
+        self.limits.add(&account, amounts.adjustment_micro);
         tracing::info!(
-            target: "meterd::closed",
+            target: "meterd::settled",
             id = %s.id,
-            service,
+            service = %service.name,
+            account = %account,
             protocol = ?s.protocol,
             client = %s.client,
             server = %s.server,
             bytes_out = s.counts.bytes_out,
             bytes_in = s.counts.bytes_in,
-            duration_ms = settled.end_ns.saturating_sub(s.start_ns) / 1_000_000,
-            "session closed"
+            duration_ms = duration_ns / 1_000_000,
+            charge_minor = amounts.total_minor,
+            "session settled"
         );
         if let Some(log) = &mut self.log {
-            log.write(settled, service)?;
+            log.write(&settled, &service.name)?;
         }
         Ok(())
     }
@@ -260,6 +436,52 @@ impl Agent {
                 "UDP flow map full: datagrams of new flows not counted"
             );
         }
+    }
+}
+
+fn session_record(
+    s: &Session,
+    settled: &Settled,
+    service: String,
+    account: &str,
+    duration_ns: u64,
+    amounts: &crate::billing::Settlement,
+    currency: &str,
+) -> SessionRecord {
+    let started = if s.start_ns == 0 {
+        clock::wall_time(settled.end_ns)
+    } else {
+        clock::wall_time(s.start_ns)
+    };
+    SessionRecord {
+        session_id: s.id.clone(),
+        service,
+        account: account.to_owned(),
+        content: s.content().to_owned(),
+        protocol: format!("{:?}", s.protocol).to_lowercase(),
+        client_addr: s.client.ip().to_string(),
+        client_port: s.client.port(),
+        server_addr: s.server.ip().to_string(),
+        server_port: s.server.port(),
+        started_at: rfc3339(started),
+        ended_at: rfc3339(clock::wall_time(settled.end_ns)),
+        bytes_out: s.counts.bytes_out,
+        bytes_in: s.counts.bytes_in,
+        duration_ms: duration_ns / 1_000_000,
+        charge_minor: amounts.total_minor,
+        currency: currency.to_owned(),
+        cycles_micro: amounts.cycles_micro,
+        adjustment_micro: amounts.adjustment_micro,
+        flags: settled.flags,
+    }
+}
+
+/// Connection time so far; 0 when the start is unknown (`CONN_UNTRACKED`).
+fn elapsed_ns(start_ns: u64, now_ns: u64) -> u64 {
+    if start_ns == 0 {
+        0
+    } else {
+        now_ns.saturating_sub(start_ns)
     }
 }
 

@@ -29,9 +29,80 @@ pub struct Config {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The local API where the streaming server attributes connections.
+    #[serde(default)]
+    pub api: ApiConfig,
     /// The metered services; at least one.
     #[serde(rename = "service", default)]
     pub services: Vec<ServiceConfig>,
+    /// Accounts with a prepaid balance or a credit limit.
+    #[serde(rename = "account", default)]
+    pub accounts: Vec<AccountConfig>,
+}
+
+/// `[api]`: where the streaming server tells meterd which account and
+/// content a connection belongs to. A unix socket by default; a TCP address
+/// must be loopback and needs a bearer token.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Unix socket path (created with mode 0660). Default:
+    /// `/run/meterd/<name of agent.pin_dir>.sock`, so two agents with their
+    /// own pins never share a socket.
+    pub socket: Option<PathBuf>,
+    /// Loopback TCP address instead of the socket.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token required on `listen`.
+    pub token: Option<String>,
+    /// How long an attribution for a connection not seen yet is kept.
+    #[serde(with = "duration_str")]
+    pub pending_ttl: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            listen: None,
+            token: None,
+            pending_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The unix socket to listen on, unless `listen` is set.
+    pub fn socket_path(&self, agent: &AgentConfig) -> Option<PathBuf> {
+        if self.listen.is_some() {
+            return None;
+        }
+        Some(self.socket.clone().unwrap_or_else(|| {
+            let name = agent
+                .pin_dir
+                .file_name()
+                .map_or_else(|| "meterd".into(), |n| n.to_string_lossy().into_owned());
+            PathBuf::from(format!("/run/meterd/{name}.sock"))
+        }))
+    }
+}
+
+/// `[[account]]`: a spending limit checked every cycle.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// Account id, as the API attributes it (or a client address).
+    pub id: String,
+    /// Prepaid balance, minor units: the limit is reached when it is used up.
+    pub prepaid_minor: Option<u64>,
+    /// Credit limit, minor units.
+    pub credit_limit_minor: Option<u64>,
+}
+
+impl AccountConfig {
+    /// The spending limit, whichever way it was given.
+    pub fn limit_minor(&self) -> u64 {
+        self.prepaid_minor.or(self.credit_limit_minor).unwrap_or(0)
+    }
 }
 
 /// `[agent]`.
@@ -75,6 +146,12 @@ pub struct BillingConfig {
     pub currency: String,
     /// SQLite ledger file (created with mode 0600).
     pub ledger: PathBuf,
+    /// Executable run when an account reaches its limit, with METERD_EVENT,
+    /// METERD_ACCOUNT, METERD_SPENT_MINOR, METERD_LIMIT_MINOR set.
+    pub limit_hook: Option<PathBuf>,
+    /// `http://127.0.0.1:PORT/PATH` (loopback only) that receives a JSON
+    /// POST when an account reaches its limit.
+    pub limit_webhook: Option<String>,
 }
 
 impl Default for BillingConfig {
@@ -82,6 +159,8 @@ impl Default for BillingConfig {
         Self {
             currency: "EUR".into(),
             ledger: PathBuf::from("/var/lib/meterd/ledger.sqlite"),
+            limit_hook: None,
+            limit_webhook: None,
         }
     }
 }
@@ -168,6 +247,22 @@ pub enum ConfigError {
         "config: agent.pin_dir {0:?} must be an absolute path inside a bpffs mount such as /sys/fs/bpf"
     )]
     PinDir(PathBuf),
+    #[error(
+        "config: api.listen {0} is not a loopback address: the attribution API must not be reachable from outside (use a unix socket, or 127.0.0.1)"
+    )]
+    ApiNotLoopback(SocketAddr),
+    #[error("config: api.listen needs api.token (a bearer token of at least 16 characters)")]
+    ApiToken,
+    #[error("config: set either api.socket or api.listen, not both")]
+    ApiBoth,
+    #[error(
+        "config: billing.limit_webhook {0:?} must be http://127.0.0.1:PORT/... or http://[::1]:PORT/... (loopback only)"
+    )]
+    Webhook(String),
+    #[error("config: account {id:?} needs exactly one of prepaid_minor and credit_limit_minor")]
+    AccountLimit { id: String },
+    #[error("config: account {0:?} is defined twice")]
+    AccountTwice(String),
 }
 
 impl Config {
@@ -220,6 +315,21 @@ impl Config {
         if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(ConfigError::Currency(c.clone()));
         }
+        self.validate_api()?;
+        if let Some(url) = &self.billing.limit_webhook
+            && crate::hooks::loopback_url(url).is_none()
+        {
+            return Err(ConfigError::Webhook(url.clone()));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for a in &self.accounts {
+            if a.prepaid_minor.is_some() == a.credit_limit_minor.is_some() {
+                return Err(ConfigError::AccountLimit { id: a.id.clone() });
+            }
+            if !ids.insert(a.id.as_str()) {
+                return Err(ConfigError::AccountTwice(a.id.clone()));
+            }
+        }
         if self.services.is_empty() {
             return Err(ConfigError::NoService);
         }
@@ -265,6 +375,22 @@ impl Config {
                 name: s.name.clone(),
                 source,
             })?;
+        }
+        Ok(())
+    }
+
+    fn validate_api(&self) -> Result<(), ConfigError> {
+        let api = &self.api;
+        if let Some(addr) = api.listen {
+            if api.socket.is_some() {
+                return Err(ConfigError::ApiBoth);
+            }
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::ApiNotLoopback(addr));
+            }
+            if api.token.as_ref().is_none_or(|t| t.len() < 16) {
+                return Err(ConfigError::ApiToken);
+            }
         }
         Ok(())
     }
@@ -397,6 +523,45 @@ mod tests {
         );
         let e = Config::parse(&text).unwrap_err().to_string();
         assert!(e.contains("tcp port 8080") && e.contains("radio"), "{e}");
+    }
+
+    #[test]
+    fn api_must_stay_local() {
+        let e = Config::parse(&format!(
+            "[api]\nlisten = \"0.0.0.0:9948\"\ntoken = \"0123456789abcdef\"\n{}",
+            service("")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("loopback"), "{e}");
+        let e = Config::parse(&format!(
+            "[api]\nlisten = \"127.0.0.1:9948\"\n{}",
+            service("")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("token"), "{e}");
+        let e = Config::parse(&format!(
+            "[billing]\nlimit_webhook = \"http://10.0.0.1/x\"\n{}",
+            service("")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn account_needs_one_limit() {
+        let text = format!("{}[[account]]\nid = \"a\"\n", service(""));
+        assert!(matches!(
+            Config::parse(&text),
+            Err(ConfigError::AccountLimit { .. })
+        ));
+        let text = format!(
+            "{}[[account]]\nid = \"a\"\nprepaid_minor = 10\n",
+            service("")
+        );
+        assert_eq!(Config::parse(&text).unwrap().accounts[0].limit_minor(), 10);
     }
 
     #[test]

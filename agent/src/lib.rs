@@ -6,10 +6,15 @@
 //! operator configured.
 
 pub mod agent;
+pub mod api;
+pub mod attribution;
 pub mod billing;
 pub mod clock;
 pub mod closed_log;
 pub mod config;
+pub mod hooks;
 pub mod kernel;
+pub mod ledger;
+pub mod limits;
 pub mod sessions;
 pub mod tariff;

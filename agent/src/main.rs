@@ -1,7 +1,7 @@
 //! `meterd`: the command line. Parses arguments, sets up logging, and calls
 //! into the library; no logic of its own.
 
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::SystemTime};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -9,6 +9,7 @@ use meterd::{
     agent::{self, RunOptions},
     config::Config,
     kernel::Kernel,
+    ledger::{ExportFormat, Ledger},
 };
 
 /// Per-connection metering and billing for streaming hosts.
@@ -51,6 +52,11 @@ enum Command {
         /// Config file (TOML).
         config: PathBuf,
     },
+    /// Read the ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Detach meterd from the kernel and remove its pins.
     ///
     /// Counts of connections still open are dropped: settle them first by
@@ -65,6 +71,46 @@ enum Command {
         )]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Write one record per settled session, oldest first, to stdout.
+    ///
+    /// Fields: session_id, service, account, content, protocol, client_addr,
+    /// client_port, server_addr, server_port, started_at, ended_at (RFC 3339
+    /// UTC), bytes_out, bytes_in, duration_ms, charge_minor, currency. Safe
+    /// to run next to a running agent.
+    Export {
+        /// Config file naming the ledger (billing.ledger).
+        #[arg(
+            short,
+            long,
+            env = "METERD_CONFIG",
+            default_value = "/etc/meterd/meterd.toml"
+        )]
+        config: PathBuf,
+        /// Read this ledger file instead of the config's.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Only sessions settled at or after this time: RFC 3339
+        /// ("2026-11-22T10:00:00Z") or an age ("24h", "30m").
+        #[arg(long, value_parser = parse_since)]
+        since: Option<SystemTime>,
+    },
+}
+
+fn parse_since(text: &str) -> Result<SystemTime, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        return Ok(t);
+    }
+    let age = meterd::config::duration_str::parse(text)
+        .map_err(|_| format!("{text:?} is neither an RFC 3339 time nor an age such as 24h"))?;
+    SystemTime::now()
+        .checked_sub(age)
+        .ok_or_else(|| format!("{text:?} is before the epoch"))
 }
 
 fn main() -> ExitCode {
@@ -102,6 +148,30 @@ fn real_main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             let config = Config::load(&config)?;
             print!("{config}");
+        }
+        Command::Ledger {
+            command:
+                LedgerCommand::Export {
+                    config,
+                    ledger,
+                    format,
+                    since,
+                },
+        } => {
+            let path = match ledger {
+                Some(path) => path,
+                None => Config::load(&config)?.billing.ledger,
+            };
+            if !path.exists() {
+                anyhow::bail!(
+                    "no ledger at {}: meterd has not run with this config yet, or billing.ledger points elsewhere",
+                    path.display()
+                );
+            }
+            let ledger = Ledger::open_read_only(&path)?;
+            let mut out = std::io::stdout().lock();
+            let n = ledger.export(since, format, &mut out)?;
+            eprintln!("meterd: exported {n} sessions from {}", path.display());
         }
         Command::Unload { config } => {
             let config = Config::load(&config)?;

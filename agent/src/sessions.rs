@@ -52,6 +52,25 @@ pub struct Session {
     pub start_ns: u64,
     /// Latest counts (exact once settled).
     pub counts: Counts,
+    /// Attributed by the streaming server; `None`: billed to the client address.
+    pub attribution: Option<crate::attribution::Attribution>,
+}
+
+impl Session {
+    /// The account billed: the attributed one, or the client address.
+    pub fn account(&self) -> String {
+        self.attribution
+            .as_ref()
+            .map_or_else(|| self.client.ip().to_string(), |a| a.account.clone())
+    }
+
+    /// The content id, if attributed.
+    pub fn content(&self) -> &str {
+        self.attribution
+            .as_ref()
+            .and_then(|a| a.content.as_deref())
+            .unwrap_or("")
+    }
 }
 
 /// A session that has ended, with its exact totals.
@@ -94,6 +113,32 @@ impl Sessions {
     /// Live sessions.
     pub fn live(&self) -> impl Iterator<Item = &Session> {
         self.live.values()
+    }
+
+    /// Live sessions, for attribution.
+    pub fn live_mut(&mut self) -> impl Iterator<Item = &mut Session> {
+        self.live.values_mut()
+    }
+
+    /// Attributes the live session `conn` names; false if there is none.
+    pub fn attribute(
+        &mut self,
+        conn: crate::attribution::ConnectionRef,
+        attribution: &crate::attribution::Attribution,
+    ) -> bool {
+        if let crate::attribution::ConnectionRef::Cookie(c) = conn
+            && let Some(s) = self.live.get_mut(&SessionKey::Tcp(c))
+        {
+            s.attribution = Some(attribution.clone());
+            return true;
+        }
+        match self.live.values_mut().find(|s| conn.matches(s)) {
+            Some(s) => {
+                s.attribution = Some(attribution.clone());
+                true
+            }
+            None => false,
+        }
     }
 
     /// Number of live sessions.
@@ -241,6 +286,7 @@ impl Sessions {
             server: addr(info.family, info.local_addr, info.local_port),
             start_ns: info.start_ns,
             counts: Counts::default(),
+            attribution: None,
         }
     }
 }
@@ -255,6 +301,7 @@ fn udp_session(boot_id: &str, key: &UdpFlowKey, flow: &UdpFlow) -> Session {
         server: addr(key.family, key.local_addr, key.local_port),
         start_ns: flow.first_ns,
         counts: flow.counts,
+        attribution: None,
     }
 }
 
