@@ -1,0 +1,310 @@
+//! Running the meterd agent as a test's child process.
+//!
+//! An [`Agent`] writes its own config (one `web` service, a volume tariff of
+//! one minor unit per byte, so billing never hides a byte), starts
+//! `meterd run --config F --closed-log L --ready-file R` with its output in
+//! the test's directory, and can stop it (SIGTERM), kill it (SIGKILL) and
+//! start it again over the same pins. On drop it kills the agent and runs
+//! `meterd unload --config F`.
+//!
+//! Does not own: judging the records (`records`).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use crate::{
+    process::{Proc, read_lossy, tail, wait_until},
+    records::{self, ClosedRecord},
+};
+
+/// How long `meterd run` may take to attach and create its ready file.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Environment variable naming the agent binary (`cargo xtask test` sets it).
+pub const METERD_BIN_ENV: &str = "METERD_BIN";
+
+/// The agent binary: `$METERD_BIN`, else `<workspace>/target/debug/meterd`.
+pub fn meterd_bin() -> PathBuf {
+    let bin = std::env::var_os(METERD_BIN_ENV).map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/meterd"),
+        PathBuf::from,
+    );
+    assert!(
+        bin.is_file(),
+        "meterd binary not found at {}: build it with `cargo build -p meterd`, or set \
+         {METERD_BIN_ENV} (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The parts of the agent's config a test chooses.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Metered TCP ports of the `web` service.
+    pub tcp_ports: Vec<u16>,
+    /// Metered UDP ports of the `web` service.
+    pub udp_ports: Vec<u16>,
+    /// `agent.interval`, the base read interval.
+    pub interval: Duration,
+    /// `agent.udp_idle_timeout`.
+    pub udp_idle_timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            tcp_ports: Vec::new(),
+            udp_ports: Vec::new(),
+            interval: Duration::from_secs(1),
+            udp_idle_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// The TOML file meterd reads. Everything another test's agent could
+    /// also use is this test's own: cgroup, pin dir, ledger file, and the
+    /// metrics endpoint (port 0: any free port).
+    pub fn to_toml(&self, cgroup: &Path, pin_dir: &Path, ledger: &Path) -> String {
+        let list = |ports: &[u16]| {
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            r#"[agent]
+cgroup = "{cgroup}"
+pin_dir = "{pin_dir}"
+interval = "{interval}"
+udp_idle_timeout = "{idle}"
+
+[billing]
+currency = "EUR"
+ledger = "{ledger}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[[service]]
+name = "web"
+tcp_ports = [{tcp}]
+udp_ports = [{udp}]
+[service.tariff]
+kind = "volume"
+price_minor = 1
+unit_bytes = 1
+direction = "both"
+rounding = "floor"
+"#,
+            cgroup = cgroup.display(),
+            pin_dir = pin_dir.display(),
+            ledger = ledger.display(),
+            interval = duration(self.interval),
+            idle = duration(self.udp_idle_timeout),
+            tcp = list(&self.tcp_ports),
+            udp = list(&self.udp_ports),
+        )
+    }
+}
+
+/// A duration as the config writes it: whole seconds as `"5s"`, else `"250ms"`.
+fn duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// A meterd agent owned by one test.
+#[derive(Debug)]
+pub struct Agent {
+    bin: PathBuf,
+    config: AgentConfig,
+    config_path: PathBuf,
+    closed_log: PathBuf,
+    ready_file: PathBuf,
+    /// stdout and stderr of every run, appended.
+    log: PathBuf,
+    pin_dir: PathBuf,
+    proc: Option<Proc>,
+    /// Runs started so far, to label the log.
+    starts: u32,
+}
+
+impl Agent {
+    /// Writes the config into `dir`; does not start the agent.
+    pub fn new(dir: &Path, cgroup: &Path, pin_dir: &Path, config: AgentConfig) -> Agent {
+        let config_path = dir.join("meterd.toml");
+        fs::write(
+            &config_path,
+            config.to_toml(cgroup, pin_dir, &dir.join("ledger.sqlite")),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        Agent {
+            bin: meterd_bin(),
+            config,
+            config_path,
+            closed_log: dir.join("closed.jsonl"),
+            ready_file: dir.join("meterd.ready"),
+            log: dir.join("meterd.log"),
+            pin_dir: pin_dir.to_owned(),
+            proc: None,
+            starts: 0,
+        }
+    }
+
+    /// The config this agent runs with.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Starts `meterd run` and waits for its ready file; panics with the
+    /// agent's log if it exits or is not ready in time.
+    pub fn start(&mut self) {
+        assert!(self.proc.is_none(), "agent already running");
+        let _ = fs::remove_file(&self.ready_file);
+        self.starts += 1;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--closed-log")
+            .arg(&self.closed_log)
+            .arg("--ready-file")
+            .arg(&self.ready_file);
+        let mut proc = Proc::spawn(&format!("meterd run #{}", self.starts), &mut cmd, &self.log);
+        let mut exited = None;
+        let ready = wait_until(READY_TIMEOUT, || {
+            exited = proc.try_wait();
+            exited.is_some() || self.ready_file.exists()
+        });
+        if let Some(status) = exited.filter(|_| !self.ready_file.exists()) {
+            panic!(
+                "meterd run #{} exited ({status}) before it was ready; its log:\n{}",
+                self.starts,
+                self.log_tail(60)
+            );
+        }
+        assert!(
+            ready,
+            "meterd run #{} did not create its ready file {} within {READY_TIMEOUT:?}; its log:\n{}",
+            self.starts,
+            self.ready_file.display(),
+            self.log_tail(60)
+        );
+        self.proc = Some(proc);
+    }
+
+    /// SIGTERM, then waits for a graceful exit with status 0 (the contract).
+    pub fn stop(&mut self) {
+        let mut proc = self.proc.take().expect("agent not running");
+        proc.signal(libc::SIGTERM);
+        let status = proc.wait_timeout(Duration::from_secs(20));
+        match status {
+            Some(status) if status.success() => {}
+            Some(status) => panic!(
+                "meterd exited with {status} on SIGTERM (the contract says 0); its log:\n{}",
+                self.log_tail(60)
+            ),
+            None => panic!(
+                "meterd did not exit within 20 s of SIGTERM; its log:\n{}",
+                self.log_tail(60)
+            ),
+        }
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up or flush anything.
+    pub fn kill9(&mut self) {
+        let mut proc = self.proc.take().expect("agent not running");
+        proc.kill();
+    }
+
+    /// Panics with the log unless the agent process is still running.
+    pub fn assert_running(&mut self) {
+        let proc = self.proc.as_mut().expect("agent not started");
+        if let Some(status) = proc.try_wait() {
+            panic!(
+                "meterd exited unexpectedly ({status}); its log:\n{}",
+                self.log_tail(60)
+            );
+        }
+    }
+
+    /// Every record in the closed log so far; panics on a line that is not
+    /// a record of the contract's shape.
+    pub fn closed_records(&self) -> Vec<ClosedRecord> {
+        records::parse_closed_log(&read_lossy(&self.closed_log)).unwrap_or_else(|e| {
+            panic!(
+                "meterd's closed log {} is malformed: {e}",
+                self.closed_log.display()
+            )
+        })
+    }
+
+    /// The closed log's path.
+    pub fn closed_log(&self) -> &Path {
+        &self.closed_log
+    }
+
+    /// The last `lines` lines the agent wrote (all runs).
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&read_lossy(&self.log), lines)
+    }
+
+    /// `meterd unload --config F`; returns (success, output).
+    pub fn unload(&self) -> (bool, String) {
+        match Command::new(&self.bin)
+            .arg("unload")
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+        {
+            Ok(out) => (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Dropping the Proc kills and reaps it without panicking.
+        drop(self.proc.take());
+        if !self.pin_dir.exists() {
+            // Never attached (or already unloaded): nothing to detach.
+            return;
+        }
+        let (ok, output) = self.unload();
+        if !ok {
+            eprintln!(
+                "meterd unload --config {} failed: {output}",
+                self.config_path.display()
+            );
+        }
+        // Pins outlive processes: a failed unload must not leave programs
+        // attached or maps pinned on the machine, so remove what is left
+        // (and say so, it is a finding about the agent).
+        if self.pin_dir.exists() {
+            eprintln!(
+                "pin dir {} still exists after `meterd unload`; removing it",
+                self.pin_dir.display()
+            );
+            let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! Harness for meterd's privileged end-to-end tests.
+//!
+//! Owns: the skip policy ([`privilege`]), cgroup v2 groups ([`cgroup`]),
+//! network namespaces ([`netns`]), child processes that die with the test
+//! ([`process`]), running the agent ([`agent`]), reading and comparing its
+//! closed-connection log ([`records`]), and a per-test environment that puts
+//! all of these together and tears them down on drop, panics included
+//! ([`env`]). The truth the tests compare against comes from the
+//! `meterd-traffic` binary of this crate, whose wire format is [`wire`].
+//!
+//! Does not own: the agent or its eBPF programs; nothing here works around
+//! their behaviour.
+
+pub mod agent;
+pub mod cgroup;
+pub mod env;
+pub mod netns;
+pub mod privilege;
+pub mod process;
+pub mod records;
+pub mod wire;
+
+pub use agent::{Agent, AgentConfig};
+pub use env::{CloseOrder, RunningClient, Server, Setup, TcpClient, TestEnv, UdpClient, port};
+pub use records::ClosedRecord;
+
+/// Path of this crate's `meterd-traffic` binary. Only integration tests of
+/// this crate get it from cargo, so it is a macro expanded there.
+#[macro_export]
+macro_rules! traffic_bin {
+    () => {
+        env!("CARGO_BIN_EXE_meterd-traffic")
+    };
+}
