@@ -13,8 +13,10 @@
 //! pins in place so the kernel keeps counting.
 
 use std::{
+    collections::{BTreeMap, HashMap},
     future::Future,
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -32,12 +34,21 @@ use crate::{
     clock,
     closed_log::{ClosedLog, ClosedLogError},
     config::Config,
+    exporter::{self, ExporterError},
+    governor::{CycleSignals, Pacer},
     hooks::{self, LimitReached},
     kernel::{self, Kernel, KernelError},
-    ledger::{ChargeRow, Ledger, LedgerError, SessionRecord, rfc3339},
+    ledger::{ChargeRow, Ledger, LedgerError, SessionRecord, SettledTotals, rfc3339},
     limits::Limits,
+    load::{Load, LoadMonitor},
+    metrics::{Metrics, Persisted, ServiceTotals, SharedMetrics},
     sessions::{self, Session, Sessions, Settled},
+    status::{LiveSession, StatusReport, micro_to_decimal},
+    tariff::MICRO,
 };
+
+/// Ledger `meta` key of the agent's own persisted counters.
+const PERSISTED_KEY: &str = "metrics";
 
 /// Options of `meterd run` beyond the config file.
 #[derive(Debug, Clone, Default)]
@@ -58,7 +69,13 @@ pub enum AgentError {
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error(transparent)]
+    Exporter(#[from] ExporterError),
+    #[error(transparent)]
     ClosedLog(#[from] ClosedLogError),
+    #[error(
+        "another meterd (pid {pid}) is running with agent.pin_dir {pin_dir}: stop it first, or give this one its own pin_dir"
+    )]
+    AlreadyRunning { pin_dir: PathBuf, pid: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -77,6 +94,7 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let _instance = lock_instance(&config.agent.pin_dir)?;
     let ledger = Ledger::open(&config.billing.ledger, &config.billing.currency)?;
     let mut kernel = Kernel::open(&config)?;
     tracing::info!(
@@ -103,8 +121,14 @@ pub async fn run(
         ledger.spent_by_account()?,
         ledger.accounts_with_event("limit_reached")?,
     );
+    let persisted: Persisted = ledger
+        .load_meta(PERSISTED_KEY)?
+        .and_then(|json| serde_json::from_str(&json).ok())
+        .unwrap_or_default();
+    let settled_totals = ledger.service_totals()?;
+    let limit_events = ledger.event_count("limit_reached")?;
     let (api_tx, mut api_rx) = mpsc::channel(1024);
-    let api_at = api::spawn(&config, api_tx).await?;
+    let api_at = api::spawn(&config, api_tx.clone()).await?;
     tracing::info!(api = %api_at, open_sessions = accruals.len(), "attribution API listening");
 
     let ring = kernel
@@ -114,6 +138,8 @@ pub async fn run(
     // owns the ring buffer, and never swaps it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| io("polling the CLOSED ring buffer")(e.into()))?;
+    let metrics: SharedMetrics = Arc::new(Mutex::new(Metrics::default()));
+    let pacer = Pacer::new(config.governor.clone(), config.agent.interval);
     let mut agent = Agent {
         config,
         kernel,
@@ -127,16 +153,27 @@ pub async fn run(
         udp: Vec::new(),
         // Unknown at start: look for closed entries left in LIVE.
         seen_stats: None,
+        pacer,
+        load_monitor: LoadMonitor::new(),
+        load: Load::default(),
+        persisted,
+        settled_totals,
+        limit_events,
+        metrics: Arc::clone(&metrics),
     };
     agent.drain(ring.get_mut())?;
     agent.cycle()?;
+    // Serve metrics only now: the first scrape already continues the
+    // counters from the ledger and the kernel.
+    let metrics_at = exporter::spawn(agent.config.metrics.listen, metrics, api_tx).await?;
+    tracing::info!(metrics = %metrics_at, "metrics endpoint listening");
     if let Some(path) = &options.ready_file {
-        std::fs::write(path, format!("api={api_at}\n"))
+        std::fs::write(path, format!("api={api_at}\nmetrics={metrics_at}\n"))
             .map_err(io(format!("writing {}", path.display())))?;
     }
 
-    let mut ticker = tokio::time::interval(agent.config.agent.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut load_ticker = tokio::time::interval(agent.config.agent.interval);
+    load_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -147,7 +184,8 @@ pub async fn run(
                 guard.clear_ready();
             }
             Some(command) = api_rx.recv() => agent.command(command),
-            _ = ticker.tick() => {
+            _ = load_ticker.tick() => agent.sample_load(),
+            _ = agent.pacer.tick() => {
                 agent.drain(ring.get_mut())?;
                 agent.cycle()?;
             }
@@ -178,6 +216,26 @@ struct Agent {
     udp: Vec<(UdpFlowKey, UdpFlow)>,
     /// `STATS` at the previous cycle, to report what changed.
     seen_stats: Option<[u64; meterd_common::STAT_SLOTS as usize]>,
+    /// Paces cycles at the interval the governor chooses.
+    pacer: Pacer,
+    load_monitor: LoadMonitor,
+    /// The load at the end of the last cycle.
+    load: Load,
+    /// The agent's own counters, saved in the ledger every cycle.
+    persisted: Persisted,
+    /// What the ledger holds per service (kept up to date at settlement).
+    settled_totals: HashMap<String, SettledTotals>,
+    limit_events: u64,
+    metrics: SharedMetrics,
+}
+
+/// Per-service sums over the live sessions, built while charging.
+#[derive(Default)]
+struct LiveTotals {
+    bytes_out: u64,
+    bytes_in: u64,
+    charged_minor: u64,
+    sessions: u64,
 }
 
 impl Agent {
@@ -203,8 +261,54 @@ impl Agent {
         Ok(n)
     }
 
-    /// One billing cycle.
+    /// One billing cycle, timed, then the governor's decision.
     fn cycle(&mut self) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let live_totals = self.bill()?;
+        let took = started.elapsed();
+        let overrun = self.pacer.overrun(tokio::time::Instant::now());
+        let change = self.pacer.cycle_finished(&CycleSignals {
+            load: self.load,
+            overrun,
+        });
+        self.interval_changed(change, overrun);
+        self.persisted.observe_cycle(took, overrun);
+        if let Ok(json) = serde_json::to_string(&self.persisted) {
+            self.ledger.save_meta(PERSISTED_KEY, &json)?;
+        }
+        self.publish_metrics(&live_totals);
+        Ok(())
+    }
+
+    /// A load sample, taken every base interval.
+    fn sample_load(&mut self) {
+        self.load = self.load_monitor.sample();
+        let change = self.pacer.sampled(&self.load);
+        self.interval_changed(change, Duration::ZERO);
+    }
+
+    fn interval_changed(&mut self, change: Option<crate::governor::Change>, overrun: Duration) {
+        let Some(c) = change else { return };
+        tracing::info!(
+            from_ms = c.from.as_millis(),
+            to_ms = c.to.as_millis(),
+            reason = c.reason.as_str(),
+            cpu_pressure = self.load.cpu_pressure,
+            runnable_per_cpu = self.load.runnable_per_cpu,
+            overrun_ms = overrun.as_millis(),
+            "interval {}",
+            c.direction()
+        );
+        self.persisted
+            .observe_change(c.direction(), c.reason.as_str());
+        if let Ok(mut m) = self.metrics.lock() {
+            m.interval = c.to;
+            m.persisted.interval_changes = self.persisted.interval_changes.clone();
+        }
+    }
+
+    /// Reads the kernel, settles what ended, charges what is live.
+    fn bill(&mut self) -> Result<BTreeMap<u32, LiveTotals>, AgentError> {
         let stats = self.kernel.stats()?;
         let ring_full = Stat::RingFull as usize;
         let find_closed = self
@@ -254,17 +358,19 @@ impl Agent {
             self.pending
                 .expire(Instant::now(), self.config.api.pending_ttl);
         }
-        self.charge()?;
+        let live_totals = self.charge()?;
         self.check_limits()?;
-        Ok(())
+        Ok(live_totals)
     }
 
     /// Charges every live session for the whole units used since the last
-    /// cycle, in one ledger transaction.
-    fn charge(&mut self) -> Result<(), AgentError> {
+    /// cycle, in one ledger transaction; returns the live sums per service
+    /// (computed in the same pass) for the metrics.
+    fn charge(&mut self) -> Result<BTreeMap<u32, LiveTotals>, AgentError> {
         let now_ns = clock::boot_ns();
         let mut rows = Vec::new();
         let mut accounts = Vec::new();
+        let mut totals: BTreeMap<u32, LiveTotals> = BTreeMap::new();
         for s in self.sessions.live() {
             let Some(service) = self.config.services.get(s.service as usize) else {
                 continue;
@@ -274,8 +380,15 @@ impl Agent {
                 s.counts.bytes_in,
                 elapsed_ns(s.start_ns, now_ns),
             );
-            if let Some((charge, accrual)) = self.accruals.charge(&s.id, &service.tariff, quantity)
-            {
+            let (charge, accrual) = self.accruals.charge(&s.id, &service.tariff, quantity);
+            let t = totals.entry(s.service).or_default();
+            t.bytes_out += s.counts.bytes_out;
+            t.bytes_in += s.counts.bytes_in;
+            // Whole minor units only: the settled total can round a
+            // fractional price down, and a counter must never go back.
+            t.charged_minor += accrual.charged_micro / MICRO;
+            t.sessions += 1;
+            if let Some(charge) = charge {
                 accounts.push(s.account());
                 rows.push((s, service.name.as_str(), charge, accrual));
             }
@@ -300,7 +413,99 @@ impl Agent {
                 i64::try_from(row.2.amount_micro).unwrap_or(i64::MAX),
             );
         }
-        Ok(())
+        Ok(totals)
+    }
+
+    /// Replaces the metrics snapshot.
+    fn publish_metrics(&self, live: &BTreeMap<u32, LiveTotals>) {
+        let stats = self.seen_stats.unwrap_or_default();
+        let (ring_pending, ring_size) = self.kernel.ring_fill().unwrap_or_default();
+        let mut services = BTreeMap::new();
+        for (index, service) in self.config.services.iter().enumerate() {
+            let settled = self
+                .settled_totals
+                .get(&service.name)
+                .copied()
+                .unwrap_or_default();
+            let l = live.get(&(index as u32));
+            let sum = |f: fn(&LiveTotals) -> u64| l.map_or(0, f);
+            services.insert(
+                service.name.clone(),
+                (
+                    service.tariff.kind().to_owned(),
+                    ServiceTotals {
+                        bytes_out: settled.bytes_out + sum(|t| t.bytes_out),
+                        bytes_in: settled.bytes_in + sum(|t| t.bytes_in),
+                        charged_minor: settled.charge_minor + sum(|t| t.charged_minor),
+                        sessions_live: sum(|t| t.sessions),
+                        sessions_settled: settled.sessions,
+                    },
+                ),
+            );
+        }
+        let snapshot = Metrics {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            object: kernel::object_version(),
+            currency: self.config.billing.currency.clone(),
+            services,
+            persisted: self.persisted.clone(),
+            interval: self.pacer.interval(),
+            base_interval: self.config.agent.interval,
+            cpu_pressure: self.load.cpu_pressure,
+            psi_some_avg10: self.load.psi_some_avg10,
+            runnable_per_cpu: self.load.runnable_per_cpu,
+            loadavg1_per_cpu: self.load.loadavg1_per_cpu,
+            kernel: stats,
+            live_map_entries: self.live.len() as u64,
+            live_map_capacity: u64::from(self.config.agent.max_connections),
+            ring_pending_bytes: ring_pending,
+            ring_capacity_bytes: ring_size,
+            limit_reached: self.limit_events,
+            attributions_pending: self.pending.len() as u64,
+            bpf_programs: self.kernel.program_stats(),
+        };
+        if let Ok(mut m) = self.metrics.lock() {
+            *m = snapshot;
+        }
+    }
+
+    /// The report of `GET /v1/status`.
+    fn status(&self) -> StatusReport {
+        let now_ns = clock::boot_ns();
+        let live = self
+            .sessions
+            .live()
+            .map(|s| LiveSession {
+                session_id: s.id.clone(),
+                service: self
+                    .config
+                    .services
+                    .get(s.service as usize)
+                    .map_or_else(String::new, |svc| svc.name.clone()),
+                account: s.account(),
+                content: s.content().to_owned(),
+                protocol: format!("{:?}", s.protocol).to_lowercase(),
+                client: s.client.to_string(),
+                server: s.server.to_string(),
+                bytes_out: s.counts.bytes_out,
+                bytes_in: s.counts.bytes_in,
+                duration_ms: elapsed_ns(s.start_ns, now_ns) / 1_000_000,
+                accrued_minor: micro_to_decimal(self.accruals.get(&s.id).charged_micro),
+            })
+            .collect();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            currency: self.config.billing.currency.clone(),
+            interval_ms: ms(self.pacer.interval()),
+            base_interval_ms: ms(self.config.agent.interval),
+            cpu_pressure: self.load.cpu_pressure,
+            runnable_per_cpu: self.load.runnable_per_cpu,
+            loadavg1_per_cpu: self.load.loadavg1_per_cpu,
+            cycles: self.persisted.cycles,
+            overruns: self.persisted.overruns,
+            live,
+        }
     }
 
     /// The patent's check processing: accounts that ran out.
@@ -350,6 +555,9 @@ impl Agent {
                 };
                 let _ = reply.send(outcome);
             }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
         }
     }
 
@@ -384,6 +592,11 @@ impl Agent {
             return Ok(());
         }
         self.limits.add(&account, amounts.adjustment_micro);
+        let totals = self.settled_totals.entry(service.name.clone()).or_default();
+        totals.sessions += 1;
+        totals.bytes_out += s.counts.bytes_out;
+        totals.bytes_in += s.counts.bytes_in;
+        totals.charge_minor += amounts.total_minor;
         tracing::info!(
             target: "meterd::settled",
             id = %s.id,
@@ -474,6 +687,42 @@ fn session_record(
         adjustment_micro: amounts.adjustment_micro,
         flags: settled.flags,
     }
+}
+
+/// Takes the exclusive lock of the agent for `pin_dir`: two agents on the
+/// same pins would split one ring buffer between them. The lock file lives
+/// in /run/meterd (tmpfs) and holds the owner's pid; the lock goes with the
+/// process, also on kill -9.
+fn lock_instance(pin_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    let name = pin_dir
+        .file_name()
+        .map_or_else(|| "meterd".into(), |n| n.to_string_lossy().into_owned());
+    let path = PathBuf::from(format!("/run/meterd/{name}.lock"));
+    std::fs::create_dir_all("/run/meterd").map_err(io("creating /run/meterd"))?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        return Err(AgentError::AlreadyRunning {
+            pin_dir: pin_dir.to_owned(),
+            pid: pid.trim().to_owned(),
+        });
+    }
+    file.set_len(0)
+        .map_err(io(format!("writing {}", path.display())))?;
+    file.rewind()
+        .map_err(io(format!("writing {}", path.display())))?;
+    write!(file, "{}", std::process::id()).map_err(io(format!("writing {}", path.display())))?;
+    Ok(file)
 }
 
 /// Connection time so far; 0 when the start is unknown (`CONN_UNTRACKED`).

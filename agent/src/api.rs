@@ -37,6 +37,10 @@ pub enum Command {
         attribution: Attribution,
         reply: oneshot::Sender<Outcome>,
     },
+    /// Report the live sessions and the governor's state.
+    Status {
+        reply: oneshot::Sender<crate::status::StatusReport>,
+    },
 }
 
 /// What became of an attribution.

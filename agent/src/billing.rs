@@ -99,16 +99,22 @@ impl Accruals {
         Self { open }
     }
 
-    /// Charges one session for a cycle; see [`cycle_charge`].
+    /// Charges one session for a cycle (see [`cycle_charge`]); returns the
+    /// charge, if any, and the session's accrual after it.
     pub fn charge(
         &mut self,
         id: &str,
         tariff: &Tariff,
         quantity: u64,
-    ) -> Option<(CycleCharge, Accrual)> {
-        let accrual = self.open.entry(id.to_owned()).or_default();
-        let charge = cycle_charge(tariff, quantity, accrual)?;
-        Some((charge, *accrual))
+    ) -> (Option<CycleCharge>, Accrual) {
+        let accrual = match self.open.get_mut(id) {
+            Some(a) => a,
+            // Only sessions with something to charge get an entry.
+            None if tariff.whole_units(quantity) == 0 => return (None, Accrual::default()),
+            None => self.open.entry(id.to_owned()).or_default(),
+        };
+        let charge = cycle_charge(tariff, quantity, accrual);
+        (charge, *accrual)
     }
 
     /// Settles and forgets a session; see [`settle`].

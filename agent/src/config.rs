@@ -32,6 +32,9 @@ pub struct Config {
     /// The local API where the streaming server attributes connections.
     #[serde(default)]
     pub api: ApiConfig,
+    /// How the read interval follows the host's load.
+    #[serde(default)]
+    pub governor: crate::governor::GovernorConfig,
     /// The metered services; at least one.
     #[serde(rename = "service", default)]
     pub services: Vec<ServiceConfig>,
@@ -263,6 +266,8 @@ pub enum ConfigError {
     AccountLimit { id: String },
     #[error("config: account {0:?} is defined twice")]
     AccountTwice(String),
+    #[error("config: {0}")]
+    Governor(String),
 }
 
 impl Config {
@@ -316,6 +321,9 @@ impl Config {
             return Err(ConfigError::Currency(c.clone()));
         }
         self.validate_api()?;
+        self.governor
+            .validate(a.interval)
+            .map_err(ConfigError::Governor)?;
         if let Some(url) = &self.billing.limit_webhook
             && crate::hooks::loopback_url(url).is_none()
         {

@@ -92,6 +92,15 @@ pub struct SessionRecord {
     pub flags: u32,
 }
 
+/// What the ledger holds of one service's settled sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SettledTotals {
+    pub sessions: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub charge_minor: u64,
+}
+
 /// Export formats of `meterd ledger export`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -505,6 +514,62 @@ impl Ledger {
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Per service: settled sessions, their bytes out and in, and their
+    /// charges in minor units. Metrics start from these after a restart.
+    pub fn service_totals(&self) -> Result<HashMap<String, SettledTotals>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT service, COUNT(*), COALESCE(SUM(bytes_out), 0), COALESCE(SUM(bytes_in), 0),
+                 COALESCE(SUM(charge_minor), 0) FROM sessions GROUP BY service",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    SettledTotals {
+                        sessions: to_u64(r.get(1)?),
+                        bytes_out: to_u64(r.get(2)?),
+                        bytes_in: to_u64(r.get(3)?),
+                        charge_minor: to_u64(r.get(4)?),
+                    },
+                ))
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Number of events of `kind`.
+    pub fn event_count(&self, kind: &str) -> Result<u64, LedgerError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM events WHERE kind = ?1", [kind], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(to_u64)
+            .map_err(self.err())
+    }
+
+    /// Reads a value saved with [`Self::save_meta`].
+    pub fn load_meta(&self, key: &str) -> Result<Option<String>, LedgerError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Saves a small value (the agent's own counters, as JSON).
+    pub fn save_meta(&self, key: &str, value: &str) -> Result<(), LedgerError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = ?2",
+            )
+            .and_then(|mut s| s.execute([key, value]))
+            .map_err(self.err())?;
+        Ok(())
     }
 
     /// Number of charge records and the sum of their amounts (micro).

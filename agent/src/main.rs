@@ -52,6 +52,25 @@ enum Command {
         /// Config file (TOML).
         config: PathBuf,
     },
+    /// Show the running agent's live sessions, interval and load.
+    ///
+    /// Asks GET /v1/status on the agent's metrics address.
+    Status {
+        /// Config file naming the address (metrics.listen).
+        #[arg(
+            short,
+            long,
+            env = "METERD_CONFIG",
+            default_value = "/etc/meterd/meterd.toml"
+        )]
+        config: PathBuf,
+        /// Ask this address instead (host:port).
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        /// Print the JSON as the API returns it.
+        #[arg(long)]
+        json: bool,
+    },
     /// Read the ledger.
     Ledger {
         #[command(subcommand)]
@@ -173,6 +192,22 @@ fn real_main() -> anyhow::Result<()> {
             let n = ledger.export(since, format, &mut out)?;
             eprintln!("meterd: exported {n} sessions from {}", path.display());
         }
+        Command::Status { config, addr, json } => {
+            let addr = match addr {
+                Some(a) => a,
+                None => Config::load(&config)?.metrics.listen,
+            };
+            let body = http_get(addr, "/v1/status").with_context(|| {
+                format!("asking the agent at {addr} (is `meterd run` running with this config?)")
+            })?;
+            if json {
+                println!("{body}");
+            } else {
+                let report: meterd::status::StatusReport =
+                    serde_json::from_str(&body).context("the agent's status is not valid JSON")?;
+                print!("{}", meterd::status::render(&report));
+            }
+        }
         Command::Unload { config } => {
             let config = Config::load(&config)?;
             let report = Kernel::unload(&config.agent.pin_dir)?;
@@ -186,6 +221,28 @@ fn real_main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A GET on loopback; returns the body of a 200 response.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed HTTP response"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    if status != "200" {
+        anyhow::bail!("HTTP {status}: {}", body.trim());
+    }
+    Ok(body.to_owned())
 }
 
 async fn shutdown_signal() {

@@ -18,6 +18,7 @@
 //! The build is recorded as an empty directory `object-<sha256 prefix>` in
 //! `pin_dir` (bpffs holds only pins and directories).
 
+mod ring;
 pub mod sys;
 pub mod system;
 
@@ -188,6 +189,8 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     /// Taken by the closed-record drain (`take_closed`).
     closed: Option<RingBuf<MapData>>,
+    /// Read-only view of the ring buffer's positions, for its fill level.
+    ring_positions: Option<ring::Positions>,
     live_reader: BatchReader<u64, Counts>,
     udp_reader: BatchReader<UdpFlowKey, UdpFlow>,
     /// How this start found the pins.
@@ -235,6 +238,14 @@ impl Kernel {
             ebpf,
             pin_dir: &pin_dir,
         };
+        let closed = RingBuf::try_from(maps.map(map_names::CLOSED)?).map_err(map_err("CLOSED"))?;
+        let ring_positions = match ring::Positions::new(closed.as_fd()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot map the ring buffer positions: its fill level is not reported");
+                None
+            }
+        };
         let mut kernel = Self {
             live: maps.data(map_names::LIVE)?,
             info: maps.data(map_names::INFO)?,
@@ -244,9 +255,8 @@ impl Kernel {
             udp_ports: Array::try_from(maps.map(map_names::UDP_PORTS)?)
                 .map_err(map_err("UDP_PORTS"))?,
             stats: PerCpuArray::try_from(maps.map(map_names::STATS)?).map_err(map_err("STATS"))?,
-            closed: Some(
-                RingBuf::try_from(maps.map(map_names::CLOSED)?).map_err(map_err("CLOSED"))?,
-            ),
+            closed: Some(closed),
+            ring_positions,
             live_reader: BatchReader::new(16_384),
             udp_reader: BatchReader::new(4096),
             pin_dir,
@@ -378,6 +388,43 @@ impl Kernel {
         self.closed.take()
     }
 
+    /// Unread bytes in the ring buffer and its size.
+    pub fn ring_fill(&self) -> Option<(u64, u64)> {
+        self.ring_positions.as_ref().map(ring::Positions::fill)
+    }
+
+    /// Run time and count of meterd's programs, when the kernel keeps them
+    /// (`kernel.bpf_stats_enabled=1`).
+    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        let enabled =
+            fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1");
+        let Ok(ours) = self.tcp_ports.map_data_id() else {
+            return Vec::new();
+        };
+        if !enabled {
+            return Vec::new();
+        }
+        aya::programs::loaded_programs()
+            .flatten()
+            .filter(|p| {
+                PROGRAMS
+                    .iter()
+                    .any(|prog| p.name_as_str() == Some(prog.name()))
+                    && p.map_ids()
+                        .ok()
+                        .flatten()
+                        .is_some_and(|ids| ids.contains(&ours))
+            })
+            .map(|p| {
+                (
+                    p.name_as_str().unwrap_or_default().to_owned(),
+                    p.run_time(),
+                    p.run_count(),
+                )
+            })
+            .collect()
+    }
+
     /// Sum over CPUs of each `STATS` slot.
     pub fn stats(&self) -> Result<[u64; STAT_SLOTS as usize], KernelError> {
         let mut out = [0u64; STAT_SLOTS as usize];
@@ -403,6 +450,21 @@ impl Kernel {
                 .is_ok()
             {
                 report.live_dropped = live.len();
+            }
+        }
+        // Clear the ports first: a detached program lingers until the kernel
+        // frees it, and must not look like a meterd still metering them.
+        for name in [map_names::TCP_PORTS, map_names::UDP_PORTS] {
+            if let Ok(data) = MapData::from_pin(pin_dir.join(name)) {
+                let mut ports = Vec::new();
+                BatchReader::<u32, u32>::new(PORT_SLOTS as usize)
+                    .read_all(data.fd().as_fd(), &mut ports)
+                    .map_err(io_err(name))?;
+                for (port, value) in ports {
+                    if value != 0 {
+                        sys::update(data.fd().as_fd(), &port, &0u32).map_err(io_err(name))?;
+                    }
+                }
             }
         }
         for prog in PROGRAMS {

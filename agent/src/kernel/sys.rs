@@ -13,6 +13,8 @@ use std::{
 
 /// `BPF_MAP_LOOKUP_ELEM`.
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+/// `BPF_MAP_UPDATE_ELEM`.
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 /// `BPF_MAP_DELETE_ELEM`.
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps: kernel >= 5.14).
@@ -79,6 +81,17 @@ pub fn lookup<K: Copy, V: Copy + Default>(fd: BorrowedFd<'_>, key: &K) -> io::Re
     }
 }
 
+/// Sets `key` to `value`.
+pub fn update<K: Copy, V: Copy>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd().cast_unsigned(),
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
+        ..ElemAttr::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+}
+
 /// Deletes `key`; absent is not an error.
 pub fn delete<K: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
     let mut attr = ElemAttr {
@@ -109,6 +122,44 @@ pub fn lookup_and_delete<K: Copy, V: Copy + Default>(
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// The fields of `struct bpf_map_info` meterd reads.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+pub struct MapInfo {
+    pub map_type: u32,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+    // The kernel fills at most `info_len` bytes; the rest is not needed.
+    _rest: [u64; 12],
+}
+
+/// The `info` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD`.
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// Type, id and sizes of the map behind `fd`.
+pub fn map_info(fd: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    let mut info = MapInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd().cast_unsigned(),
+        info_len: size_of::<MapInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
 }
 
 /// Reusable buffers for reading a whole hash map with `BPF_MAP_LOOKUP_BATCH`.

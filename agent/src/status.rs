@@ -1,0 +1,167 @@
+//! The status report: what `GET /v1/status` returns and `meterd status`
+//! prints as a table. Read-only.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// The agent's state as of the request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub version: String,
+    pub currency: String,
+    pub interval_ms: u64,
+    pub base_interval_ms: u64,
+    /// Share of the last cycle with CPU pressure (PSI some), 0..1.
+    pub cpu_pressure: Option<f64>,
+    pub runnable_per_cpu: f64,
+    pub loadavg1_per_cpu: f64,
+    pub cycles: u64,
+    pub overruns: u64,
+    pub live: Vec<LiveSession>,
+}
+
+/// One live session.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LiveSession {
+    pub session_id: String,
+    pub service: String,
+    pub account: String,
+    pub content: String,
+    pub protocol: String,
+    pub client: String,
+    pub server: String,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub duration_ms: u64,
+    /// Charged by cycles so far, minor units, exact decimal.
+    pub accrued_minor: String,
+}
+
+/// Millionths of a minor unit as an exact decimal string.
+pub fn micro_to_decimal(micro: u64) -> String {
+    let (int, frac) = (micro / 1_000_000, micro % 1_000_000);
+    if frac == 0 {
+        int.to_string()
+    } else {
+        format!("{int}.{}", format!("{frac:06}").trim_end_matches('0'))
+    }
+}
+
+/// Renders the report for a terminal.
+pub fn render(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let pressure = report
+        .cpu_pressure
+        .map_or_else(|| "n/a".to_owned(), |p| format!("{:.0}%", p * 100.0));
+    let _ = writeln!(
+        out,
+        "meterd {}  interval {} ms (base {} ms)  cpu pressure {}  runnable/cpu {:.2}  load1/cpu {:.2}  cycles {}  overruns {}",
+        report.version,
+        report.interval_ms,
+        report.base_interval_ms,
+        pressure,
+        report.runnable_per_cpu,
+        report.loadavg1_per_cpu,
+        report.cycles,
+        report.overruns
+    );
+    let _ = writeln!(out, "{} live sessions", report.live.len());
+    if report.live.is_empty() {
+        return out;
+    }
+    let header = [
+        "SESSION",
+        "SERVICE",
+        "ACCOUNT",
+        "CLIENT",
+        "BYTES OUT",
+        "BYTES IN",
+        "SECONDS",
+        "ACCRUED",
+    ];
+    let rows: Vec<[String; 8]> = report
+        .live
+        .iter()
+        .map(|s| {
+            [
+                s.session_id.clone(),
+                s.service.clone(),
+                s.account.clone(),
+                s.client.clone(),
+                s.bytes_out.to_string(),
+                s.bytes_in.to_string(),
+                format!(
+                    "{:.1}",
+                    f64::from(u32::try_from(s.duration_ms / 100).unwrap_or(u32::MAX)) / 10.0
+                ),
+                format!("{} {}", s.accrued_minor, report.currency),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i >= 4 {
+                    format!("{c:>w$}")
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let _ = writeln!(out, "{}", line(&header.map(str::to_owned)));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_are_exact() {
+        assert_eq!(micro_to_decimal(7_500_000), "7.5");
+        assert_eq!(micro_to_decimal(3_000_000), "3");
+        assert_eq!(micro_to_decimal(1), "0.000001");
+    }
+
+    #[test]
+    fn table_lists_sessions() {
+        let report = StatusReport {
+            version: "0.1.0".into(),
+            currency: "EUR".into(),
+            interval_ms: 2000,
+            base_interval_ms: 1000,
+            live: vec![LiveSession {
+                session_id: "b-1".into(),
+                service: "web".into(),
+                account: "alice".into(),
+                client: "127.0.0.1:4000".into(),
+                bytes_out: 123_456,
+                duration_ms: 61_234,
+                accrued_minor: "7.5".into(),
+                ..LiveSession::default()
+            }],
+            ..StatusReport::default()
+        };
+        let text = render(&report);
+        assert!(text.contains("interval 2000 ms (base 1000 ms)"), "{text}");
+        assert!(text.contains("alice"), "{text}");
+        assert!(text.contains("123456"), "{text}");
+        assert!(text.contains("61.2"), "{text}");
+        assert!(text.contains("7.5 EUR"), "{text}");
+    }
+}
