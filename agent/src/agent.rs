@@ -693,7 +693,7 @@ fn session_record(
 /// same pins would split one ring buffer between them. The lock file lives
 /// in /run/meterd (tmpfs) and holds the owner's pid; the lock goes with the
 /// process, also on kill -9.
-fn lock_instance(pin_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
+pub fn lock_instance(pin_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
     use std::io::{Read as _, Seek as _, Write as _};
     use std::os::fd::AsRawFd as _;
     let name = pin_dir

@@ -39,7 +39,7 @@ pub struct Config {
     #[serde(rename = "service", default)]
     pub services: Vec<ServiceConfig>,
     /// Accounts with a prepaid balance or a credit limit.
-    #[serde(rename = "account", default)]
+    #[serde(rename = "account", default, skip_serializing_if = "Vec::is_empty")]
     pub accounts: Vec<AccountConfig>,
 }
 

@@ -19,7 +19,24 @@ use meterd::{
 /// session when its connection closes. Counting goes on while the agent is
 /// stopped: a restarted agent bills what happened meanwhile, exactly once.
 #[derive(Parser)]
-#[command(version, propagate_version = true)]
+#[command(
+    version,
+    propagate_version = true,
+    after_long_help = "\
+Examples:
+  meterd check-config /etc/meterd/meterd.toml      validate, print the effective config
+  meterd run --config /etc/meterd/meterd.toml      meter (as root or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)
+  meterd status                                    live sessions, interval and load of the running agent
+  meterd ledger export --format csv --since 24h    settled sessions of the last day
+  meterd unload                                    detach and remove the pins (stop the agent first)
+
+Attribute a connection to an account (from the streaming server, when it starts serving):
+  curl --unix-socket /run/meterd/meterd.sock -H 'content-type: application/json' \\
+       -d '{\"client_addr\":\"203.0.113.7\",\"client_port\":51234,\"server_port\":443,\"account\":\"alice\",\"content\":\"movie-42\"}' \\
+       http://meterd/v1/attribute
+
+Logs go to stderr; METERD_LOG sets the level (e.g. METERD_LOG=debug, or meterd::settled=warn)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -210,6 +227,8 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Unload { config } => {
             let config = Config::load(&config)?;
+            // Refuse while an agent runs on these pins: it would lose its maps.
+            let _lock = agent::lock_instance(&config.agent.pin_dir)?;
             let report = Kernel::unload(&config.agent.pin_dir)?;
             println!(
                 "meterd: unloaded {}: {} links detached, {} maps removed, {} open connections no longer metered",
