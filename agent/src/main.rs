@@ -42,6 +42,20 @@ struct Cli {
     command: Command,
 }
 
+/// `--config`, shared by the subcommands that read the config file.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Config file (TOML); config/meterd.toml in the source tree documents
+    /// every setting.
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "METERD_CONFIG",
+        default_value = "/etc/meterd/meterd.toml"
+    )]
+    path: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Attach to the streaming server's cgroup and meter until stopped
@@ -49,14 +63,8 @@ enum Command {
     ///
     /// Needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN).
     Run {
-        /// Config file (TOML); see config/meterd.toml for every setting.
-        #[arg(
-            short,
-            long,
-            env = "METERD_CONFIG",
-            default_value = "/etc/meterd/meterd.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Append one JSON line per settled session to this file.
         #[arg(long)]
         closed_log: Option<PathBuf>,
@@ -73,14 +81,8 @@ enum Command {
     ///
     /// Asks GET /v1/status on the agent's metrics address.
     Status {
-        /// Config file naming the address (metrics.listen).
-        #[arg(
-            short,
-            long,
-            env = "METERD_CONFIG",
-            default_value = "/etc/meterd/meterd.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Ask this address instead (host:port).
         #[arg(long)]
         addr: Option<std::net::SocketAddr>,
@@ -98,14 +100,8 @@ enum Command {
     /// Counts of connections still open are dropped: settle them first by
     /// stopping the streaming server, or accept the loss.
     Unload {
-        /// Config file whose agent.pin_dir to unload.
-        #[arg(
-            short,
-            long,
-            env = "METERD_CONFIG",
-            default_value = "/etc/meterd/meterd.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -118,14 +114,8 @@ enum LedgerCommand {
     /// UTC), bytes_out, bytes_in, duration_ms, charge_minor, currency. Safe
     /// to run next to a running agent.
     Export {
-        /// Config file naming the ledger (billing.ledger).
-        #[arg(
-            short,
-            long,
-            env = "METERD_CONFIG",
-            default_value = "/etc/meterd/meterd.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Read this ledger file instead of the config's.
         #[arg(long)]
         ledger: Option<PathBuf>,
@@ -154,10 +144,24 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("meterd: error: {e:#}");
+            eprintln!("meterd: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: module errors already name their
+/// cause in their message, contexts added at the edge do not.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
 }
 
 fn real_main() -> anyhow::Result<()> {
@@ -167,7 +171,7 @@ fn real_main() -> anyhow::Result<()> {
             closed_log,
             ready_file,
         } => {
-            let config = Config::load(&config)?;
+            let config = Config::load(&config.path)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -196,7 +200,7 @@ fn real_main() -> anyhow::Result<()> {
         } => {
             let path = match ledger {
                 Some(path) => path,
-                None => Config::load(&config)?.billing.ledger,
+                None => Config::load(&config.path)?.billing.ledger,
             };
             if !path.exists() {
                 anyhow::bail!(
@@ -212,7 +216,7 @@ fn real_main() -> anyhow::Result<()> {
         Command::Status { config, addr, json } => {
             let addr = match addr {
                 Some(a) => a,
-                None => Config::load(&config)?.metrics.listen,
+                None => Config::load(&config.path)?.metrics.listen,
             };
             let body = http_get(addr, "/v1/status").with_context(|| {
                 format!("asking the agent at {addr} (is `meterd run` running with this config?)")
@@ -226,7 +230,7 @@ fn real_main() -> anyhow::Result<()> {
             }
         }
         Command::Unload { config } => {
-            let config = Config::load(&config)?;
+            let config = Config::load(&config.path)?;
             // Refuse while an agent runs on these pins: it would lose its maps.
             let _lock = agent::lock_instance(&config.agent.pin_dir)?;
             let report = Kernel::unload(&config.agent.pin_dir)?;
