@@ -311,14 +311,17 @@ fn raise(have: &mut Counts, read: Counts) {
     have.bytes_in = have.bytes_in.max(read.bytes_in);
 }
 
-/// A socket address from the kernel's network-order words.
+/// A socket address from the kernel's network-order words; IPv4-mapped
+/// IPv6 addresses come out as IPv4.
 pub fn addr(family: u16, words: [u32; 4], port: u16) -> SocketAddr {
     let ip = if family == AF_INET6 {
         let mut bytes = [0u8; 16];
         for (chunk, w) in bytes.as_chunks_mut::<4>().0.iter_mut().zip(words) {
             chunk.copy_from_slice(&w.to_ne_bytes());
         }
-        IpAddr::V6(Ipv6Addr::from(bytes))
+        // A dual-stack socket sees IPv4 clients as ::ffff:a.b.c.d: bill them
+        // as the IPv4 address they are.
+        Ipv6Addr::from(bytes).to_canonical()
     } else {
         IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
     };
@@ -335,7 +338,7 @@ pub fn cookies_of<S: std::hash::BuildHasher>(ids: &HashSet<String, S>, boot_id: 
 
 #[cfg(test)]
 mod tests {
-    use meterd_common::{AF_INET, CONN_UNTRACKED};
+    use meterd_common::{AF_INET, AF_INET6, CONN_UNTRACKED};
 
     use super::*;
 
@@ -418,6 +421,14 @@ mod tests {
             })
             .is_none()
         );
+    }
+
+    #[test]
+    fn mapped_ipv4_is_billed_as_ipv4() {
+        let mapped = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([192, 0, 2, 9])];
+        assert_eq!(addr(AF_INET6, mapped, 80).to_string(), "192.0.2.9:80");
+        let v6 = [u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), 0, 0, 1u32.to_be()];
+        assert_eq!(addr(AF_INET6, v6, 80).to_string(), "[2001:db8::1]:80");
     }
 
     #[test]

@@ -25,27 +25,35 @@ pub enum Direction {
     In,
 }
 
-/// Addresses and header length of the packet's IP header, or `None` if it is
-/// not a plain UDP datagram (e.g. IPv6 extension headers: not counted).
+/// Family, addresses and header length of the packet's IP header, or
+/// `None` if it is not a plain UDP datagram (e.g. IPv6 extension headers:
+/// not counted). The family comes from the packet, not the socket: a
+/// dual-stack IPv6 socket sends and receives IPv4 packets.
 #[inline(always)]
-fn parse(ctx: &SkBuffContext, family: u16) -> Option<([u32; 4], [u32; 4], u32)> {
-    if family == AF_INET {
-        let vihl: u8 = ctx.load(0).ok()?;
+fn parse(ctx: &SkBuffContext) -> Option<(u16, [u32; 4], [u32; 4], u32)> {
+    let vihl: u8 = ctx.load(0).ok()?;
+    let version = vihl >> 4;
+    if version == 4 {
         let proto: u8 = ctx.load(9).ok()?;
         if proto as u16 != IPPROTO_UDP {
             return None;
         }
         let src: u32 = ctx.load(12).ok()?;
         let dst: u32 = ctx.load(16).ok()?;
-        Some(([src, 0, 0, 0], [dst, 0, 0, 0], u32::from(vihl & 0x0f) * 4))
-    } else if family == AF_INET6 {
+        Some((
+            AF_INET,
+            [src, 0, 0, 0],
+            [dst, 0, 0, 0],
+            u32::from(vihl & 0x0f) * 4,
+        ))
+    } else if version == 6 {
         let next: u8 = ctx.load(6).ok()?;
         if next as u16 != IPPROTO_UDP {
             return None;
         }
         let src: [u32; 4] = ctx.load(8).ok()?;
         let dst: [u32; 4] = ctx.load(24).ok()?;
-        Some((src, dst, IPV6_HEADER))
+        Some((AF_INET6, src, dst, IPV6_HEADER))
     } else {
         None
     }
@@ -55,12 +63,12 @@ fn parse(ctx: &SkBuffContext, family: u16) -> Option<([u32; 4], [u32; 4], u32)> 
 #[inline(always)]
 pub fn count_udp(ctx: &SkBuffContext, sk: *mut bpf_sock, dir: Direction) {
     // SAFETY: non-NULL socket pointer from the context (checked by callers).
-    let (local_port, family) = unsafe { ((*sk).src_port, (*sk).family as u16) };
+    let local_port = unsafe { (*sk).src_port };
     let service = service_of(&UDP_PORTS, local_port);
     if service == 0 {
         return;
     }
-    let Some((src, dst, ip_len)) = parse(ctx, family) else {
+    let Some((family, src, dst, ip_len)) = parse(ctx) else {
         return;
     };
     let ports_at = ip_len as usize;
