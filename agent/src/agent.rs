@@ -193,6 +193,9 @@ pub async fn run(
     }
     agent.drain(ring.get_mut())?;
     agent.cycle()?;
+    if let Some(socket) = agent.config.api.socket_path(&agent.config.agent) {
+        let _ = std::fs::remove_file(socket);
+    }
     tracing::info!(
         live = agent.sessions.live_count(),
         "stopped; the kernel keeps counting"
@@ -267,6 +270,9 @@ impl Agent {
         let live_totals = self.bill()?;
         let took = started.elapsed();
         let overrun = self.pacer.overrun(tokio::time::Instant::now());
+        // Decide on the load of the interval that just ended, not on the
+        // periodic sample, which can be almost an interval old by now.
+        self.load = self.load_monitor.sample();
         let change = self.pacer.cycle_finished(&CycleSignals {
             load: self.load,
             overrun,
@@ -280,8 +286,16 @@ impl Agent {
         Ok(())
     }
 
-    /// A load sample, taken every base interval.
+    /// A load sample, taken every base interval (skipped right after a
+    /// cycle took one: a window of a few ms says little).
     fn sample_load(&mut self) {
+        if self
+            .load_monitor
+            .since_last_sample()
+            .is_some_and(|age| age < self.config.agent.interval / 2)
+        {
+            return;
+        }
         self.load = self.load_monitor.sample();
         let change = self.pacer.sampled(&self.load);
         self.interval_changed(change, Duration::ZERO);

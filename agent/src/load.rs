@@ -55,6 +55,11 @@ impl LoadMonitor {
         }
     }
 
+    /// Time since the last sample that had PSI, if any.
+    pub fn since_last_sample(&self) -> Option<Duration> {
+        self.previous.map(|(_, at)| at.elapsed())
+    }
+
     /// Reads the current load.
     pub fn sample(&mut self) -> Load {
         let now = Instant::now();

@@ -425,9 +425,19 @@ mod tests {
 
     #[test]
     fn mapped_ipv4_is_billed_as_ipv4() {
-        let mapped = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([192, 0, 2, 9])];
+        let mapped = [
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            u32::from_ne_bytes([192, 0, 2, 9]),
+        ];
         assert_eq!(addr(AF_INET6, mapped, 80).to_string(), "192.0.2.9:80");
-        let v6 = [u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), 0, 0, 1u32.to_be()];
+        let v6 = [
+            u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]),
+            0,
+            0,
+            1u32.to_be(),
+        ];
         assert_eq!(addr(AF_INET6, v6, 80).to_string(), "[2001:db8::1]:80");
     }
 

@@ -1,24 +1,33 @@
 //! Running the meterd agent as a test's child process.
 //!
-//! An [`Agent`] writes its own config (one `web` service, a volume tariff of
-//! one minor unit per byte, so billing never hides a byte), starts
+//! An [`Agent`] writes its own config (by default one `web` service, a
+//! volume tariff of one minor unit per byte, so billing never hides a byte;
+//! or the services, accounts and hooks a test chooses), starts
 //! `meterd run --config F --closed-log L --ready-file R` with its output in
 //! the test's directory, and can stop it (SIGTERM), kill it (SIGKILL) and
-//! start it again over the same pins. On drop it kills the agent and runs
+//! start it again over the same pins. It reads what the agent offers: the
+//! ready file (API and metrics addresses), `/metrics`, the log, and
+//! `meterd ledger export`. On drop it kills the agent and runs
 //! `meterd unload --config F`.
 //!
-//! Does not own: judging the records (`records`).
+//! Does not own: judging the records (`records`, `ledger`).
 
 use std::{
+    fmt::Write as _,
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
 
 use crate::{
+    http,
+    ledger::{self, LedgerRecord},
+    metrics::Exposition,
     process::{Proc, read_lossy, tail, wait_until},
     records::{self, ClosedRecord},
+    tariff::Service,
 };
 
 /// How long `meterd run` may take to attach and create its ready file.
@@ -53,6 +62,15 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// `agent.udp_idle_timeout`.
     pub udp_idle_timeout: Duration,
+    /// The services; empty: the harness's one `web` service on `tcp_ports`
+    /// and `udp_ports` at one minor unit per byte (both directions).
+    pub services: Vec<Service>,
+    /// `[[account]]`s: id and `prepaid_minor`.
+    pub accounts: Vec<(String, u64)>,
+    /// `billing.limit_hook`.
+    pub limit_hook: Option<PathBuf>,
+    /// Appended to the config as is (e.g. a `[governor]` table).
+    pub extra_toml: String,
 }
 
 impl Default for AgentConfig {
@@ -62,6 +80,10 @@ impl Default for AgentConfig {
             udp_ports: Vec::new(),
             interval: Duration::from_secs(1),
             udp_idle_timeout: Duration::from_secs(2),
+            services: Vec::new(),
+            accounts: Vec::new(),
+            limit_hook: None,
+            extra_toml: String::new(),
         }
     }
 }
@@ -78,7 +100,7 @@ impl AgentConfig {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        format!(
+        let mut toml = format!(
             r#"[agent]
 cgroup = "{cgroup}"
 pin_dir = "{pin_dir}"
@@ -88,12 +110,22 @@ udp_idle_timeout = "{idle}"
 [billing]
 currency = "EUR"
 ledger = "{ledger}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[[service]]
-name = "web"
+"#,
+            cgroup = cgroup.display(),
+            pin_dir = pin_dir.display(),
+            ledger = ledger.display(),
+            interval = duration(self.interval),
+            idle = duration(self.udp_idle_timeout),
+        );
+        if let Some(hook) = &self.limit_hook {
+            let _ = writeln!(toml, "limit_hook = \"{}\"", hook.display());
+        }
+        toml.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n");
+        if self.services.is_empty() {
+            let _ = write!(
+                toml,
+                r#"[[service]]
+name = "{name}"
 tcp_ports = [{tcp}]
 udp_ports = [{udp}]
 [service.tariff]
@@ -103,15 +135,37 @@ unit_bytes = 1
 direction = "both"
 rounding = "floor"
 "#,
-            cgroup = cgroup.display(),
-            pin_dir = pin_dir.display(),
-            ledger = ledger.display(),
-            interval = duration(self.interval),
-            idle = duration(self.udp_idle_timeout),
-            tcp = list(&self.tcp_ports),
-            udp = list(&self.udp_ports),
-        )
+                name = records::SERVICE,
+                tcp = list(&self.tcp_ports),
+                udp = list(&self.udp_ports),
+            );
+        }
+        for service in &self.services {
+            toml.push_str(&service.toml());
+            toml.push('\n');
+        }
+        for (id, prepaid) in &self.accounts {
+            let _ = write!(
+                toml,
+                "\n[[account]]\nid = \"{id}\"\nprepaid_minor = {prepaid}\n"
+            );
+        }
+        if !self.extra_toml.is_empty() {
+            toml.push('\n');
+            toml.push_str(&self.extra_toml);
+            toml.push('\n');
+        }
+        toml
     }
+}
+
+/// What the agent's ready file says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ready {
+    /// `api=`: the attribution API's unix socket (or address).
+    pub api: String,
+    /// `metrics=`: the address `/metrics` is served on.
+    pub metrics: SocketAddr,
 }
 
 /// A duration as the config writes it: whole seconds as `"5s"`, else `"250ms"`.
@@ -134,6 +188,8 @@ pub struct Agent {
     ready_file: PathBuf,
     /// stdout and stderr of every run, appended.
     log: PathBuf,
+    /// `billing.ledger`.
+    ledger: PathBuf,
     pin_dir: PathBuf,
     proc: Option<Proc>,
     /// Runs started so far, to label the log.
@@ -144,11 +200,9 @@ impl Agent {
     /// Writes the config into `dir`; does not start the agent.
     pub fn new(dir: &Path, cgroup: &Path, pin_dir: &Path, config: AgentConfig) -> Agent {
         let config_path = dir.join("meterd.toml");
-        fs::write(
-            &config_path,
-            config.to_toml(cgroup, pin_dir, &dir.join("ledger.sqlite")),
-        )
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        let ledger = dir.join("ledger.sqlite");
+        fs::write(&config_path, config.to_toml(cgroup, pin_dir, &ledger))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
         Agent {
             bin: meterd_bin(),
             config,
@@ -156,6 +210,7 @@ impl Agent {
             closed_log: dir.join("closed.jsonl"),
             ready_file: dir.join("meterd.ready"),
             log: dir.join("meterd.log"),
+            ledger,
             pin_dir: pin_dir.to_owned(),
             proc: None,
             starts: 0,
@@ -260,6 +315,100 @@ impl Agent {
         tail(&read_lossy(&self.log), lines)
     }
 
+    /// Everything the agent wrote (all runs).
+    pub fn log(&self) -> String {
+        read_lossy(&self.log)
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The ledger file (`billing.ledger`).
+    pub fn ledger_path(&self) -> &Path {
+        &self.ledger
+    }
+
+    /// Whether the agent process is running now.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(|p| p.try_wait().is_none())
+    }
+
+    /// The ready file of the current run; panics if it is not there or
+    /// malformed.
+    pub fn ready(&self) -> Ready {
+        let text = read_lossy(&self.ready_file);
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} line in the ready file: {text:?}"))
+                .trim()
+                .to_owned()
+        };
+        let metrics = field("metrics=");
+        Ready {
+            api: field("api="),
+            metrics: metrics
+                .parse()
+                .unwrap_or_else(|e| panic!("ready file: metrics={metrics:?}: {e}")),
+        }
+    }
+
+    /// The text of `GET /metrics` on the current run's metrics address;
+    /// panics unless it answers 200.
+    pub fn metrics_text(&self) -> String {
+        let addr = self.ready().metrics;
+        let response = http::get(addr, "/metrics").unwrap_or_else(|e| {
+            panic!(
+                "GET http://{addr}/metrics: {e}\nagent log:\n{}",
+                self.log_tail(30)
+            )
+        });
+        assert_eq!(
+            response.status, 200,
+            "GET http://{addr}/metrics: {}\n{}",
+            response.head, response.body
+        );
+        response.body
+    }
+
+    /// `/metrics`, parsed.
+    pub fn scrape(&self) -> Exposition {
+        let text = self.metrics_text();
+        Exposition::parse(&text).unwrap_or_else(|e| panic!("/metrics is malformed: {e}\n{text}"))
+    }
+
+    /// `meterd ledger export --config F --format <format>`: its stdout,
+    /// after checking it succeeded and said on stderr how many sessions it
+    /// exported.
+    pub fn export(&self, format: &str) -> String {
+        let out = Command::new(&self.bin)
+            .args(["ledger", "export", "--config"])
+            .arg(&self.config_path)
+            .args(["--format", format])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run meterd ledger export: {e}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "meterd ledger export --format {format} failed ({}): {stderr}",
+            out.status
+        );
+        assert!(
+            stderr.contains("meterd: exported ") && stderr.contains(" sessions from "),
+            "meterd ledger export did not report what it exported: {stderr:?}"
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The settled sessions, from `meterd ledger export --format jsonl`.
+    pub fn ledger_records(&self) -> Vec<LedgerRecord> {
+        let text = self.export("jsonl");
+        ledger::parse_jsonl(&text)
+            .unwrap_or_else(|e| panic!("meterd ledger export --format jsonl is malformed: {e}"))
+    }
+
     /// `meterd unload --config F`; returns (success, output).
     pub fn unload(&self) -> (bool, String) {
         match Command::new(&self.bin)
@@ -285,16 +434,15 @@ impl Drop for Agent {
     fn drop(&mut self) {
         // Dropping the Proc kills and reaps it without panicking.
         drop(self.proc.take());
-        if !self.pin_dir.exists() {
-            // Never attached (or already unloaded): nothing to detach.
-            return;
-        }
-        let (ok, output) = self.unload();
-        if !ok {
-            eprintln!(
-                "meterd unload --config {} failed: {output}",
-                self.config_path.display()
-            );
+        // Never attached (or already unloaded): nothing to detach.
+        if self.pin_dir.exists() {
+            let (ok, output) = self.unload();
+            if !ok {
+                eprintln!(
+                    "meterd unload --config {} failed: {output}",
+                    self.config_path.display()
+                );
+            }
         }
         // Pins outlive processes: a failed unload must not leave programs
         // attached or maps pinned on the machine, so remove what is left
@@ -305,6 +453,16 @@ impl Drop for Agent {
                 self.pin_dir.display()
             );
             let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+        // The agent (and `meterd unload`) keep the instance lock and, by
+        // default, the API socket in /run/meterd, named after the pin dir,
+        // and leave both there when they exit, for a later agent to reuse.
+        // The name is this test's own, so none will: remove them.
+        if let Some(name) = self.pin_dir.file_name() {
+            let name = name.to_string_lossy();
+            for suffix in ["sock", "lock"] {
+                let _ = fs::remove_file(format!("/run/meterd/{name}.{suffix}"));
+            }
         }
     }
 }

@@ -26,6 +26,7 @@ use std::{
 use crate::{
     agent::{Agent, AgentConfig},
     cgroup::Cgroup,
+    ledger::{self, LedgerRecord},
     netns::NetNs,
     privilege::{self, Needs},
     process::{Proc, read_lossy, touch, wait_until},
@@ -96,7 +97,11 @@ pub struct TcpClient {
     pub pause_ms: u64,
     /// Pacing unit.
     pub chunk: u64,
-    /// Created once the first bytes have arrived.
+    /// Keep each connection open this long after its transfers, before it
+    /// closes: connections of a known duration, for time tariffs.
+    pub hold_ms: u64,
+    /// Created once the first bytes have arrived (or the request is sent,
+    /// without a download); holds that connection's client port.
     pub started_file: Option<PathBuf>,
 }
 
@@ -112,6 +117,7 @@ impl TcpClient {
             close: CloseOrder::Server,
             pause_ms: 0,
             chunk: 65536,
+            hold_ms: 0,
             started_file: None,
         }
     }
@@ -134,6 +140,7 @@ impl TcpClient {
             ),
             format!("--pause-ms={}", self.pause_ms),
             format!("--chunk={}", self.chunk),
+            format!("--hold-ms={}", self.hold_ms),
         ];
         if let Some(path) = &self.started_file {
             args.push(format!("--started-file={}", path.display()));
@@ -270,6 +277,12 @@ impl TestEnv {
     /// The test's scratch directory (logs, config).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// `meterd-test-<name>-<pid>`: unique per test and test process, for
+    /// anything else the test creates on the machine (another cgroup).
+    pub fn unique(&self) -> &str {
+        &self.unique
     }
 
     /// The test's cgroup.
@@ -561,6 +574,57 @@ impl TestEnv {
                      {:.1?}:\n{}\nagent log:\n{}",
                     self.name,
                     agent.closed_log().display(),
+                    started.elapsed(),
+                    last.diff(),
+                    agent.log_tail(40)
+                );
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl TestEnv {
+    /// Waits until `meterd ledger export` holds exactly one record per
+    /// connection of `truth`, bytes exact, each of the service `service_of`
+    /// names, and nothing else; then waits two more intervals and checks
+    /// again (a late duplicate is a failure too). Panics with the
+    /// difference and the agent's log otherwise. Returns the records.
+    pub fn wait_for_exact_ledger(
+        &self,
+        truth: &[ConnLog],
+        service_of: &dyn Fn(&ConnLog) -> String,
+    ) -> Vec<LedgerRecord> {
+        let agent = self.agent.as_ref().expect("agent not started");
+        let interval = agent.config().interval;
+        let timeout = RECORD_TIMEOUT.max(interval * 4);
+        let started = Instant::now();
+        loop {
+            let cmp = ledger::compare(truth, &agent.ledger_records(), service_of);
+            if cmp.is_exact() {
+                thread::sleep(interval * 2 + Duration::from_secs(1));
+                let again = agent.ledger_records();
+                let cmp = ledger::compare(truth, &again, service_of);
+                assert!(
+                    cmp.is_exact(),
+                    "{}: the ledger changed after it matched:\n{}\nagent log:\n{}",
+                    self.name,
+                    cmp.diff(),
+                    agent.log_tail(40)
+                );
+                return again;
+            }
+            if cmp.is_final() || started.elapsed() >= timeout {
+                thread::sleep(Duration::from_millis(500));
+                let last = ledger::compare(truth, &agent.ledger_records(), service_of);
+                if last.is_exact() {
+                    continue;
+                }
+                panic!(
+                    "{}: the ledger ({}) does not match the servers' logs after {:.1?}:\n{}\n\
+                     agent log:\n{}",
+                    self.name,
+                    agent.ledger_path().display(),
                     started.elapsed(),
                     last.diff(),
                     agent.log_tail(40)

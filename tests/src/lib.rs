@@ -3,9 +3,12 @@
 //! Owns: the skip policy ([`privilege`]), cgroup v2 groups ([`cgroup`]),
 //! network namespaces ([`netns`]), child processes that die with the test
 //! ([`process`]), running the agent ([`agent`]), reading and comparing its
-//! closed-connection log ([`records`]), and a per-test environment that puts
-//! all of these together and tears them down on drop, panics included
-//! ([`env`]). The truth the tests compare against comes from the
+//! closed-connection log ([`records`]) and its ledger export ([`ledger`]),
+//! the charging rules written out on the test side ([`tariff`]), reading
+//! `/metrics` ([`metrics`], over [`http`]), a test's own Prometheus
+//! ([`prometheus`]), CPU saturation ([`stress`]), and a per-test environment
+//! that puts all of these together and tears them down on drop, panics
+//! included ([`env`]). The truth the tests compare against comes from the
 //! `meterd-traffic` binary of this crate, whose wire format is [`wire`].
 //!
 //! Does not own: the agent or its eBPF programs; nothing here works around
@@ -14,13 +17,19 @@
 pub mod agent;
 pub mod cgroup;
 pub mod env;
+pub mod http;
+pub mod ledger;
+pub mod metrics;
 pub mod netns;
 pub mod privilege;
 pub mod process;
+pub mod prometheus;
 pub mod records;
+pub mod stress;
+pub mod tariff;
 pub mod wire;
 
-pub use agent::{Agent, AgentConfig};
+pub use agent::{Agent, AgentConfig, Ready};
 pub use env::{CloseOrder, RunningClient, Server, Setup, TcpClient, TestEnv, UdpClient, port};
 pub use records::ClosedRecord;
 

@@ -179,8 +179,19 @@ impl Comparison {
 
 /// Compares meterd's `records` with the `truth`. A key that occurs more
 /// than once in the truth (a client port reused) must have as many records,
-/// with the same multiset of byte counts.
+/// with the same multiset of byte counts. Every record must name the
+/// harness's one service, [`SERVICE`].
 pub fn compare(truth: &[ConnLog], records: &[ClosedRecord]) -> Comparison {
+    compare_services(truth, records, &|_| SERVICE.to_owned())
+}
+
+/// [`compare`] for a config with several services: `service_of` names the
+/// service each connection of the truth belongs to (by its server port).
+pub fn compare_services(
+    truth: &[ConnLog],
+    records: &[ClosedRecord],
+    service_of: &dyn Fn(&ConnLog) -> String,
+) -> Comparison {
     let mut want: BTreeMap<Key, Vec<&ConnLog>> = BTreeMap::new();
     for c in truth {
         want.entry(Key::of_truth(c)).or_default().push(c);
@@ -208,14 +219,14 @@ pub fn compare(truth: &[ConnLog], records: &[ClosedRecord]) -> Comparison {
 
     for (key, conns) in &want {
         let recs = got.get(key).map_or(&[][..], Vec::as_slice);
-        if recs.len() < conns.len() && recs.iter().all(|r| matches_one(r, conns)) {
+        if recs.len() < conns.len() && recs.iter().all(|r| matches_one(r, conns, service_of)) {
             for c in &conns[recs.len()..] {
                 cmp.missing.push(describe_truth(c));
             }
             cmp.exact += recs.len();
             continue;
         }
-        let mut want_counts: Vec<_> = conns.iter().map(|c| truth_numbers(c)).collect();
+        let mut want_counts: Vec<_> = conns.iter().map(|c| truth_numbers(c, service_of)).collect();
         let mut got_counts: Vec<_> = recs.iter().map(|r| record_numbers(r)).collect();
         want_counts.sort_unstable();
         got_counts.sort_unstable();
@@ -253,16 +264,17 @@ pub fn compare(truth: &[ConnLog], records: &[ClosedRecord]) -> Comparison {
     cmp
 }
 
-/// What must agree between a connection and its record.
-type Numbers = (u64, u64, IpAddr, IpAddr, bool);
+/// What must agree between a connection and its record: bytes out, bytes
+/// in, client address, server address, service.
+type Numbers = (u64, u64, IpAddr, IpAddr, String);
 
-fn truth_numbers(c: &ConnLog) -> Numbers {
+fn truth_numbers(c: &ConnLog, service_of: &dyn Fn(&ConnLog) -> String) -> Numbers {
     (
         c.bytes_sent,
         c.bytes_received,
         c.client_addr.to_canonical(),
         c.server_addr.to_canonical(),
-        true,
+        service_of(c),
     )
 }
 
@@ -272,12 +284,18 @@ fn record_numbers(r: &ClosedRecord) -> Numbers {
         r.bytes_in,
         r.client_addr.to_canonical(),
         r.server_addr.to_canonical(),
-        r.service == SERVICE,
+        r.service.clone(),
     )
 }
 
-fn matches_one(r: &ClosedRecord, conns: &[&ConnLog]) -> bool {
-    conns.iter().any(|c| truth_numbers(c) == record_numbers(r))
+fn matches_one(
+    r: &ClosedRecord,
+    conns: &[&ConnLog],
+    service_of: &dyn Fn(&ConnLog) -> String,
+) -> bool {
+    conns
+        .iter()
+        .any(|c| truth_numbers(c, service_of) == record_numbers(r))
 }
 
 fn describe_key(k: Key) -> String {
@@ -332,6 +350,9 @@ mod tests {
             bytes_received: received,
             close: Some(CloseBy::Server),
             error: None,
+            accepted_unix_us: None,
+            closed_unix_us: None,
+            duration_us: None,
         }
     }
 

@@ -130,6 +130,18 @@ pub struct ConnLog {
     /// Set when the connection did not follow the protocol or failed; the
     /// byte counts are still what the socket calls returned.
     pub error: Option<String>,
+    /// TCP: wall-clock time (µs since the Unix epoch) when `accept` returned
+    /// the connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_unix_us: Option<u64>,
+    /// TCP: wall-clock time (µs since the Unix epoch) right after the
+    /// server's `close`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_unix_us: Option<u64>,
+    /// TCP: the connection's life as the server measured it on the monotonic
+    /// clock, from `accept` returning to `close` returning, in µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_us: Option<u64>,
 }
 
 /// What a TCP client saw of one connection.

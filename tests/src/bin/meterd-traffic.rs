@@ -21,7 +21,7 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -84,7 +84,13 @@ enum Command {
         /// Pacing unit for `--pause-ms`.
         #[arg(long, default_value_t = 65536)]
         chunk: u64,
-        /// Created once the first connection has received its first bytes.
+        /// Keep each connection open this long after its transfers, before
+        /// closing it (a connection of known duration, for time tariffs).
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        /// Created once the first connection has received its first bytes
+        /// (or, without a download, has sent its request); holds that
+        /// connection's local port, so a test can name it to meterd's API.
         #[arg(long)]
         started_file: Option<PathBuf>,
     },
@@ -157,6 +163,7 @@ fn main() -> Result<()> {
             close,
             pause_ms,
             chunk,
+            hold_ms,
             started_file,
         } => {
             let plan = ClientPlan {
@@ -166,6 +173,7 @@ fn main() -> Result<()> {
                 close,
                 pause: Duration::from_millis(pause_ms),
                 chunk: chunk.max(1),
+                hold: Duration::from_millis(hold_ms),
                 started_file,
             };
             tcp_client(&plan, count, parallel.max(1))
@@ -312,7 +320,14 @@ impl Counted {
     }
 }
 
+/// Wall-clock µs since the Unix epoch.
+fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 fn serve(stream: TcpStream, log: &LogFile) {
+    let (accepted, accepted_wall) = (Instant::now(), SystemTime::now());
     let peer = stream.peer_addr();
     let local = stream.local_addr();
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
@@ -324,8 +339,16 @@ fn serve(stream: TcpStream, log: &LogFile) {
     };
     let mut close = None;
     let outcome = serve_request(&mut conn, &mut close);
-    // Close before logging: the log line means "this connection is over".
-    let Counted { sent, received, .. } = conn;
+    // Close before logging: the log line means "this connection is over",
+    // and its duration ends with the close.
+    let Counted {
+        stream,
+        sent,
+        received,
+    } = conn;
+    drop(stream);
+    let duration = accepted.elapsed();
+    let closed_wall = SystemTime::now();
     let (Ok(peer), Ok(local)) = (peer, local) else {
         eprintln!("meterd-traffic: connection without addresses, not logged");
         return;
@@ -340,6 +363,9 @@ fn serve(stream: TcpStream, log: &LogFile) {
         bytes_received: received,
         close,
         error: outcome.err(),
+        accepted_unix_us: Some(unix_us(accepted_wall)),
+        closed_unix_us: Some(unix_us(closed_wall)),
+        duration_us: Some(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)),
     });
 }
 
@@ -415,6 +441,7 @@ struct ClientPlan {
     close: CloseMode,
     pause: Duration,
     chunk: u64,
+    hold: Duration,
     started_file: Option<PathBuf>,
 }
 
@@ -502,14 +529,14 @@ fn client_connection(
             ));
         }
         got += n as u64;
-        mark_started(plan, started);
+        mark_started(plan, started, client_port);
         since_pause += n as u64;
         if since_pause >= plan.chunk && got < plan.down {
             since_pause = 0;
             thread::sleep(plan.pause);
         }
     }
-    mark_started(plan, started);
+    mark_started(plan, started, client_port);
 
     let pattern = pattern_buffer();
     let mut offset = 0u64;
@@ -529,6 +556,9 @@ fn client_connection(
         }
     }
 
+    if !plan.hold.is_zero() {
+        thread::sleep(plan.hold);
+    }
     if close == CloseBy::Client {
         stream
             .shutdown(Shutdown::Write)
@@ -565,13 +595,21 @@ fn read_retrying(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-fn mark_started(plan: &ClientPlan, started: &AtomicBool) {
+fn mark_started(plan: &ClientPlan, started: &AtomicBool, client_port: u16) {
     if let Some(path) = &plan.started_file
         && !started.swap(true, Ordering::Relaxed)
-        && let Err(e) = fs::write(path, b"")
+        && let Err(e) = write_atomically(path, &client_port.to_string())
     {
         eprintln!("meterd-traffic: cannot create {}: {e}", path.display());
     }
+}
+
+/// Writes `text` to a temporary file and renames it over `path`: whoever
+/// sees `path` sees all of it.
+fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text)?;
+    fs::rename(&tmp, path)
 }
 
 // ---------------------------------------------------------------- UDP
@@ -673,6 +711,9 @@ fn udp_serve(socket: &UdpSocket, log: &LogFile, idle: Duration) -> Result<()> {
             bytes_received: totals.received,
             close: None,
             error: None,
+            accepted_unix_us: None,
+            closed_unix_us: None,
+            duration_us: None,
         });
     };
     loop {
