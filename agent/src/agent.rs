@@ -191,16 +191,7 @@ pub async fn run(
             }
         }
     }
-    agent.drain(ring.get_mut())?;
-    agent.cycle()?;
-    if let Some(socket) = agent.config.api.socket_path(&agent.config.agent) {
-        let _ = std::fs::remove_file(socket);
-    }
-    tracing::info!(
-        live = agent.sessions.live_count(),
-        "stopped; the kernel keeps counting"
-    );
-    Ok(())
+    agent.stop(ring.get_mut())
 }
 
 /// The loop's state.
@@ -242,6 +233,20 @@ struct LiveTotals {
 }
 
 impl Agent {
+    /// The last drain and cycle before exiting; the pins stay.
+    fn stop(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), AgentError> {
+        self.drain(ring)?;
+        self.cycle()?;
+        if let Some(socket) = self.config.api.socket_path(&self.config.agent) {
+            let _ = std::fs::remove_file(socket);
+        }
+        tracing::info!(
+            live = self.sessions.live_count(),
+            "stopped; the kernel keeps counting"
+        );
+        Ok(())
+    }
+
     /// Settles every queued close record. Each is committed to the ledger
     /// before its slot is released (the item's drop), so a crash
     /// re-delivers, never loses; the ledger ignores a re-delivered one.
