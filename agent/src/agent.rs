@@ -30,8 +30,7 @@ use tokio::{
 use crate::{
     api::{self, ApiError, Command, Outcome},
     attribution::Pending,
-    billing::Accruals,
-    clock,
+    billing, clock,
     closed_log::{ClosedLog, ClosedLogError},
     config::Config,
     exporter::{self, ExporterError},
@@ -115,7 +114,7 @@ pub async fn run(
         }
         None => None,
     };
-    let accruals = Accruals::restore(ledger.open_accruals()?);
+    sessions.restore_accruals(ledger.open_accruals()?);
     let limits = Limits::new(
         &config.accounts,
         ledger.spent_by_account()?,
@@ -129,7 +128,11 @@ pub async fn run(
     let limit_events = ledger.event_count("limit_reached")?;
     let (api_tx, mut api_rx) = mpsc::channel(1024);
     let api_at = api::spawn(&config, api_tx.clone()).await?;
-    tracing::info!(api = %api_at, open_sessions = accruals.len(), "attribution API listening");
+    tracing::info!(
+        api = %api_at,
+        open_sessions = sessions.restored_waiting(),
+        "attribution API listening"
+    );
 
     let ring = kernel
         .take_closed()
@@ -145,7 +148,6 @@ pub async fn run(
         kernel,
         sessions,
         ledger,
-        accruals,
         limits,
         pending: Pending::default(),
         log,
@@ -200,7 +202,6 @@ struct Agent {
     kernel: Kernel,
     sessions: Sessions,
     ledger: Ledger,
-    accruals: Accruals,
     limits: Limits,
     pending: Pending,
     log: Option<ClosedLog>,
@@ -371,7 +372,7 @@ impl Agent {
         if !self.pending.is_empty() {
             for s in self.sessions.live_mut() {
                 if s.attribution.is_none() {
-                    s.attribution = self.pending.take_for(s);
+                    s.attribution = self.pending.take_for(s).map(Box::new);
                 }
             }
             self.pending
@@ -387,10 +388,11 @@ impl Agent {
     /// (computed in the same pass) for the metrics.
     fn charge(&mut self) -> Result<BTreeMap<u32, LiveTotals>, AgentError> {
         let now_ns = clock::boot_ns();
+        let boot_id = self.sessions.boot_id().to_owned();
+        // (session id, service index, account, charge, accrual after it)
         let mut rows = Vec::new();
-        let mut accounts = Vec::new();
         let mut totals: BTreeMap<u32, LiveTotals> = BTreeMap::new();
-        for s in self.sessions.live() {
+        for s in self.sessions.live_mut() {
             let Some(service) = self.config.services.get(s.service as usize) else {
                 continue;
             };
@@ -399,37 +401,43 @@ impl Agent {
                 s.counts.bytes_in,
                 elapsed_ns(s.start_ns, now_ns),
             );
-            let (charge, accrual) = self.accruals.charge(&s.id, &service.tariff, quantity);
+            let charge = billing::cycle_charge(&service.tariff, quantity, &mut s.accrual);
             let t = totals.entry(s.service).or_default();
             t.bytes_out += s.counts.bytes_out;
             t.bytes_in += s.counts.bytes_in;
             // Whole minor units only: the settled total can round a
             // fractional price down, and a counter must never go back.
-            t.charged_minor += accrual.charged_micro / MICRO;
+            t.charged_minor += s.accrual.charged_micro / MICRO;
             t.sessions += 1;
             if let Some(charge) = charge {
-                accounts.push(s.account());
-                rows.push((s, service.name.as_str(), charge, accrual));
+                rows.push((
+                    sessions::session_id(&boot_id, s),
+                    s.service as usize,
+                    s.account(),
+                    charge,
+                    s.accrual,
+                ));
             }
         }
         let charges: Vec<ChargeRow<'_>> = rows
             .iter()
-            .zip(&accounts)
-            .map(|((s, service, charge, accrual), account)| ChargeRow {
-                session_id: &s.id,
+            .map(|(id, service, account, charge, accrual)| ChargeRow {
+                session_id: id,
                 seq: charge.seq,
-                service,
+                service: &self.config.services[*service].name,
                 account,
                 units: charge.units,
                 amount_micro: charge.amount_micro,
                 accrual: *accrual,
             })
             .collect();
+        // If this commit fails the agent stops; a restart resumes from the
+        // ledger, not from the accruals already raised in memory.
         self.ledger.record_cycle(SystemTime::now(), &charges)?;
-        for (row, account) in rows.iter().zip(&accounts) {
+        for (_, _, account, charge, _) in &rows {
             self.limits.add(
                 account,
-                i64::try_from(row.2.amount_micro).unwrap_or(i64::MAX),
+                i64::try_from(charge.amount_micro).unwrap_or(i64::MAX),
             );
         }
         Ok(totals)
@@ -495,7 +503,7 @@ impl Agent {
             .sessions
             .live()
             .map(|s| LiveSession {
-                session_id: s.id.clone(),
+                session_id: self.sessions.id(s),
                 service: self
                     .config
                     .services
@@ -503,13 +511,13 @@ impl Agent {
                     .map_or_else(String::new, |svc| svc.name.clone()),
                 account: s.account(),
                 content: s.content().to_owned(),
-                protocol: format!("{:?}", s.protocol).to_lowercase(),
-                client: s.client.to_string(),
-                server: s.server.to_string(),
+                protocol: s.protocol.as_str().to_owned(),
+                client: s.client().to_string(),
+                server: s.server().to_string(),
                 bytes_out: s.counts.bytes_out,
                 bytes_in: s.counts.bytes_in,
                 duration_ms: elapsed_ns(s.start_ns, now_ns) / 1_000_000,
-                accrued_minor: micro_to_decimal(self.accruals.get(&s.id).charged_micro),
+                accrued_minor: micro_to_decimal(s.accrual.charged_micro),
             })
             .collect();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -584,18 +592,18 @@ impl Agent {
     /// cycles charged, in the ledger; then the optional log.
     fn settle(&mut self, mut settled: Settled) -> Result<(), AgentError> {
         if settled.session.attribution.is_none() {
-            settled.session.attribution = self.pending.take_for(&settled.session);
+            settled.session.attribution = self.pending.take_for(&settled.session).map(Box::new);
         }
         let s = &settled.session;
         let Some(service) = self.config.services.get(s.service as usize) else {
-            tracing::error!(id = %s.id, service = s.service, "session of an unknown service: not billed");
+            tracing::error!(id = %settled.id, service = s.service, "session of an unknown service: not billed");
             return Ok(());
         };
         let duration_ns = elapsed_ns(s.start_ns, settled.end_ns);
         let quantity = service
             .tariff
             .quantity(s.counts.bytes_out, s.counts.bytes_in, duration_ns);
-        let amounts = self.accruals.settle(&s.id, &service.tariff, quantity);
+        let amounts = billing::settle(&service.tariff, quantity, &s.accrual);
         let account = s.account();
         let record = session_record(
             s,
@@ -607,7 +615,7 @@ impl Agent {
             &self.config.billing.currency,
         );
         if !self.ledger.record_settlement(&record, SystemTime::now())? {
-            tracing::debug!(id = %s.id, "already settled: ignored");
+            tracing::debug!(id = %settled.id, "already settled: ignored");
             return Ok(());
         }
         self.limits.add(&account, amounts.adjustment_micro);
@@ -618,12 +626,12 @@ impl Agent {
         totals.charge_minor += amounts.total_minor;
         tracing::info!(
             target: "meterd::settled",
-            id = %s.id,
+            id = %settled.id,
             service = %service.name,
             account = %account,
-            protocol = ?s.protocol,
-            client = %s.client,
-            server = %s.server,
+            protocol = s.protocol.as_str(),
+            client = %s.client(),
+            server = %s.server(),
             bytes_out = s.counts.bytes_out,
             bytes_in = s.counts.bytes_in,
             duration_ms = duration_ns / 1_000_000,
@@ -677,7 +685,7 @@ fn session_record(
     service: String,
     account: &str,
     duration_ns: u64,
-    amounts: &crate::billing::Settlement,
+    amounts: &billing::Settlement,
     currency: &str,
 ) -> SessionRecord {
     let started = if s.start_ns == 0 {
@@ -686,15 +694,15 @@ fn session_record(
         clock::wall_time(s.start_ns)
     };
     SessionRecord {
-        session_id: s.id.clone(),
+        session_id: settled.id.clone(),
         service,
         account: account.to_owned(),
         content: s.content().to_owned(),
-        protocol: format!("{:?}", s.protocol).to_lowercase(),
-        client_addr: s.client.ip().to_string(),
-        client_port: s.client.port(),
-        server_addr: s.server.ip().to_string(),
-        server_port: s.server.port(),
+        protocol: s.protocol.as_str().to_owned(),
+        client_addr: s.client().ip().to_string(),
+        client_port: s.client_port,
+        server_addr: s.server().ip().to_string(),
+        server_port: s.server_port,
         started_at: rfc3339(started),
         ended_at: rfc3339(clock::wall_time(settled.end_ns)),
         bytes_out: s.counts.bytes_out,

@@ -42,7 +42,7 @@ impl ConnectionRef {
             Self::Tuple {
                 client,
                 server_port,
-            } => session.client == client && session.server.port() == server_port,
+            } => session.client() == client && session.server_port == server_port,
         }
     }
 }
@@ -66,8 +66,8 @@ impl Pending {
         }
         let by_cookie = ConnectionRef::Cookie(session.cookie);
         let by_tuple = ConnectionRef::Tuple {
-            client: session.client,
-            server_port: session.server.port(),
+            client: session.client(),
+            server_port: session.server_port,
         };
         self.waiting
             .remove(&by_cookie)

@@ -3,8 +3,9 @@
 //!
 //! Owns the arithmetic of cycles and settlement over plain numbers: a
 //! session's cumulative quantity (bytes or ns) goes in, charges come out.
-//! It does no I/O; the ledger persists [`Accrual`]s with the charges, so a
-//! restarted agent continues exactly where the last committed cycle ended.
+//! It does no I/O; each session carries its [`Accrual`], and the ledger
+//! persists it with the charges, so a restarted agent continues exactly
+//! where the last committed cycle ended.
 //!
 //! A cycle charges the whole units used since the last cycle. It derives them
 //! from the cumulative quantity (`whole_units(q_now) - units_charged`), so
@@ -14,8 +15,6 @@
 //! total, and the settlement record is the difference to what the cycles
 //! charged: the session's total never depends on how often billing ran
 //! (invariant 1 of the mechanism).
-
-use std::collections::HashMap;
 
 use crate::tariff::{MICRO, Tariff};
 
@@ -84,58 +83,6 @@ pub fn settle(tariff: &Tariff, quantity: u64, accrual: &Accrual) -> Settlement {
         total_minor,
         cycles_micro: accrual.charged_micro,
         adjustment_micro: i64::try_from(adjustment).unwrap_or(i64::MAX),
-    }
-}
-
-/// The open sessions' accruals, keyed by session id.
-#[derive(Debug, Default)]
-pub struct Accruals {
-    open: HashMap<String, Accrual>,
-}
-
-impl Accruals {
-    /// Starts from what the ledger says was charged before.
-    pub fn restore(open: HashMap<String, Accrual>) -> Self {
-        Self { open }
-    }
-
-    /// Charges one session for a cycle (see [`cycle_charge`]); returns the
-    /// charge, if any, and the session's accrual after it.
-    pub fn charge(
-        &mut self,
-        id: &str,
-        tariff: &Tariff,
-        quantity: u64,
-    ) -> (Option<CycleCharge>, Accrual) {
-        let accrual = match self.open.get_mut(id) {
-            Some(a) => a,
-            // Only sessions with something to charge get an entry.
-            None if tariff.whole_units(quantity) == 0 => return (None, Accrual::default()),
-            None => self.open.entry(id.to_owned()).or_default(),
-        };
-        let charge = cycle_charge(tariff, quantity, accrual);
-        (charge, *accrual)
-    }
-
-    /// Settles and forgets a session; see [`settle`].
-    pub fn settle(&mut self, id: &str, tariff: &Tariff, quantity: u64) -> Settlement {
-        let accrual = self.open.remove(id).unwrap_or_default();
-        settle(tariff, quantity, &accrual)
-    }
-
-    /// What a session has been charged so far.
-    pub fn get(&self, id: &str) -> Accrual {
-        self.open.get(id).copied().unwrap_or_default()
-    }
-
-    /// Number of open sessions with charges.
-    pub fn len(&self) -> usize {
-        self.open.len()
-    }
-
-    /// Whether no session is open.
-    pub fn is_empty(&self) -> bool {
-        self.open.is_empty()
     }
 }
 

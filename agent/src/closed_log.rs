@@ -81,14 +81,14 @@ impl ClosedLog {
     pub fn write(&mut self, settled: &Settled, service: &str) -> Result<(), ClosedLogError> {
         let s = &settled.session;
         let record = Record {
-            id: &s.id,
+            id: &settled.id,
             cookie: s.cookie,
             protocol: s.protocol,
             service,
-            client_addr: s.client.ip().to_string(),
-            client_port: s.client.port(),
-            server_addr: s.server.ip().to_string(),
-            server_port: s.server.port(),
+            client_addr: s.client().ip().to_string(),
+            client_port: s.client_port,
+            server_addr: s.server().ip().to_string(),
+            server_port: s.server_port,
             bytes_out: s.counts.bytes_out,
             bytes_in: s.counts.bytes_in,
             start_ns: s.start_ns,

@@ -1,22 +1,28 @@
 //! The agent's view of every metered session, built from kernel reads.
 //!
-//! Owns: which sessions are live, their latest counts, and the rule that each
-//! session is settled exactly once. Input: full reads of the live maps and
-//! close records. Output: [`Settled`] sessions, and the live table the
-//! billing cycle charges from. It does no I/O itself, so it is tested without
-//! a kernel.
+//! Owns: which sessions are live, their latest counts, what billing has
+//! charged each (its [`Accrual`]), and the rule that each session is settled
+//! exactly once. Input: full reads of the live maps and close records.
+//! Output: [`Settled`] sessions, and the live table the billing cycle
+//! charges from. It does no I/O itself, so it is tested without a kernel.
 //!
 //! Exactly once: a TCP session is identified by its socket cookie, which the
 //! kernel never reuses within a boot. A cookie once settled is remembered, so
 //! a close record seen twice (an upgrade overlap, a re-delivered record after
 //! a crash) or a stale live read cannot bring the session back.
+//!
+//! Memory: a session is about 100 bytes in its table, and its string id is
+//! made only when a ledger row needs it: 100k live sessions stay far below
+//! the agent's budget.
 
 use std::{
-    collections::{HashMap, HashSet, hash_map::Entry},
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use meterd_common::{AF_INET6, CONN_CLOSED, Closed, ConnInfo, Counts, UdpFlow, UdpFlowKey};
+
+use crate::{attribution::Attribution, billing::Accrual};
 
 /// Transport of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -26,42 +32,56 @@ pub enum Protocol {
     Udp,
 }
 
-/// Identity of a session in the kernel's maps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SessionKey {
-    /// TCP: the socket cookie.
-    Tcp(u64),
-    /// UDP: the flow's 4-tuple.
-    Udp(UdpFlowKey),
+impl Protocol {
+    /// `"tcp"` or `"udp"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
 }
 
 /// A live or settled session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
-    /// Stable id, unique across boots: `<boot id>-<cookie>` for TCP,
-    /// `<boot id>-u<first_ns>-<client port>` for UDP.
-    pub id: String,
     /// Socket cookie (TCP) or 0 (UDP).
     pub cookie: u64,
-    pub protocol: Protocol,
-    /// Index into `config.services`.
-    pub service: u32,
-    pub client: SocketAddr,
-    pub server: SocketAddr,
     /// Boot-time ns of establishment (0: unknown, `CONN_UNTRACKED`).
     pub start_ns: u64,
     /// Latest counts (exact once settled).
     pub counts: Counts,
+    /// What the billing cycles have charged it.
+    pub accrual: Accrual,
     /// Attributed by the streaming server; `None`: billed to the client address.
-    pub attribution: Option<crate::attribution::Attribution>,
+    pub attribution: Option<Box<Attribution>>,
+    /// Client and server addresses, network-order words (kernel layout).
+    client_addr: [u32; 4],
+    server_addr: [u32; 4],
+    /// Index into `config.services`.
+    pub service: u32,
+    pub client_port: u16,
+    pub server_port: u16,
+    family: u16,
+    pub protocol: Protocol,
 }
 
 impl Session {
+    /// The client's address and port.
+    pub fn client(&self) -> SocketAddr {
+        addr(self.family, self.client_addr, self.client_port)
+    }
+
+    /// The server's address and port.
+    pub fn server(&self) -> SocketAddr {
+        addr(self.family, self.server_addr, self.server_port)
+    }
+
     /// The account billed: the attributed one, or the client address.
     pub fn account(&self) -> String {
         self.attribution
             .as_ref()
-            .map_or_else(|| self.client.ip().to_string(), |a| a.account.clone())
+            .map_or_else(|| self.client().ip().to_string(), |a| a.account.clone())
     }
 
     /// The content id, if attributed.
@@ -76,6 +96,8 @@ impl Session {
 /// A session that has ended, with its exact totals.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
+    /// The session's id (see [`Sessions::id`]).
+    pub id: String,
     pub session: Session,
     /// Boot-time ns of the close (TCP) or of the last datagram (UDP).
     pub end_ns: u64,
@@ -87,7 +109,11 @@ pub struct Settled {
 #[derive(Debug)]
 pub struct Sessions {
     boot_id: String,
-    live: HashMap<SessionKey, Session>,
+    tcp: HashMap<u64, Session>,
+    udp: HashMap<UdpFlowKey, Session>,
+    /// Accruals read back from the ledger, by session id, handed to their
+    /// sessions when these show up again after a restart.
+    restored: HashMap<String, Accrual>,
     /// Cookies already settled, with the read generation they were settled in.
     settled: HashMap<u64, u64>,
     /// Incremented by every full read; old settled cookies are forgotten
@@ -104,53 +130,77 @@ impl Sessions {
     pub fn new(boot_id: &str) -> Self {
         Self {
             boot_id: boot_id.replace('-', ""),
-            live: HashMap::new(),
+            tcp: HashMap::new(),
+            udp: HashMap::new(),
+            restored: HashMap::new(),
             settled: HashMap::new(),
             generation: 0,
         }
     }
 
-    /// Live sessions.
-    pub fn live(&self) -> impl Iterator<Item = &Session> {
-        self.live.values()
+    /// A session's id, unique across boots: `<boot id>-<cookie>` for TCP,
+    /// `<boot id>-u<first_ns>-<client port>` for UDP. With a sequence number
+    /// it makes the ledger's idempotent record ids.
+    pub fn id(&self, s: &Session) -> String {
+        session_id(&self.boot_id, s)
     }
 
-    /// Live sessions, for attribution.
+    /// The boot id part of session ids.
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    /// Live sessions.
+    pub fn live(&self) -> impl Iterator<Item = &Session> {
+        self.tcp.values().chain(self.udp.values())
+    }
+
+    /// Live sessions, mutable (billing updates their accruals).
     pub fn live_mut(&mut self) -> impl Iterator<Item = &mut Session> {
-        self.live.values_mut()
+        self.tcp.values_mut().chain(self.udp.values_mut())
+    }
+
+    /// Number of live sessions.
+    pub fn live_count(&self) -> usize {
+        self.tcp.len() + self.udp.len()
+    }
+
+    /// Hands over what the ledger says open sessions were charged.
+    pub fn restore_accruals(&mut self, accruals: HashMap<String, Accrual>) {
+        self.restored = accruals;
+    }
+
+    /// Restored accruals whose session has not shown up (yet).
+    pub fn restored_waiting(&self) -> usize {
+        self.restored.len()
+    }
+
+    /// Marks ids settled in an earlier run of the agent (e.g. read back from
+    /// a log), so re-delivered close records are not settled again.
+    pub fn remember_settled(&mut self, cookies: impl IntoIterator<Item = u64>) {
+        for c in cookies {
+            self.settled.insert(c, self.generation);
+        }
     }
 
     /// Attributes the live session `conn` names; false if there is none.
     pub fn attribute(
         &mut self,
         conn: crate::attribution::ConnectionRef,
-        attribution: &crate::attribution::Attribution,
+        attribution: &Attribution,
     ) -> bool {
-        if let crate::attribution::ConnectionRef::Cookie(c) = conn
-            && let Some(s) = self.live.get_mut(&SessionKey::Tcp(c))
-        {
-            s.attribution = Some(attribution.clone());
-            return true;
-        }
-        match self.live.values_mut().find(|s| conn.matches(s)) {
+        let target = match conn {
+            crate::attribution::ConnectionRef::Cookie(c) => self.tcp.get_mut(&c),
+            crate::attribution::ConnectionRef::Tuple { .. } => {
+                self.live_mut().find(|s| conn.matches(s))
+            }
+        };
+        match target {
             Some(s) => {
-                s.attribution = Some(attribution.clone());
+                s.attribution = Some(Box::new(attribution.clone()));
                 true
             }
             None => false,
-        }
-    }
-
-    /// Number of live sessions.
-    pub fn live_count(&self) -> usize {
-        self.live.len()
-    }
-
-    /// Marks ids settled in an earlier run of the agent (e.g. read back from
-    /// the ledger), so re-delivered close records are not settled again.
-    pub fn remember_settled(&mut self, cookies: impl IntoIterator<Item = u64>) {
-        for c in cookies {
-            self.settled.insert(c, self.generation);
         }
     }
 
@@ -173,8 +223,7 @@ impl Sessions {
             if self.settled.contains_key(&cookie) {
                 continue;
             }
-            let key = SessionKey::Tcp(cookie);
-            if let Some(s) = self.live.get_mut(&key) {
+            if let Some(s) = self.tcp.get_mut(&cookie) {
                 raise(&mut s.counts, counts);
                 if !find_closed {
                     continue;
@@ -185,25 +234,20 @@ impl Sessions {
                 continue;
             };
             if conn.flags & CONN_CLOSED != 0 {
-                let mut session = self
-                    .live
-                    .remove(&key)
-                    .unwrap_or_else(|| self.tcp_session(cookie, &conn));
+                let mut session = match self.tcp.remove(&cookie) {
+                    Some(s) => s,
+                    None => self.tcp_session(cookie, &conn),
+                };
                 session.counts = counts;
                 self.settled.insert(cookie, self.generation);
-                settled.push(Settled {
-                    session,
-                    end_ns: conn.end_ns,
-                    flags: conn.flags,
-                });
+                settled.push(self.settle(session, conn.end_ns, conn.flags));
                 continue;
             }
-            let boot_id = &self.boot_id;
-            self.live.entry(key).or_insert_with(|| {
-                let mut s = Self::tcp_session_with(boot_id, cookie, &conn);
+            if !self.tcp.contains_key(&cookie) {
+                let mut s = self.tcp_session(cookie, &conn);
                 s.counts = counts;
-                s
-            });
+                self.tcp.insert(cookie, s);
+            }
         }
         settled
     }
@@ -215,22 +259,17 @@ impl Sessions {
             return None;
         }
         self.settled.insert(closed.cookie, self.generation);
-        let session = if let Some(mut s) = self.live.remove(&SessionKey::Tcp(closed.cookie)) {
-            s.counts = closed.counts;
-            if s.start_ns == 0 {
-                s.start_ns = closed.info.start_ns;
+        let mut session = match self.tcp.remove(&closed.cookie) {
+            Some(mut s) => {
+                if s.start_ns == 0 {
+                    s.start_ns = closed.info.start_ns;
+                }
+                s
             }
-            s
-        } else {
-            let mut s = self.tcp_session(closed.cookie, &closed.info);
-            s.counts = closed.counts;
-            s
+            None => self.tcp_session(closed.cookie, &closed.info),
         };
-        Some(Settled {
-            session,
-            end_ns: closed.info.end_ns,
-            flags: closed.info.flags,
-        })
+        session.counts = closed.counts;
+        Some(self.settle(session, closed.info.end_ns, closed.info.flags))
     }
 
     /// Applies a full read of the UDP flow map at boot-time `now_ns`, and
@@ -244,11 +283,11 @@ impl Sessions {
     ) -> Vec<UdpFlowKey> {
         let mut idle = Vec::new();
         for (key, flow) in read {
-            match self.live.entry(SessionKey::Udp(*key)) {
-                Entry::Occupied(mut e) => raise(&mut e.get_mut().counts, flow.counts),
-                Entry::Vacant(e) => {
-                    e.insert(udp_session(&self.boot_id, key, flow));
-                }
+            if let Some(s) = self.udp.get_mut(key) {
+                raise(&mut s.counts, flow.counts);
+            } else {
+                let s = self.udp_session(key, flow);
+                self.udp.insert(*key, s);
             }
             if now_ns.saturating_sub(flow.last_ns) >= idle_ns {
                 idle.push(*key);
@@ -259,49 +298,75 @@ impl Sessions {
 
     /// Settles a UDP flow with the final value taken out of the kernel map.
     pub fn end_udp(&mut self, key: &UdpFlowKey, last: &UdpFlow) -> Settled {
-        let mut session = self
-            .live
-            .remove(&SessionKey::Udp(*key))
-            .filter(|s| s.start_ns == last.first_ns)
-            .unwrap_or_else(|| udp_session(&self.boot_id, key, last));
+        let mut session = match self.udp.remove(key) {
+            Some(s) if s.start_ns == last.first_ns => s,
+            _ => self.udp_session(key, last),
+        };
         session.counts = last.counts;
+        self.settle(session, last.last_ns, 0)
+    }
+
+    fn settle(&self, session: Session, end_ns: u64, flags: u32) -> Settled {
         Settled {
+            id: self.id(&session),
             session,
-            end_ns: last.last_ns,
-            flags: 0,
+            end_ns,
+            flags,
         }
     }
 
-    fn tcp_session(&self, cookie: u64, info: &ConnInfo) -> Session {
-        Self::tcp_session_with(&self.boot_id, cookie, info)
-    }
-
-    fn tcp_session_with(boot_id: &str, cookie: u64, info: &ConnInfo) -> Session {
-        Session {
-            id: format!("{boot_id}-{cookie}"),
+    fn tcp_session(&mut self, cookie: u64, info: &ConnInfo) -> Session {
+        let mut s = Session {
             cookie,
-            protocol: Protocol::Tcp,
-            service: info.service,
-            client: addr(info.family, info.remote_addr, info.remote_port),
-            server: addr(info.family, info.local_addr, info.local_port),
             start_ns: info.start_ns,
             counts: Counts::default(),
+            accrual: Accrual::default(),
             attribution: None,
+            client_addr: info.remote_addr,
+            server_addr: info.local_addr,
+            service: info.service,
+            client_port: info.remote_port,
+            server_port: info.local_port,
+            family: info.family,
+            protocol: Protocol::Tcp,
+        };
+        self.take_restored(&mut s);
+        s
+    }
+
+    fn udp_session(&mut self, key: &UdpFlowKey, flow: &UdpFlow) -> Session {
+        let mut s = Session {
+            cookie: 0,
+            start_ns: flow.first_ns,
+            counts: flow.counts,
+            accrual: Accrual::default(),
+            attribution: None,
+            client_addr: key.remote_addr,
+            server_addr: key.local_addr,
+            service: flow.service,
+            client_port: key.remote_port,
+            server_port: key.local_port,
+            family: key.family,
+            protocol: Protocol::Udp,
+        };
+        self.take_restored(&mut s);
+        s
+    }
+
+    fn take_restored(&mut self, s: &mut Session) {
+        if !self.restored.is_empty()
+            && let Some(a) = self.restored.remove(&self.id(s))
+        {
+            s.accrual = a;
         }
     }
 }
 
-fn udp_session(boot_id: &str, key: &UdpFlowKey, flow: &UdpFlow) -> Session {
-    Session {
-        id: format!("{boot_id}-u{}-{}", flow.first_ns, key.remote_port),
-        cookie: 0,
-        protocol: Protocol::Udp,
-        service: flow.service,
-        client: addr(key.family, key.remote_addr, key.remote_port),
-        server: addr(key.family, key.local_addr, key.local_port),
-        start_ns: flow.first_ns,
-        counts: flow.counts,
-        attribution: None,
+/// See [`Sessions::id`].
+pub fn session_id(boot_id: &str, s: &Session) -> String {
+    match s.protocol {
+        Protocol::Tcp => format!("{boot_id}-{}", s.cookie),
+        Protocol::Udp => format!("{boot_id}-u{}-{}", s.start_ns, s.client_port),
     }
 }
 
@@ -375,8 +440,8 @@ mod tests {
         closed.info.end_ns = 500;
         let settled = s.close_tcp(&closed).unwrap();
         assert_eq!(settled.session.counts, counts(25, 3));
-        assert_eq!(settled.session.id, "b00t-7");
-        assert_eq!(settled.session.client.to_string(), "127.0.0.2:4000");
+        assert_eq!(settled.id, "b00t-7");
+        assert_eq!(settled.session.client().to_string(), "127.0.0.2:4000");
         assert!(
             s.close_tcp(&closed).is_none(),
             "second record must be dropped"
@@ -442,6 +507,26 @@ mod tests {
     }
 
     #[test]
+    fn restored_accrual_goes_back_to_its_session() {
+        let mut s = Sessions::new("b");
+        let accrual = Accrual {
+            units: 3,
+            charged_micro: 3_000_000,
+            seq: 2,
+        };
+        s.restore_accruals(HashMap::from([("b-7".to_owned(), accrual)]));
+        s.apply_tcp_read(&[(7, counts(3000, 0))], true, |_| Some(info(4000)));
+        assert_eq!(s.live().next().unwrap().accrual, accrual);
+        assert_eq!(s.restored_waiting(), 0);
+    }
+
+    #[test]
+    fn session_stays_small() {
+        // 100k sessions must fit the agent's memory budget.
+        assert!(size_of::<Session>() <= 112, "{}", size_of::<Session>());
+    }
+
+    #[test]
     fn live_counts_never_go_down() {
         let mut s = Sessions::new("b");
         s.apply_tcp_read(&[(1, counts(50, 5))], false, |_| Some(info(1)));
@@ -471,6 +556,7 @@ mod tests {
         );
         assert_eq!(s.apply_udp_read(&[(key, flow)], 2_000, 1_000), vec![key]);
         let settled = s.end_udp(&key, &flow);
+        assert_eq!(settled.id, "b-u10-5000");
         assert_eq!(settled.session.counts, counts(1200, 300));
         assert_eq!(settled.session.protocol, Protocol::Udp);
         assert_eq!(s.live_count(), 0);
