@@ -32,10 +32,12 @@ pub static INFO: HashMap<u64, ConnInfo> = HashMap::pinned(262_144, 0);
 pub static UDP_FLOWS: HashMap<UdpFlowKey, UdpFlow> = HashMap::pinned(65_536, 0);
 
 /// Final records of closed TCP connections (`meterd_common::Closed`).
-/// 8 MiB holds ~95k records: a stopped agent has that much slack before
-/// records fall back to staying in `LIVE`.
+/// 2 MiB holds ~23k records. When it is full (a stopped agent, a close
+/// storm) records fall back to staying in `LIVE`, so size is slack, not
+/// safety; the agent maps the buffer twice (wrap-around), which counts 2x
+/// its size in the agent's RSS.
 #[map]
-pub static CLOSED: RingBuf = RingBuf::pinned(8 << 20, 0);
+pub static CLOSED: RingBuf = RingBuf::pinned(2 << 20, 0);
 
 /// Per-CPU event counters, indexed by `meterd_common::Stat`.
 #[map]
