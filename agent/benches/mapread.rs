@@ -255,7 +255,8 @@ fn emit(mode: &str, entries: usize, max_entries: u32, chunk: usize, batch: &[f64
         );
     } else {
         eprintln!(
-            "mapread: {mode:9} {entries:>7} entries: batch {:8.2} ms, per-key iter {:8.2} ms ({:.1}x)",
+            "mapread: {mode:9} {entries:>7} entries: batch {:8.2} ms, per-key iter {:8.2} ms \
+             ({:.1}x)",
             median(batch),
             median(iter),
             median(iter) / median(batch)

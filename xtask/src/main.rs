@@ -5,6 +5,7 @@
 //! (saying what and why, one line per step) and then builds and runs. This
 //! file only parses the command line; the steps live in their modules.
 
+mod bench;
 mod ebpf;
 mod run;
 mod setup;
@@ -62,6 +63,26 @@ enum Cmd {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Measure meterd's costs against baselines taken in the same run (root):
+    /// writes target/bench/results.{json,md} and SVG plots.
+    Bench {
+        /// Run only these benches, comma-separated.
+        #[arg(long, value_delimiter = ',', value_enum)]
+        only: Vec<bench::Bench>,
+        /// Fast smoke run (about 2 minutes): fewer, shorter samples, smaller sizes.
+        #[arg(long)]
+        quick: bool,
+        /// Results directory [default: target/bench].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Processes the benchmarks start (holding connections open); not for
+    /// direct use.
+    #[command(hide = true)]
+    BenchHelper {
+        #[command(subcommand)]
+        helper: bench::Helper,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,5 +104,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         }
         Cmd::Run { config, extra } => run::run(config, &extra),
         Cmd::Test { allow_skip, filter } => test::run(&test::Options { allow_skip, filter }),
+        Cmd::Bench { only, quick, out } => bench::run(&bench::Options { only, quick, out }),
+        Cmd::BenchHelper { helper } => bench::helper(&helper),
     }
 }

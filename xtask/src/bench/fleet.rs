@@ -1,0 +1,320 @@
+//! Many open TCP connections to a metered port, held idle.
+//!
+//! Pairs of helper processes, both this xtask binary re-run with a hidden
+//! subcommand (`cargo xtask bench-helper serve|connect`), one pair per
+//! server port, since one process may hold only `RLIMIT_NOFILE` sockets:
+//! - the server runs inside the metered cgroup (so meterd meters the sockets
+//!   it accepts), listens on `0.0.0.0:PORT` and holds every accepted socket;
+//! - the client runs outside it, opens connections on command (a line `N` on
+//!   its stdin: "have N open"), answers `open N` when done, and spreads them
+//!   over destinations 127.0.0.1..127.0.0.8, so a shard is never short of
+//!   ephemeral ports.
+//!
+//! Both raise their own open-file limit to the hard limit, and exit when their stdin
+//! closes (so they die with the bench); the client's sockets linger 0, so
+//! its exit resets every connection instead of leaving TIME_WAITs behind.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd as _, FromRawFd as _};
+use std::path::Path;
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Subcommand;
+
+use super::host::{self, Cgroup, Proc};
+
+/// Destination addresses the client spreads its connections over.
+const DESTINATIONS: u8 = 8;
+/// Most connections one shard (server port, server and client process)
+/// holds; fewer where the open-file limit is lower.
+const PER_SHARD: usize = 15_000;
+
+/// The hidden helper processes.
+#[derive(Subcommand)]
+pub enum Helper {
+    /// Accept and hold every connection to PORT (run inside the cgroup).
+    Serve {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Open connections to PORT on command from stdin.
+    Connect {
+        #[arg(long)]
+        port: u16,
+    },
+}
+
+pub fn helper(cmd: &Helper) -> Result<()> {
+    host::raise_nofile()?;
+    match cmd {
+        Helper::Serve { port } => {
+            exit_when_stdin_closes();
+            serve(*port)
+        }
+        // Reads its commands from stdin and returns at EOF.
+        Helper::Connect { port } => connect(*port),
+    }
+}
+
+/// The bench exits or drops its pipe: so does the server.
+fn exit_when_stdin_closes() {
+    thread::spawn(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+        std::process::exit(0);
+    });
+}
+
+fn serve(port: u16) -> Result<()> {
+    let listener = listen(port)?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut held = Vec::new();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => held.push(stream),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+                bail!("out of file descriptors after {} connections", held.len());
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A listener with the largest backlog the kernel allows (std's is 128,
+/// too small for tens of thousands of connects in a burst).
+fn listen(port: u16) -> Result<TcpListener> {
+    // SAFETY: plain socket syscalls on an fd we own until from_raw_fd.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let listener = TcpListener::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: 0 },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(
+            fd,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) != 0
+        {
+            bail!("bind 0.0.0.0:{port}: {}", std::io::Error::last_os_error());
+        }
+        if libc::listen(fd, 65_535) != 0 {
+            bail!("listen: {}", std::io::Error::last_os_error());
+        }
+        Ok(listener)
+    }
+}
+
+fn connect(port: u16) -> Result<()> {
+    let mut held: Vec<TcpStream> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let want: usize = line?
+            .trim()
+            .parse()
+            .context("expected a connection count")?;
+        let mut error = None;
+        while held.len() < want {
+            let dest = Ipv4Addr::new(
+                127,
+                0,
+                0,
+                1 + (held.len() % usize::from(DESTINATIONS)) as u8,
+            );
+            match TcpStream::connect(SocketAddrV4::new(dest, port)) {
+                Ok(stream) => {
+                    linger_zero(&stream);
+                    held.push(stream);
+                }
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        match error {
+            None => writeln!(out, "open {}", held.len())?,
+            Some(e) => writeln!(out, "open {} error {e}", held.len())?,
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// Close with RST: no TIME_WAIT left holding ports after the bench.
+fn linger_zero(stream: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option struct.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// One server port with its server and client process.
+struct Shard {
+    port: u16,
+    open: usize,
+    // Dropped in declaration order: the client first (its exit resets the
+    // connections), then the server.
+    client_in: ChildStdin,
+    client_out: BufReader<ChildStdout>,
+    _client: Proc,
+    _server_in: Option<ChildStdin>,
+    _server: Proc,
+}
+
+impl Shard {
+    fn start(exe: &Path, cgroup: &Cgroup, port: u16) -> Result<Shard> {
+        let mut server = Proc::spawn(
+            format!("bench-helper serve --port {port}"),
+            cgroup
+                .command(exe)
+                .args(["bench-helper", "serve", "--port", &port.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped()),
+        )?;
+        let server_in = server.take_stdin();
+        let mut server_out = BufReader::new(server.take_stdout().context("server stdout")?);
+        let line = host::read_line(&mut server_out, Duration::from_secs(10))?;
+        if line != "ready" {
+            bail!("the connection server on port {port} said {line:?}");
+        }
+        let mut client = Proc::spawn(
+            format!("bench-helper connect --port {port}"),
+            Command::new(exe)
+                .args(["bench-helper", "connect", "--port", &port.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped()),
+        )?;
+        Ok(Shard {
+            port,
+            open: 0,
+            client_in: client.take_stdin().context("client stdin")?,
+            client_out: BufReader::new(client.take_stdout().context("client stdout")?),
+            _client: client,
+            _server_in: server_in,
+            _server: server,
+        })
+    }
+}
+
+/// The helpers, seen from the bench: one server port per shard, because a
+/// process may hold only so many sockets (`RLIMIT_NOFILE`'s hard limit,
+/// which root cannot raise without CAP_SYS_RESOURCE, as in this sandbox).
+pub struct Fleet {
+    shards: Vec<Shard>,
+    /// Connections open now, over all shards.
+    pub open: usize,
+    /// Most connections one helper process can hold.
+    pub per_process: usize,
+}
+
+impl Fleet {
+    /// Picks enough free ports for `capacity` connections, and starts a
+    /// server for each in `cgroup` and a client for each outside it.
+    pub fn start(cgroup: &Cgroup, capacity: usize) -> Result<Fleet> {
+        let exe = std::env::current_exe().context("locating the xtask binary")?;
+        // Room for the process's own fds (stdio, pipes, the listener).
+        let per_process = usize::try_from(host::nofile_hard_limit().saturating_sub(256))
+            .unwrap_or(usize::MAX)
+            .clamp(1, PER_SHARD);
+        let count = capacity.div_ceil(per_process).max(1);
+        let mut ports: Vec<u16> = Vec::new();
+        let mut shards = Vec::new();
+        for _ in 0..count {
+            let port = host::free_port(&ports)?;
+            ports.push(port);
+            shards.push(Shard::start(&exe, cgroup, port)?);
+        }
+        Ok(Fleet {
+            shards,
+            open: 0,
+            per_process,
+        })
+    }
+
+    /// The metered server ports.
+    pub fn ports(&self) -> Vec<u16> {
+        self.shards.iter().map(|s| s.port).collect()
+    }
+
+    /// An `ss` filter matching the server side of every connection.
+    pub fn ss_filter(&self) -> String {
+        let ports: Vec<String> = self
+            .shards
+            .iter()
+            .map(|s| format!("sport = :{}", s.port))
+            .collect();
+        format!("( {} )", ports.join(" or "))
+    }
+
+    /// Has `n` connections open (opens more, never closes), spread evenly
+    /// over the shards, whose clients connect in parallel; returns how many
+    /// are open and what stopped it short, if something did.
+    pub fn open(&mut self, n: usize) -> Result<(usize, Option<String>)> {
+        let started = Instant::now();
+        let count = self.shards.len();
+        for (i, shard) in self.shards.iter_mut().enumerate() {
+            let want = n / count + usize::from(i < n % count);
+            host::send_line(&mut shard.client_in, &want.to_string())?;
+        }
+        // ~20 µs per connect on loopback; allow for a slow machine.
+        let timeout = Duration::from_secs(60) + Duration::from_millis(n as u64 / 100);
+        let mut errors = Vec::new();
+        for shard in &mut self.shards {
+            let line = host::read_line(&mut shard.client_out, timeout)?;
+            let mut words = line.split_whitespace();
+            if words.next() != Some("open") {
+                bail!(
+                    "the connection client for port {} said {line:?}",
+                    shard.port
+                );
+            }
+            shard.open = words
+                .next()
+                .and_then(|w| w.parse().ok())
+                .context("the connection client's count")?;
+            if let Some((_, e)) = line.split_once(" error ") {
+                errors.push(format!("port {}: {e}", shard.port));
+            }
+        }
+        self.open = self.shards.iter().map(|s| s.open).sum();
+        super::progress(format!(
+            "{} connections open to {} server ports ({:.1} s)",
+            self.open,
+            count,
+            started.elapsed().as_secs_f64()
+        ));
+        let error = (!errors.is_empty()).then(|| errors.join("; "));
+        Ok((self.open, error))
+    }
+}

@@ -1,0 +1,508 @@
+//! SVG plots of the results, drawn with plotters' SVG backend only: no
+//! system fonts are read (text goes into the SVG as `<text>` for the viewer
+//! to render), so this builds and runs on a bare machine.
+//!
+//! Each function writes one file into the results dir and returns its name.
+
+use std::path::Path;
+
+use anyhow::Result;
+use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
+use plotters::prelude::*;
+
+use super::governor::{Cycle, Sample};
+use super::scale::Point;
+
+const FONT: &str = "sans-serif";
+const BLUE_: RGBColor = RGBColor(31, 119, 180);
+const ORANGE: RGBColor = RGBColor(255, 127, 14);
+const GREEN_: RGBColor = RGBColor(44, 160, 44);
+const RED_: RGBColor = RGBColor(214, 39, 40);
+const PURPLE: RGBColor = RGBColor(148, 103, 189);
+const GREY: RGBColor = RGBColor(235, 235, 235);
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+fn max_of(xs: impl IntoIterator<Item = f64>) -> f64 {
+    xs.into_iter()
+        .filter(|x| x.is_finite())
+        .fold(f64::MIN_POSITIVE, f64::max)
+}
+
+fn min_of(xs: impl IntoIterator<Item = f64>) -> f64 {
+    xs.into_iter()
+        .filter(|x| x.is_finite() && *x > 0.0)
+        .fold(f64::MAX, f64::min)
+}
+
+/// The span the ratio panel covers (points and target).
+fn hi_span(ratios: &[f64], target: f64) -> f64 {
+    max_of(ratios.iter().copied().chain([1.0])) - min_of(ratios.iter().copied().chain([target]))
+}
+
+fn index_points(ys: &[f64]) -> Vec<(f64, f64)> {
+    ys.iter()
+        .enumerate()
+        .map(|(i, y)| ((i + 1) as f64, *y))
+        .collect()
+}
+
+/// Throughput per pair, and the per-pair ratio with its median and target.
+pub fn datapath(
+    out: &Path,
+    metered: &[f64],
+    plain: &[f64],
+    ratios: &[f64],
+    target: f64,
+) -> Result<String> {
+    let name = "datapath.svg";
+    let path = out.join(name);
+    let root = SVGBackend::new(&path, (960, 680)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(380);
+    let n = metered.len().max(1) as f64;
+    let x = 0.5..n + 0.5;
+
+    let ymax = max_of(metered.iter().chain(plain).copied()) * 1.15;
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            "Loopback TCP throughput (iperf3 -Z -R, pinned CPUs), alternating ABBA pairs",
+            (FONT, 18),
+        )
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x.clone(), 0.0..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("pair")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("Gbit/s")
+        .draw()?;
+    for (ys, color, label) in [
+        (metered, RED_, "meterd attached"),
+        (plain, BLUE_, "not attached (baseline)"),
+    ] {
+        let pts = index_points(ys);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+
+    let med = super::host::median(ratios);
+    let lo = min_of(ratios.iter().copied().chain([target])) - 0.02;
+    // Headroom above the points for the legend.
+    let hi = max_of(ratios.iter().copied().chain([1.0])) + 0.02 + (hi_span(ratios, target) * 0.35);
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption(
+            format!("metered / not attached per pair (median {med:.3})"),
+            (FONT, 18),
+        )
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x, lo..hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("pair")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("ratio")
+        .draw()?;
+    let pts = index_points(ratios);
+    chart
+        .draw_series(pts.iter().map(|&p| Circle::new(p, 4, PURPLE.filled())))?
+        .label("pair ratio")
+        .legend(|(x, y)| Circle::new((x + 10, y), 4, PURPLE.filled()));
+    chart
+        .draw_series(LineSeries::new(
+            [(0.5, med), (n + 0.5, med)],
+            PURPLE.stroke_width(2),
+        ))?
+        .label("median")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], PURPLE.stroke_width(2)));
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(0.5, target), (n + 0.5, target)],
+            6,
+            4,
+            BLACK.stroke_width(1),
+        ))?
+        .label(format!("target {target}"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(name.to_owned())
+}
+
+/// Full-read time against entries, log-log: batch and per-key.
+pub fn mapread(out: &Path, points: &[(f64, f64, f64)], target_ms: f64) -> Result<String> {
+    let name = "mapread.svg";
+    let path = out.join(name);
+    let root = SVGBackend::new(&path, (860, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let xs = points.iter().map(|p| p.0);
+    let (xmin, xmax) = (min_of(xs.clone()) / 1.5, max_of(xs) * 1.5);
+    let ys = points.iter().flat_map(|p| [p.1, p.2]);
+    let (ymin, ymax) = (
+        min_of(ys.clone()) / 2.0,
+        max_of(ys.chain([target_ms])) * 2.0,
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Full read of a LIVE-like BPF hash map (u64 -> 16 B, max_entries 262144)",
+            (FONT, 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((xmin..xmax).log_scale(), (ymin..ymax).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("live entries")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("ms per full read")
+        .draw()?;
+    series(
+        &mut chart,
+        points.iter().map(|p| (p.0, p.1)).collect(),
+        GREEN_,
+        "batch lookup (BatchReader)",
+    )?;
+    series(
+        &mut chart,
+        points.iter().map(|p| (p.0, p.2)).collect(),
+        ORANGE,
+        "per-key iteration (aya iter)",
+    )?;
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(xmin, target_ms), (xmax, target_ms)],
+            6,
+            4,
+            BLACK.stroke_width(1),
+        ))?
+        .label(format!("target {target_ms} ms (at 100k)"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(name.to_owned())
+}
+
+/// A line with markers and a legend entry.
+fn series<'a, DB: DrawingBackend + 'a, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    pts: Vec<(f64, f64)>,
+    color: RGBColor,
+    label: &str,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+    DB::ErrorType: 'static,
+{
+    let pts: Vec<(f64, f64)> = pts.into_iter().filter(|p| p.1.is_finite()).collect();
+    chart
+        .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    chart
+        .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Cost and memory against open connections.
+pub fn connections(out: &Path, points: &[Point]) -> Result<String> {
+    let name = "connections.svg";
+    let path = out.join(name);
+    let root = SVGBackend::new(&path, (1100, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(620);
+    let xs = points.iter().map(|p| p.connections as f64);
+    let (xmin, xmax) = (min_of(xs.clone()) / 1.5, max_of(xs) * 1.5);
+
+    let ys = points.iter().flat_map(|p| {
+        [
+            p.cycle_ms,
+            p.ss_ms,
+            p.live_batch_ms.unwrap_or(f64::NAN),
+            p.live_iter_ms.unwrap_or(f64::NAN),
+        ]
+    });
+    let (ymin, ymax) = (min_of(ys.clone()) / 2.0, max_of(ys) * 2.0);
+    let mut chart = ChartBuilder::on(&left)
+        .caption("Cost of one read of all connections", (FONT, 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((xmin..xmax).log_scale(), (ymin..ymax).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("open connections")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("ms")
+        .draw()?;
+    let pick = |f: &dyn Fn(&Point) -> Option<f64>| -> Vec<(f64, f64)> {
+        points
+            .iter()
+            .filter_map(|p| Some((p.connections as f64, f(p)?)))
+            .collect()
+    };
+    series(
+        &mut chart,
+        pick(&|p| Some(p.cycle_ms)),
+        RED_,
+        "meterd read + billing cycle",
+    )?;
+    series(
+        &mut chart,
+        pick(&|p| Some(p.ss_ms)),
+        BLUE_,
+        "ss -tin (sock_diag)",
+    )?;
+    series(
+        &mut chart,
+        pick(&|p| p.live_batch_ms),
+        GREEN_,
+        "LIVE map batch read",
+    )?;
+    series(
+        &mut chart,
+        pick(&|p| p.live_iter_ms),
+        ORANGE,
+        "LIVE map per-key read",
+    )?;
+    legend(&mut chart)?;
+
+    let mems = points.iter().flat_map(|p| [mib(p.vm_hwm), mib(p.vm_rss)]);
+    let ymax = max_of(mems.chain([64.0])) * 1.2;
+    let mut chart = ChartBuilder::on(&right)
+        .caption("meterd memory", (FONT, 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((xmin..xmax).log_scale(), 0.0..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("open connections")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("MiB")
+        .draw()?;
+    series(
+        &mut chart,
+        pick(&|p| Some(mib(p.vm_hwm))),
+        RED_,
+        "peak RSS (VmHWM)",
+    )?;
+    series(
+        &mut chart,
+        pick(&|p| Some(mib(p.vm_rss))),
+        PURPLE,
+        "RSS (VmRSS)",
+    )?;
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(xmin, 64.0), (xmax, 64.0)],
+            6,
+            4,
+            BLACK.stroke_width(1),
+        ))?
+        .label("target 64 MiB at 100k")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    legend(&mut chart)?;
+    root.present()?;
+    Ok(name.to_owned())
+}
+
+fn legend<'a, DB: DrawingBackend + 'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1024.0 / 1024.0
+}
+
+/// A step line: each value holds until the next sample.
+fn steps(pts: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(pts.len() * 2);
+    for w in pts.windows(2) {
+        out.push(w[0]);
+        out.push((w[1].0, w[0].1));
+    }
+    if let Some(&last) = pts.last() {
+        out.push(last);
+    }
+    out
+}
+
+/// The time axis of the governor's panels and the loaded stretch of it.
+#[derive(Clone, Copy)]
+struct Span {
+    tmax: f64,
+    load_start: f64,
+    load_end: f64,
+}
+
+/// One panel of the timeline, the loaded stretch shaded.
+fn panel<'a, 'b>(
+    area: &'a Area<'b>,
+    span: Span,
+    ymax: f64,
+    y_desc: &str,
+    caption: &str,
+) -> Result<ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, (FONT, 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..span.tmax, 0.0..ymax)?;
+    // The shading first, so the grid stays visible over it.
+    chart.draw_series(std::iter::once(Rectangle::new(
+        [(span.load_start, 0.0), (span.load_end, ymax)],
+        GREY.filled(),
+    )))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc(y_desc)
+        .draw()?;
+    Ok(chart)
+}
+
+/// The governor's timeline: load, interval and cycle time (figure 4).
+pub fn governor(
+    out: &Path,
+    samples: &[Sample],
+    cycles: &[Cycle],
+    cpus: usize,
+    load_end: f64,
+) -> Result<String> {
+    let name = "governor.svg";
+    let path = out.join(name);
+    let root = SVGBackend::new(&path, (1000, 860)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        "meterd load governor during a stress-ng ramp (figure 4)",
+        (FONT, 22),
+    )?;
+    let panels = root.split_evenly((3, 1));
+    let tmax = samples.last().map_or(1.0, |s| s.t);
+    let load_start = samples.iter().find(|s| s.workers > 0).map_or(0.0, |s| s.t);
+    let shade = |area, ymax, y_desc, caption| {
+        panel(
+            area,
+            Span {
+                tmax,
+                load_start,
+                load_end,
+            },
+            ymax,
+            y_desc,
+            caption,
+        )
+    };
+
+    // Load: stress-ng workers per core and the CPU pressure meterd sees.
+    let load: Vec<(f64, f64)> = samples
+        .iter()
+        .map(|s| (s.t, s.workers as f64 / cpus as f64))
+        .collect();
+    let pressure: Vec<(f64, f64)> = samples
+        .iter()
+        .filter_map(|s| Some((s.t, s.cpu_pressure?)))
+        .collect();
+    // The host's PSI share over each poll period, as it happens.
+    let psi: Vec<(f64, f64)> = samples
+        .windows(2)
+        .filter_map(|w| {
+            let stalled = w[1].psi_some_us?.checked_sub(w[0].psi_some_us?)? as f64;
+            let dt = w[1].t - w[0].t;
+            (dt > 0.0).then(|| (w[1].t, (stalled / 1e6 / dt).min(1.0)))
+        })
+        .collect();
+    let mut chart = shade(
+        &panels[0],
+        2.3,
+        "share",
+        "load: stress-ng workers per core, and CPU pressure (PSI some share)",
+    )?;
+    chart
+        .draw_series(LineSeries::new(steps(&load), BLACK.stroke_width(2)))?
+        .label("stress-ng workers / cores")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(psi, ORANGE.mix(0.7).stroke_width(1)))?
+        .label("host PSI some share per 250 ms poll")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], ORANGE.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(steps(&pressure), RED_.stroke_width(2)))?
+        .label("meterd_cpu_pressure_ratio (as published at cycle end)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED_.stroke_width(2)));
+    legend(&mut chart)?;
+
+    let interval: Vec<(f64, f64)> = samples.iter().map(|s| (s.t, s.interval_s)).collect();
+    let imax = max_of(interval.iter().map(|p| p.1)) * 1.25;
+    let mut chart = shade(
+        &panels[1],
+        imax,
+        "seconds",
+        "billing interval (meterd_read_interval_seconds)",
+    )?;
+    chart
+        .draw_series(LineSeries::new(steps(&interval), BLUE_.stroke_width(2)))?
+        .label("interval")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE_.stroke_width(2)));
+    legend(&mut chart)?;
+
+    let cyc: Vec<(f64, f64)> = cycles.iter().map(|c| (c.t, c.duration_ms)).collect();
+    let cmax = max_of(cyc.iter().map(|p| p.1)) * 1.3;
+    let mut chart = shade(
+        &panels[2],
+        cmax,
+        "ms",
+        "cycle time (read + billing; meterd_cycle_duration_seconds)",
+    )?;
+    chart
+        .draw_series(LineSeries::new(cyc.clone(), GREEN_.stroke_width(1)))?
+        .label("cycle duration")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN_.stroke_width(2)));
+    chart.draw_series(cyc.into_iter().map(|p| Circle::new(p, 3, GREEN_.filled())))?;
+    legend(&mut chart)?;
+    root.present()?;
+    Ok(name.to_owned())
+}
