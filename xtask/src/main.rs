@@ -6,6 +6,7 @@
 //! file only parses the command line; the steps live in their modules.
 
 mod bench;
+mod deb;
 mod ebpf;
 mod run;
 mod setup;
@@ -76,6 +77,9 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Build a Debian package (binary, systemd unit, sample config) into
+    /// target/debian/ with cargo-deb.
+    Deb,
     /// Processes the benchmarks start (holding connections open); not for
     /// direct use.
     #[command(hide = true)]
@@ -106,5 +110,6 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Test { allow_skip, filter } => test::run(&test::Options { allow_skip, filter }),
         Cmd::Bench { only, quick, out } => bench::run(&bench::Options { only, quick, out }),
         Cmd::BenchHelper { helper } => bench::helper(&helper),
+        Cmd::Deb => deb::run(),
     }
 }
