@@ -7,12 +7,18 @@
 //! server's packets are few and large (GSO), so this is the cheapest place
 //! for the snapshot; the ACKs it receives pass no program at all.
 //!
-//! Minimum kernel version: 5.1 (`bpf_tcp_sock` with `bytes_acked`).
+//! Live TCP entries are refreshed at most every [`REFRESH_JIFFIES`] per
+//! connection (and at every state change), which keeps the program to a
+//! per-socket storage lookup and a compare on most packets.
+//!
+//! Minimum kernel version: 5.5 (`bpf_jiffies64`; sk_storage from cgroup_skb).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, bpf_sock},
-    helpers::generated::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_tcp_sock},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_jiffies64, bpf_sk_fullsock, bpf_sk_storage_get, bpf_tcp_sock,
+    },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -22,7 +28,7 @@ use meterd_common::{
 };
 
 use crate::{
-    maps::{LIVE, TCP_PORTS, service_of},
+    maps::{LIVE, SK_METER, SkMeter},
     udp::{Direction, count_udp},
 };
 
@@ -52,14 +58,42 @@ pub fn meterd_egress(ctx: SkBuffContext) -> i32 {
     PASS
 }
 
+/// Jiffies between two refreshes of an established connection's `LIVE`
+/// entry: 100 ms at HZ=250. A streaming server sends tens of thousands of
+/// GSO packets per second per busy connection; refreshing on each would
+/// make the hash lookup the data path's main cost, while the billing cycle
+/// reads at most once per interval. State changes refresh at once, and the
+/// close record is exact whatever the refresh rate.
+const REFRESH_JIFFIES: u64 = 25;
+
 #[inline(always)]
 fn tcp(ctx: &SkBuffContext, sk: *mut bpf_sock) {
-    // SAFETY: non-NULL full socket.
-    let (port, tcp_state) = unsafe { ((*sk).src_port, (*sk).state) };
-    // Handshake packets of a listener belong to no connection yet.
-    if tcp_state == state::LISTEN || service_of(&TCP_PORTS, port) == 0 {
+    // Only sockets sock_ops registered have this storage (listeners and
+    // unmetered connections do not).
+    // SAFETY: helper on a full socket; the map pointer is the BTF map
+    // definition's own address.
+    let meter = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SK_METER).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SkMeter>();
+    if meter.is_null() {
         return;
     }
+    // SAFETY: non-NULL full socket.
+    let tcp_state = unsafe { (*sk).state };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_jiffies64() };
+    // SAFETY: valid storage pointer, written only under the socket's lock.
+    let meter = unsafe { &mut *meter };
+    if tcp_state == state::ESTABLISHED && now.wrapping_sub(meter.synced_jiffies) < REFRESH_JIFFIES {
+        return;
+    }
+    meter.synced_jiffies = now;
     // SAFETY: helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(live) = LIVE.get_ptr_mut(&cookie) else {

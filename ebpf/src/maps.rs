@@ -5,7 +5,8 @@
 //! Sizes here are defaults; the agent may override `max_entries` at load time.
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use meterd_common::{ConnInfo, Counts, PORT_SLOTS, STAT_SLOTS, Stat, UdpFlow, UdpFlowKey};
@@ -38,6 +39,21 @@ pub static UDP_FLOWS: HashMap<UdpFlowKey, UdpFlow> = HashMap::pinned(65_536, 0);
 /// its size in the agent's RSS.
 #[map]
 pub static CLOSED: RingBuf = RingBuf::pinned(2 << 20, 0);
+
+/// Per-socket state of a metered TCP connection, created by sock_ops at
+/// establishment. Its presence is what tells the egress hook a socket is
+/// metered (one per-socket lookup instead of a port check, a cookie and a
+/// hash lookup), and it remembers when `LIVE` was last refreshed.
+#[repr(C)]
+pub struct SkMeter {
+    /// `bpf_jiffies64()` of the last refresh of this socket's `LIVE` entry.
+    pub synced_jiffies: u64,
+}
+
+/// See [`SkMeter`]. Not pinned: after an upgrade, connections opened
+/// under the old programs keep exact close records but no live refresh.
+#[btf_map]
+pub static SK_METER: SkStorage<SkMeter> = SkStorage::new();
 
 /// Per-CPU event counters, indexed by `meterd_common::Stat`.
 #[map]

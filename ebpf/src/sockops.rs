@@ -16,10 +16,10 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns, generated::bpf_sk_storage_get},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -29,7 +29,7 @@ use meterd_common::{
     tcp::{final_bytes_in, final_bytes_out, live_bytes_in, live_bytes_out, state},
 };
 
-use crate::maps::{CLOSED, INFO, LIVE, TCP_PORTS, bump, service_of};
+use crate::maps::{CLOSED, INFO, LIVE, SK_METER, SkMeter, TCP_PORTS, bump, service_of};
 
 #[sock_ops]
 pub fn meterd_sockops(ctx: SockOpsContext) -> u32 {
@@ -115,6 +115,23 @@ fn on_established(ctx: &SockOpsContext) {
         let _ = INFO.remove(&cookie);
         bump(Stat::LiveFull);
         return;
+    }
+    // Mark the socket metered for the egress hook (see maps::SkMeter).
+    let sk = ctx_field!(ctx, __bindgen_anon_2);
+    // SAFETY: reading the union's pointer member; NULL-checked below.
+    let sk = unsafe { sk.sk };
+    if !sk.is_null() {
+        let mut init = SkMeter { synced_jiffies: 0 };
+        // SAFETY: helper on a socket pointer from the context; the map
+        // pointer is the BTF map definition's own address.
+        unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(&SK_METER).cast_mut().cast(),
+                sk.cast(),
+                core::ptr::from_mut(&mut init).cast(),
+                u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+            );
+        }
     }
     bump(Stat::Opened);
 }
