@@ -19,18 +19,7 @@ pub fn run() -> Result<()> {
         );
         util::run(util::cargo(&util::workspace_root()).args(["install", "cargo-deb", "--locked"]))?;
     }
-    ebpf::build(false)?;
-    util::step(
-        "building the agent (release)",
-        "the package ships the optimised binary",
-    );
-    util::run(util::cargo(&util::workspace_root()).args([
-        "build",
-        "--release",
-        "--locked",
-        "--package",
-        "meterd",
-    ]))?;
+    ebpf::build_agent_release("the package ships the optimised binary")?;
     util::step("packaging", "binary, systemd unit and sample config");
     util::run(util::cargo(&util::workspace_root()).args([
         "deb",

@@ -145,3 +145,18 @@ fn newest_mtime(path: &Path) -> Option<SystemTime> {
         .filter_map(|entry| newest_mtime(&entry.path()))
         .max()
 }
+
+/// Builds the eBPF object, then the agent in release mode (which embeds
+/// it); returns the agent binary. `why` is said with the step.
+pub fn build_agent_release(why: &str) -> Result<PathBuf> {
+    build(false)?;
+    util::step("building the agent (release)", why);
+    util::run(util::cargo(&util::workspace_root()).args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "meterd",
+    ]))?;
+    Ok(util::target_dir().join("release/meterd"))
+}

@@ -36,19 +36,7 @@ pub fn run(config: Option<PathBuf>, extra: &[OsString]) -> Result<()> {
         .with_context(|| format!("resolving {}", config.display()))?;
 
     setup::run(Scope::Full)?;
-    ebpf::build(false)?;
-    util::step(
-        "building the agent (release)",
-        "`cargo xtask run` runs the optimised binary",
-    );
-    util::run(util::cargo(&util::workspace_root()).args([
-        "build",
-        "--release",
-        "--package",
-        "meterd",
-    ]))?;
-
-    let bin = util::target_dir().join("release/meterd");
+    let bin = ebpf::build_agent_release("`cargo xtask run` runs the optimised binary")?;
     let mut cmd = Command::new(&bin);
     cmd.arg("run").arg("--config").arg(&config).args(extra);
     util::scrub(&mut cmd);

@@ -224,17 +224,7 @@ pub fn run(opts: &Options) -> Result<()> {
 /// when a selected bench needs it, whose path is returned).
 fn build(benches: &[Bench]) -> Result<Option<PathBuf>> {
     setup::run(Scope::Full)?;
-    ebpf::build(false)?;
-    util::step(
-        "building the agent (release)",
-        "the benchmarks measure the optimised binary",
-    );
-    util::run(util::cargo(&util::workspace_root()).args([
-        "build",
-        "--release",
-        "--package",
-        "meterd",
-    ]))?;
+    ebpf::build_agent_release("the benchmarks measure the optimised binary")?;
     if benches
         .iter()
         .any(|b| matches!(b, Bench::Mapread | Bench::Connections))
