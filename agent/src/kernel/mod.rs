@@ -396,14 +396,16 @@ impl Kernel {
     /// Run time and count of meterd's programs, when the kernel keeps them
     /// (`kernel.bpf_stats_enabled=1`).
     pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        // Checked first: walking the loaded programs costs syscalls per
+        // program, every cycle, and the numbers exist only with stats on.
         let enabled =
             fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1");
-        let Ok(ours) = self.tcp_ports.map_data_id() else {
-            return Vec::new();
-        };
         if !enabled {
             return Vec::new();
         }
+        let Ok(ours) = self.tcp_ports.map_data_id() else {
+            return Vec::new();
+        };
         aya::programs::loaded_programs()
             .flatten()
             .filter(|p| {
