@@ -402,7 +402,13 @@ impl TestEnv {
     /// cgroup) and returns its summary; panics unless every connection got
     /// exactly what it asked for.
     pub fn run_tcp_client(&self, client: &TcpClient) -> ClientSummary {
-        let mut cmd = self.command(&self.traffic, &client.args());
+        parse_summary(&self.run_traffic(&client.args()))
+    }
+
+    /// Runs the traffic tool to completion (in the namespace, outside the
+    /// cgroup); its stdout, or a panic with its stderr if it failed.
+    fn run_traffic(&self, args: &[String]) -> String {
+        let mut cmd = self.command(&self.traffic, args);
         let out = cmd
             .output()
             .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
@@ -412,7 +418,7 @@ impl TestEnv {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        parse_summary(&String::from_utf8_lossy(&out.stdout))
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Starts a `tcp-client` in the background.
@@ -440,17 +446,7 @@ impl TestEnv {
 
     /// Runs a `udp-client` to completion and returns its totals.
     pub fn run_udp_client(&self, client: &UdpClient) -> UdpClientSummary {
-        let mut cmd = self.command(&self.traffic, &client.args());
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = self.run_traffic(&client.args());
         serde_json::from_str(stdout.trim())
             .unwrap_or_else(|e| panic!("udp-client printed no summary ({e}): {stdout}"))
     }
