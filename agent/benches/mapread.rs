@@ -121,6 +121,7 @@ fn synthetic(opts: &Options) -> Result<()> {
         while filled < size {
             let key = cookie(filled);
             let value = Counts {
+                last_ns: 0,
                 bytes_out: u64::from(filled) * 1500,
                 bytes_in: u64::from(filled),
             };

@@ -1,49 +1,47 @@
-//! The daemon: the loop that turns kernel counts into charges and settled
-//! sessions.
+//! The daemon's run loop: the only place that talks to the kernel, the
+//! ledger and the sockets. The billing itself is the [`Core`]'s.
 //!
-//! Every interval it reads the live maps (one batch read), refreshes the
-//! session table, charges every live session for the whole units it used
-//! since the last cycle (one ledger transaction), checks account limits, and
-//! ends idle UDP flows. In between, it drains the ring buffer of closed
-//! connections as records arrive and settles each one, and it serves the
-//! attribution API's requests.
+//! Every interval it reads the live maps, drains the ring of close and gap
+//! records, hands both to the core, lets the core charge and settle, and
+//! commits what the core staged in one ledger transaction. In between, it
+//! drains the ring as records arrive (each committed before its release:
+//! see [`kernel::Record`]) and serves API commands.
 //!
 //! `run` takes its shutdown as a future, so tests and `main` decide when it
 //! stops; on shutdown it drains and bills once more and returns, leaving the
 //! pins in place so the kernel keeps counting.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{HashMap, HashSet},
     future::Future,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
-use meterd_common::{Counts, Stat, UdpFlow, UdpFlowKey};
+use meterd_common::{CONN_CLOSED, Closed, Counts, Stat, UdpFlow, UdpFlowKey};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
 };
 
 use crate::{
-    api::{self, ApiError, Command, Outcome},
+    api::{self, ApiError, Command},
     attribution::Pending,
-    billing, clock,
+    clock,
     closed_log::{ClosedLog, ClosedLogError},
     config::Config,
+    core::{Batch, ConnKey, Core, LiveTotals, ServiceDef},
     exporter::{self, ExporterError},
     governor::{CycleSignals, Pacer},
     hooks::{self, LimitReached},
-    kernel::{self, Kernel, KernelError},
-    ledger::{ChargeRow, Ledger, LedgerError, SessionRecord, SettledTotals, rfc3339},
+    kernel::{self, Kernel, KernelError, Record},
+    ledger::{Committed, Ledger, LedgerError, SettledTotals},
     limits::Limits,
     load::{Load, LoadMonitor},
     metrics::{Metrics, Persisted, ServiceTotals, SharedMetrics},
-    sessions::{self, Session, Sessions, Settled},
     status::{LiveSession, StatusReport, micro_to_decimal},
-    tariff::MICRO,
 };
 
 /// Ledger `meta` key of the agent's own persisted counters.
@@ -52,7 +50,7 @@ const PERSISTED_KEY: &str = "metrics";
 /// Options of `meterd run` beyond the config file.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Append a JSON line per settled session here.
+    /// Append a JSON line per closed connection here.
     pub closed_log: Option<PathBuf>,
     /// Create this file once metering has started.
     pub ready_file: Option<PathBuf>,
@@ -63,7 +61,9 @@ pub struct RunOptions {
 pub enum AgentError {
     #[error(transparent)]
     Kernel(#[from] KernelError),
-    #[error(transparent)]
+    #[error(
+        "{0}; the kernel keeps counting and keeps the record that was being settled: fix the ledger and start meterd again, it bills the backlog"
+    )]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -87,6 +87,19 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     move |source| AgentError::Io { what, source }
 }
 
+/// The services as the core bills them, in the config's (the kernel's) order.
+pub fn service_defs(config: &Config) -> Vec<ServiceDef> {
+    config
+        .services
+        .iter()
+        .map(|s| ServiceDef {
+            name: Arc::from(s.name.as_str()),
+            tariff: s.tariff.clone(),
+            idle_ns: duration_ns(s.session_idle),
+        })
+        .collect()
+}
+
 /// Runs the agent until `shutdown` completes.
 pub async fn run(
     config: Config,
@@ -105,21 +118,27 @@ pub async fn run(
         "metering"
     );
     let boot_id = clock::boot_id().map_err(io("reading the boot id"))?;
-    let mut sessions = Sessions::new(&boot_id);
-    let log = match &options.closed_log {
+    let (log, log_ids) = match &options.closed_log {
         Some(path) => {
             let (log, ids) = ClosedLog::open(path)?;
-            sessions.remember_settled(sessions::cookies_of(&ids, &boot_id));
-            Some(log)
+            (Some(log), ids)
         }
-        None => None,
+        None => (None, HashSet::new()),
     };
-    sessions.restore_accruals(ledger.open_accruals()?);
     let limits = Limits::new(
         &config.accounts,
         ledger.spent_by_account()?,
         ledger.accounts_with_event("limit_reached")?,
     );
+    let mut core = Core::new(
+        &boot_id,
+        service_defs(&config),
+        limits,
+        Pending::with_capacity(config.api.max_pending),
+    );
+    let (viewers, segments) = ledger.load_open()?;
+    let open_viewers = viewers.len();
+    core.restore(viewers, segments);
     let persisted: Persisted = ledger
         .load_meta(PERSISTED_KEY)?
         .and_then(|json| serde_json::from_str(&json).ok())
@@ -130,7 +149,8 @@ pub async fn run(
     let api_at = api::spawn(&config, api_tx.clone()).await?;
     tracing::info!(
         api = %api_at,
-        open_sessions = sessions.restored_waiting(),
+        open_sessions = open_viewers,
+        open_connections = core.restored_waiting(),
         "attribution API listening"
     );
 
@@ -146,11 +166,11 @@ pub async fn run(
     let mut agent = Agent {
         config,
         kernel,
-        sessions,
+        core,
         ledger,
-        limits,
-        pending: Pending::default(),
         log,
+        log_ids,
+        redelivery: true,
         live: Vec::new(),
         udp: Vec::new(),
         // Unknown at start: look for closed entries left in LIVE.
@@ -163,8 +183,7 @@ pub async fn run(
         limit_events,
         metrics: Arc::clone(&metrics),
     };
-    agent.drain(ring.get_mut())?;
-    agent.cycle()?;
+    agent.cycle(ring.get_mut())?;
     // Serve metrics only now: the first scrape already continues the
     // counters from the ledger and the kernel.
     let metrics_at = exporter::spawn(agent.config.metrics.listen, metrics, api_tx).await?;
@@ -185,12 +204,9 @@ pub async fn run(
                 agent.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
-            Some(command) = api_rx.recv() => agent.command(command),
+            Some(command) = api_rx.recv() => agent.command(command)?,
             _ = load_ticker.tick() => agent.sample_load(),
-            _ = agent.pacer.tick() => {
-                agent.drain(ring.get_mut())?;
-                agent.cycle()?;
-            }
+            _ = agent.pacer.tick() => agent.cycle(ring.get_mut())?,
         }
     }
     agent.stop(ring.get_mut())
@@ -200,11 +216,14 @@ pub async fn run(
 struct Agent {
     config: Config,
     kernel: Kernel,
-    sessions: Sessions,
+    core: Core,
     ledger: Ledger,
-    limits: Limits,
-    pending: Pending,
     log: Option<ClosedLog>,
+    /// Connection ids at the end of the closed log when the agent started.
+    log_ids: HashSet<String>,
+    /// Until the first cycle has drained the ring once: records may be
+    /// re-deliveries of ones committed before a crash.
+    redelivery: bool,
     /// Reused buffer of the live TCP read.
     live: Vec<(u64, Counts)>,
     /// Reused buffer of the UDP flow read.
@@ -218,62 +237,133 @@ struct Agent {
     load: Load,
     /// The agent's own counters, saved in the ledger every cycle.
     persisted: Persisted,
-    /// What the ledger holds per service (kept up to date at settlement).
+    /// What the ledger holds per service (kept up to date at each commit).
     settled_totals: HashMap<String, SettledTotals>,
     limit_events: u64,
     metrics: SharedMetrics,
 }
 
-/// Per-service sums over the live sessions, built while charging.
-#[derive(Default)]
-struct LiveTotals {
-    bytes_out: u64,
-    bytes_in: u64,
-    charged_minor: u64,
-    sessions: u64,
-}
-
 impl Agent {
     /// The last drain and cycle before exiting; the pins stay.
     fn stop(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), AgentError> {
-        self.drain(ring)?;
-        self.cycle()?;
+        self.cycle(ring)?;
         if let Some(socket) = self.config.api.socket_path(&self.config.agent) {
             let _ = std::fs::remove_file(socket);
         }
         tracing::info!(
-            live = self.sessions.live_count(),
+            sessions = self.core.viewers().count(),
+            connections = self.core.conns().count(),
             "stopped; the kernel keeps counting"
         );
         Ok(())
     }
 
-    /// Settles every queued close record. Each is committed to the ledger
-    /// before its slot is released (the item's drop), so a crash
-    /// re-delivers, never loses; the ledger ignores a re-delivered one.
+    /// Settles every queued close and gap record, each committed before it
+    /// is released.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<usize, AgentError> {
         let mut n = 0;
-        while let Some(item) = ring.next() {
-            if let Some(closed) = kernel::decode_closed(&item) {
-                if let Some(settled) = self.sessions.close_tcp(&closed) {
-                    self.settle(settled)?;
-                }
+        while let Some(record) = Record::next(ring) {
+            let proof = if let Some(closed) = record.closed {
+                self.settle_record(&closed)?
             } else {
                 tracing::error!(
-                    len = item.len(),
+                    len = record.len,
                     "short record in CLOSED: object/agent mismatch"
                 );
-            }
-            drop(item);
+                self.commit(&Batch::default())?
+            };
+            record.release(proof);
             n += 1;
         }
         Ok(n)
     }
 
+    /// Hands one record to the core and commits what it staged.
+    fn settle_record(&mut self, closed: &Closed) -> Result<Committed, AgentError> {
+        if self.redelivery
+            && let Some(id) = self.core.unknown_conn_id(closed)
+            && let Some(proof) = self.ledger.connection_committed(&id)?
+        {
+            // Committed before a crash: already billed. The log may still
+            // lack it (the crash came between the commit and the log).
+            if let Some(log) = &mut self.log
+                && !self.log_ids.contains(&id)
+                && let Some(c) = self.core.closed_conn_of(closed)
+            {
+                log.write(&c)?;
+            }
+            return Ok(proof);
+        }
+        self.core.on_record(closed);
+        let batch = self.core.take_batch();
+        self.commit(&batch)
+    }
+
+    /// Commits a batch, then does what follows from it: the closed log,
+    /// the per-service totals, the limit hooks and the log lines.
+    fn commit(&mut self, batch: &Batch) -> Result<Committed, AgentError> {
+        let proof = self.ledger.commit(batch)?;
+        if let Some(log) = &mut self.log {
+            for c in &batch.closed {
+                log.write(c)?;
+            }
+        }
+        for g in batch.segments.iter().filter(|g| !g.open) {
+            let t = self.settled_totals.entry(g.service.clone()).or_default();
+            let (o, i) = g.bytes();
+            t.bytes_out += o;
+            t.bytes_in += i;
+            t.connections += u64::from(g.closes_conn);
+        }
+        for s in &batch.settled {
+            let t = self
+                .settled_totals
+                .entry(s.row.service.clone())
+                .or_default();
+            t.viewers += 1;
+            t.charge_minor += s.charge_minor;
+            tracing::info!(
+                target: "meterd::settled",
+                id = %s.row.id,
+                service = %s.row.service,
+                account = %s.row.account,
+                content = %s.row.content,
+                client = %s.row.client_addr,
+                connections = s.row.connections,
+                bytes_out = s.row.bytes_out,
+                bytes_in = s.row.bytes_in,
+                duration_ms = s.duration_ms,
+                charge_minor = s.charge_minor,
+                "session settled"
+            );
+        }
+        for e in &batch.limits {
+            self.limit_events += 1;
+            tracing::warn!(
+                account = %e.account,
+                spent_minor = e.spent_minor,
+                limit_minor = e.limit_minor,
+                "limit_reached"
+            );
+            hooks::fire(
+                &LimitReached {
+                    event: "limit_reached",
+                    account: e.account.clone(),
+                    spent_minor: e.spent_minor,
+                    limit_minor: e.limit_minor,
+                    currency: self.config.billing.currency.clone(),
+                },
+                self.config.billing.limit_hook.clone(),
+                self.config.billing.limit_webhook.as_deref(),
+            );
+        }
+        Ok(proof)
+    }
+
     /// One billing cycle, timed, then the governor's decision.
-    fn cycle(&mut self) -> Result<(), AgentError> {
+    fn cycle(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), AgentError> {
         let started = Instant::now();
-        let live_totals = self.bill()?;
+        let live_totals = self.bill(ring)?;
         let took = started.elapsed();
         let overrun = self.pacer.overrun(tokio::time::Instant::now());
         // Decide on the load of the interval that just ended, not on the
@@ -327,8 +417,18 @@ impl Agent {
         }
     }
 
-    /// Reads the kernel, settles what ended, charges what is live.
-    fn bill(&mut self) -> Result<BTreeMap<u32, LiveTotals>, AgentError> {
+    /// Reads the kernel, hands everything to the core, charges and settles.
+    ///
+    /// The order matters: the clock is read before the maps, and the maps
+    /// before the ring is drained. So every gap or close that a read
+    /// reflects is applied before the read (whose older values then only
+    /// raise counts), and a UDP flow found idle at `now` cannot have had a
+    /// datagram since that did not start a new segment.
+    fn bill(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+    ) -> Result<HashMap<Arc<str>, LiveTotals>, AgentError> {
+        let now_ns = clock::boot_ns();
         let stats = self.kernel.stats()?;
         let ring_full = Stat::RingFull as usize;
         let find_closed = self
@@ -338,134 +438,98 @@ impl Agent {
         self.seen_stats = Some(stats);
 
         self.kernel.read_live(&mut self.live)?;
+        self.kernel.read_udp(&mut self.udp)?;
+        self.drain(ring)?;
+        if find_closed {
+            self.settle_closed_in_live()?;
+        }
         let kernel = &self.kernel;
-        let settled = self
-            .sessions
-            .apply_tcp_read(&self.live, find_closed, |cookie| {
-                match kernel.info(cookie) {
-                    Ok(info) => info,
-                    Err(e) => {
-                        tracing::warn!(cookie, error = %e, "INFO lookup failed");
-                        None
-                    }
+        self.core
+            .on_tcp_read(&self.live, &mut |cookie| match kernel.info(cookie) {
+                Ok(info) => info.filter(|i| i.flags & CONN_CLOSED == 0),
+                Err(e) => {
+                    tracing::warn!(cookie, error = %e, "INFO lookup failed");
+                    None
                 }
             });
-        for s in settled {
-            let cookie = s.session.cookie;
-            self.settle(s)?;
-            self.kernel.forget(cookie)?;
-        }
-
-        self.kernel.read_udp(&mut self.udp)?;
-        let idle_ns = duration_ns(self.config.agent.udp_idle_timeout);
-        let idle = self
-            .sessions
-            .apply_udp_read(&self.udp, clock::boot_ns(), idle_ns);
-        for key in idle {
+        self.core.on_udp_read(&self.udp);
+        let timeout = duration_ns(self.config.agent.udp_idle_timeout);
+        let mut ended = Vec::new();
+        for key in self.core.idle_udp(&self.udp, now_ns, timeout) {
             // Taken atomically: a datagram after this starts a new flow.
             if let Some(last) = self.kernel.take_udp(&key)? {
-                let settled = self.sessions.end_udp(&key, &last);
-                self.settle(settled)?;
+                ended.push((key, last));
             }
         }
-
-        if !self.pending.is_empty() {
-            for s in self.sessions.live_mut() {
-                if s.attribution.is_none() {
-                    s.attribution = self.pending.take_for(s).map(Box::new);
-                }
+        if !ended.is_empty() {
+            // A datagram racing the removal left its gap record in the ring.
+            self.drain(ring)?;
+            for (key, last) in &ended {
+                self.core.on_udp_end(key, last);
             }
-            self.pending
-                .expire(Instant::now(), self.config.api.pending_ttl);
         }
-        let live_totals = self.charge()?;
-        self.check_limits()?;
-        Ok(live_totals)
+        self.core
+            .expire_pending(Instant::now(), self.config.api.pending_ttl);
+        let live = self.core.on_cycle(now_ns);
+        let batch = self.core.take_batch();
+        self.commit(&batch)?;
+        self.redelivery = false;
+        Ok(live)
     }
 
-    /// Charges every live session for the whole units used since the last
-    /// cycle, in one ledger transaction; returns the live sums per service
-    /// (computed in the same pass) for the metrics.
-    fn charge(&mut self) -> Result<BTreeMap<u32, LiveTotals>, AgentError> {
-        let now_ns = clock::boot_ns();
-        let boot_id = self.sessions.boot_id().to_owned();
-        // (session id, service index, account, charge, accrual after it)
-        let mut rows = Vec::new();
-        let mut totals: BTreeMap<u32, LiveTotals> = BTreeMap::new();
-        for s in self.sessions.live_mut() {
-            let Some(service) = self.config.services.get(s.service as usize) else {
-                continue;
-            };
-            let quantity = service.tariff.quantity(
-                s.counts.bytes_out,
-                s.counts.bytes_in,
-                elapsed_ns(s.start_ns, now_ns),
-            );
-            let charge = billing::cycle_charge(&service.tariff, quantity, &mut s.accrual);
-            let t = totals.entry(s.service).or_default();
-            t.bytes_out += s.counts.bytes_out;
-            t.bytes_in += s.counts.bytes_in;
-            // Whole minor units only: the settled total can round a
-            // fractional price down, and a counter must never go back.
-            t.charged_minor += s.accrual.charged_micro / MICRO;
-            t.sessions += 1;
-            if let Some(charge) = charge {
-                rows.push((
-                    sessions::session_id(&boot_id, s),
-                    s.service as usize,
-                    s.account(),
-                    charge,
-                    s.accrual,
-                ));
+    /// Connections that closed while the ring was full: their final counts
+    /// wait in LIVE, flagged closed. Each is settled from a fresh read
+    /// (the one in `self.live` may predate the close), committed, then
+    /// deleted from the maps.
+    fn settle_closed_in_live(&mut self) -> Result<(), AgentError> {
+        let mut closed = Vec::new();
+        for &(cookie, _) in &self.live {
+            match self.kernel.info(cookie) {
+                Ok(Some(info)) if info.flags & CONN_CLOSED != 0 => {
+                    if let Some(counts) = self.kernel.live_counts(cookie)? {
+                        closed.push(Closed {
+                            cookie,
+                            counts,
+                            info,
+                        });
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(cookie, error = %e, "INFO lookup failed"),
             }
         }
-        let charges: Vec<ChargeRow<'_>> = rows
-            .iter()
-            .map(|(id, service, account, charge, accrual)| ChargeRow {
-                session_id: id,
-                seq: charge.seq,
-                service: &self.config.services[*service].name,
-                account,
-                units: charge.units,
-                amount_micro: charge.amount_micro,
-                accrual: *accrual,
-            })
-            .collect();
-        // If this commit fails the agent stops; a restart resumes from the
-        // ledger, not from the accruals already raised in memory.
-        self.ledger.record_cycle(SystemTime::now(), &charges)?;
-        for (_, _, account, charge, _) in &rows {
-            self.limits.add(
-                account,
-                i64::try_from(charge.amount_micro).unwrap_or(i64::MAX),
-            );
+        for c in closed {
+            let proof = self.settle_record(&c)?;
+            self.kernel.forget(c.cookie, &proof)?;
+            self.live.retain(|(cookie, _)| *cookie != c.cookie);
         }
-        Ok(totals)
+        Ok(())
     }
 
     /// Replaces the metrics snapshot.
-    fn publish_metrics(&self, live: &BTreeMap<u32, LiveTotals>) {
+    fn publish_metrics(&self, live: &HashMap<Arc<str>, LiveTotals>) {
         let stats = self.seen_stats.unwrap_or_default();
         let (ring_pending, ring_size) = self.kernel.ring_fill().unwrap_or_default();
-        let mut services = BTreeMap::new();
-        for (index, service) in self.config.services.iter().enumerate() {
+        let mut services = std::collections::BTreeMap::new();
+        for service in &self.config.services {
             let settled = self
                 .settled_totals
                 .get(&service.name)
                 .copied()
                 .unwrap_or_default();
-            let l = live.get(&(index as u32));
-            let sum = |f: fn(&LiveTotals) -> u64| l.map_or(0, f);
+            let l = live.get(service.name.as_str()).copied().unwrap_or_default();
             services.insert(
                 service.name.clone(),
                 (
                     service.tariff.kind().to_owned(),
                     ServiceTotals {
-                        bytes_out: settled.bytes_out + sum(|t| t.bytes_out),
-                        bytes_in: settled.bytes_in + sum(|t| t.bytes_in),
-                        charged_minor: settled.charge_minor + sum(|t| t.charged_minor),
-                        sessions_live: sum(|t| t.sessions),
-                        sessions_settled: settled.sessions,
+                        bytes_out: settled.bytes_out + l.bytes_out,
+                        bytes_in: settled.bytes_in + l.bytes_in,
+                        charged_minor: settled.charge_minor + l.charged_minor,
+                        connections_live: l.connections,
+                        connections_closed: settled.connections,
+                        viewers_live: l.viewers,
+                        viewers_settled: settled.viewers,
                     },
                 ),
             );
@@ -488,7 +552,7 @@ impl Agent {
             ring_pending_bytes: ring_pending,
             ring_capacity_bytes: ring_size,
             limit_reached: self.limit_events,
-            attributions_pending: self.pending.len() as u64,
+            attributions_pending: self.core.pending_count() as u64,
             bpf_programs: self.kernel.program_stats(),
         };
         if let Ok(mut m) = self.metrics.lock() {
@@ -499,25 +563,32 @@ impl Agent {
     /// The report of `GET /v1/status`.
     fn status(&self) -> StatusReport {
         let now_ns = clock::boot_ns();
-        let live = self
-            .sessions
-            .live()
-            .map(|s| LiveSession {
-                session_id: self.sessions.id(s),
-                service: self
-                    .config
-                    .services
-                    .get(s.service as usize)
-                    .map_or_else(String::new, |svc| svc.name.clone()),
-                account: s.account(),
-                content: s.content().to_owned(),
-                protocol: s.protocol.as_str().to_owned(),
-                client: s.client().to_string(),
-                server: s.server().to_string(),
-                bytes_out: s.counts.bytes_out,
-                bytes_in: s.counts.bytes_in,
-                duration_ms: elapsed_ns(s.start_ns, now_ns) / 1_000_000,
-                accrued_minor: micro_to_decimal(s.accrual.charged_micro),
+        let sessions = self
+            .core
+            .viewers()
+            .map(|v| {
+                let (bytes_out, bytes_in) = self.core.totals(v);
+                let idle_ns = now_ns.saturating_sub(v.last_ns);
+                LiveSession {
+                    session_id: v.id.to_string(),
+                    service: v.service.name.to_string(),
+                    account: v.account(),
+                    content: v.content().to_owned(),
+                    client_addr: v.client_addr.to_string(),
+                    connections_open: v.open.len() as u64,
+                    connections: u64::from(v.connections),
+                    bytes_out,
+                    bytes_in,
+                    duration_ms: v.duration_ns() / 1_000_000,
+                    idle_ms: idle_ns / 1_000_000,
+                    state: if idle_ns >= 1_000_000_000 {
+                        "idle"
+                    } else {
+                        "playing"
+                    }
+                    .to_owned(),
+                    accrued_minor: micro_to_decimal(v.accrual.charged_micro),
+                }
             })
             .collect();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -531,122 +602,50 @@ impl Agent {
             loadavg1_per_cpu: self.load.loadavg1_per_cpu,
             cycles: self.persisted.cycles,
             overruns: self.persisted.overruns,
-            live,
+            connections_live: self.core.conns().count() as u64,
+            attributions_pending: self.core.pending_count() as u64,
+            sessions,
         }
     }
 
-    /// The patent's check processing: accounts that ran out.
-    fn check_limits(&mut self) -> Result<(), AgentError> {
-        for (account, spent_minor, limit_minor) in self.limits.check() {
-            let event = LimitReached {
-                event: "limit_reached",
-                account,
-                spent_minor,
-                limit_minor,
-                currency: self.config.billing.currency.clone(),
-            };
-            tracing::warn!(
-                account = %event.account,
-                spent_minor,
-                limit_minor,
-                "limit_reached"
-            );
-            let detail = serde_json::to_string(&event).unwrap_or_default();
-            self.ledger.record_event(
-                SystemTime::now(),
-                "limit_reached",
-                &event.account,
-                &detail,
-            )?;
-            hooks::fire(
-                &event,
-                self.config.billing.limit_hook.clone(),
-                self.config.billing.limit_webhook.as_deref(),
-            );
-        }
-        Ok(())
-    }
-
-    fn command(&mut self, command: Command) {
+    fn command(&mut self, command: Command) -> Result<(), AgentError> {
         match command {
             Command::Attribute {
                 conn,
                 attribution,
                 reply,
             } => {
-                let outcome = if self.sessions.attribute(conn, &attribution) {
-                    Outcome::Applied
-                } else {
-                    self.pending.add(conn, attribution, Instant::now());
-                    Outcome::Pending
-                };
+                let kernel = &self.kernel;
+                let outcome = self.core.attribute(
+                    conn,
+                    attribution,
+                    &mut |key| match key {
+                        ConnKey::Tcp(cookie) => kernel.live_counts(*cookie).ok().flatten(),
+                        ConnKey::Udp { key, .. } => {
+                            kernel.udp_flow(key).ok().flatten().map(|f| f.counts)
+                        }
+                    },
+                    clock::boot_ns(),
+                    Instant::now(),
+                );
+                // Committed before the answer: an applied attribution
+                // survives a crash.
+                let batch = self.core.take_batch();
+                if !batch.is_empty() {
+                    self.commit(&batch)?;
+                }
                 let _ = reply.send(outcome);
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
         }
-    }
-
-    /// Settles a session: the tariff applied to its total, minus what the
-    /// cycles charged, in the ledger; then the optional log.
-    fn settle(&mut self, mut settled: Settled) -> Result<(), AgentError> {
-        if settled.session.attribution.is_none() {
-            settled.session.attribution = self.pending.take_for(&settled.session).map(Box::new);
-        }
-        let s = &settled.session;
-        let Some(service) = self.config.services.get(s.service as usize) else {
-            tracing::error!(id = %settled.id, service = s.service, "session of an unknown service: not billed");
-            return Ok(());
-        };
-        let duration_ns = elapsed_ns(s.start_ns, settled.end_ns);
-        let quantity = service
-            .tariff
-            .quantity(s.counts.bytes_out, s.counts.bytes_in, duration_ns);
-        let amounts = billing::settle(&service.tariff, quantity, &s.accrual);
-        let account = s.account();
-        let record = session_record(
-            s,
-            &settled,
-            service.name.clone(),
-            &account,
-            duration_ns,
-            &amounts,
-            &self.config.billing.currency,
-        );
-        if !self.ledger.record_settlement(&record, SystemTime::now())? {
-            tracing::debug!(id = %settled.id, "already settled: ignored");
-            return Ok(());
-        }
-        self.limits.add(&account, amounts.adjustment_micro);
-        let totals = self.settled_totals.entry(service.name.clone()).or_default();
-        totals.sessions += 1;
-        totals.bytes_out += s.counts.bytes_out;
-        totals.bytes_in += s.counts.bytes_in;
-        totals.charge_minor += amounts.total_minor;
-        tracing::info!(
-            target: "meterd::settled",
-            id = %settled.id,
-            service = %service.name,
-            account = %account,
-            protocol = s.protocol.as_str(),
-            client = %s.client(),
-            server = %s.server(),
-            bytes_out = s.counts.bytes_out,
-            bytes_in = s.counts.bytes_in,
-            duration_ms = duration_ns / 1_000_000,
-            charge_minor = amounts.total_minor,
-            "session settled"
-        );
-        if let Some(log) = &mut self.log {
-            log.write(&settled, &service.name)?;
-        }
         Ok(())
     }
 
     /// Logs every kernel-side loss or overflow once, when it changes.
     fn report_stats(&self, stats: &[u64; meterd_common::STAT_SLOTS as usize]) {
-        let before = self.seen_stats.unwrap_or_default();
+        let before = self.seen_stats.unwrap_or(*stats);
         let grew = |s: Stat| stats[s as usize].saturating_sub(before[s as usize]);
         let n = grew(Stat::LiveFull);
         if n > 0 {
@@ -676,43 +675,13 @@ impl Agent {
                 "UDP flow map full: datagrams of new flows not counted"
             );
         }
-    }
-}
-
-fn session_record(
-    s: &Session,
-    settled: &Settled,
-    service: String,
-    account: &str,
-    duration_ns: u64,
-    amounts: &billing::Settlement,
-    currency: &str,
-) -> SessionRecord {
-    let started = if s.start_ns == 0 {
-        clock::wall_time(settled.end_ns)
-    } else {
-        clock::wall_time(s.start_ns)
-    };
-    SessionRecord {
-        session_id: settled.id.clone(),
-        service,
-        account: account.to_owned(),
-        content: s.content().to_owned(),
-        protocol: s.protocol.as_str().to_owned(),
-        client_addr: s.client().ip().to_string(),
-        client_port: s.client_port,
-        server_addr: s.server().ip().to_string(),
-        server_port: s.server_port,
-        started_at: rfc3339(started),
-        ended_at: rfc3339(clock::wall_time(settled.end_ns)),
-        bytes_out: s.counts.bytes_out,
-        bytes_in: s.counts.bytes_in,
-        duration_ms: duration_ns / 1_000_000,
-        charge_minor: amounts.total_minor,
-        currency: currency.to_owned(),
-        cycles_micro: amounts.cycles_micro,
-        adjustment_micro: amounts.adjustment_micro,
-        flags: settled.flags,
+        let n = grew(Stat::GapRingFull);
+        if n > 0 {
+            tracing::warn!(
+                gaps = n,
+                "gap records did not fit the ring buffer: TCP retries at the next packet, a UDP flow's session spans the gap"
+            );
+        }
     }
 }
 
@@ -750,15 +719,6 @@ pub fn lock_instance(pin_dir: &std::path::Path) -> Result<std::fs::File, AgentEr
         .map_err(io(format!("writing {}", path.display())))?;
     write!(file, "{}", std::process::id()).map_err(io(format!("writing {}", path.display())))?;
     Ok(file)
-}
-
-/// Connection time so far; 0 when the start is unknown (`CONN_UNTRACKED`).
-fn elapsed_ns(start_ns: u64, now_ns: u64) -> u64 {
-    if start_ns == 0 {
-        0
-    } else {
-        now_ns.saturating_sub(start_ns)
-    }
 }
 
 fn duration_ns(d: Duration) -> u64 {

@@ -20,9 +20,10 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     routing::post,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
+pub use crate::core::Outcome;
 use crate::{
     attribution::{Attribution, ConnectionRef},
     config::Config,
@@ -41,16 +42,6 @@ pub enum Command {
     Status {
         reply: oneshot::Sender<crate::status::StatusReport>,
     },
-}
-
-/// What became of an attribution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The connection is live and now billed to the account.
-    Applied,
-    /// Not seen yet: applied when it shows up (within `api.pending_ttl`).
-    Pending,
 }
 
 /// Body of `POST /v1/attribute`: a cookie, or the client address and port
@@ -185,10 +176,24 @@ async fn attribute(
     let conn = request
         .connection()
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))?;
-    if request.account.trim().is_empty() || request.account.len() > 256 {
+    let printable = |s: &str| !s.chars().any(char::is_control);
+    if request.account.trim().is_empty()
+        || request.account.len() > 256
+        || !printable(&request.account)
+    {
         return Err((
             StatusCode::BAD_REQUEST,
-            "account must be 1 to 256 characters\n".into(),
+            "account must be 1 to 256 bytes, without control characters\n".into(),
+        ));
+    }
+    if request
+        .content
+        .as_deref()
+        .is_some_and(|c| c.len() > 256 || !printable(c))
+    {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "content must be at most 256 bytes, without control characters\n".into(),
         ));
     }
     let (reply, outcome) = oneshot::channel();
@@ -212,5 +217,11 @@ async fn attribute(
         .await
         .map_err(|_| unavailable())?;
     let outcome = outcome.await.map_err(|_| unavailable())?;
+    if outcome == Outcome::Refused {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many attributions are waiting for their connection; try again\n".into(),
+        ));
+    }
     Ok(Json(serde_json::json!({ "status": outcome })))
 }

@@ -2,17 +2,15 @@
 //! streaming server tells meterd through the API (patent step S6).
 //!
 //! Owns the attributions that arrived before the agent saw their
-//! connection: kept for `api.pending_ttl`, applied when the session appears
-//! in a read or is settled. A session without one is billed to its client
-//! address.
+//! connection: kept for `api.pending_ttl` (and at most a bounded number),
+//! applied when the connection appears in a read or a record. A connection
+//! without one is billed to its client address.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     time::{Duration, Instant},
 };
-
-use crate::sessions::Session;
 
 /// Who a connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -34,44 +32,62 @@ pub enum ConnectionRef {
     },
 }
 
-impl ConnectionRef {
-    /// Whether `session` is the connection named.
-    pub fn matches(&self, session: &Session) -> bool {
-        match *self {
-            Self::Cookie(c) => session.cookie == c && c != 0,
-            Self::Tuple {
-                client,
-                server_port,
-            } => session.client() == client && session.server_port == server_port,
-        }
-    }
-}
-
-/// Attributions waiting for their connection.
-#[derive(Debug, Default)]
+/// Attributions waiting for their connection, at most `capacity` of them.
+#[derive(Debug)]
 pub struct Pending {
     waiting: HashMap<ConnectionRef, (Attribution, Instant)>,
+    capacity: usize,
 }
 
+impl Default for Pending {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_CAPACITY)
+    }
+}
+
+/// Pending attributions kept at most by default: far more than a busy
+/// host has connections being set up at once.
+pub const DEFAULT_CAPACITY: usize = 65_536;
+
 impl Pending {
-    /// Keeps an attribution until its connection shows up.
-    pub fn add(&mut self, conn: ConnectionRef, attribution: Attribution, now: Instant) {
-        self.waiting.insert(conn, (attribution, now));
+    /// An empty table that keeps at most `capacity` attributions.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            waiting: HashMap::new(),
+            capacity,
+        }
     }
 
-    /// Takes the attribution waiting for `session`, if any.
-    pub fn take_for(&mut self, session: &Session) -> Option<Attribution> {
+    /// Keeps an attribution until its connection shows up; false (and
+    /// nothing kept) when `capacity` are already waiting.
+    pub fn add(&mut self, conn: ConnectionRef, attribution: Attribution, now: Instant) -> bool {
+        let conn = canonical(conn);
+        if self.waiting.len() >= self.capacity && !self.waiting.contains_key(&conn) {
+            return false;
+        }
+        self.waiting.insert(conn, (attribution, now));
+        true
+    }
+
+    /// Takes the attribution waiting for the connection with this cookie
+    /// (if TCP), client and server port.
+    pub fn take(
+        &mut self,
+        cookie: Option<u64>,
+        client: SocketAddr,
+        server_port: u16,
+    ) -> Option<Attribution> {
         if self.waiting.is_empty() {
             return None;
         }
-        let by_cookie = ConnectionRef::Cookie(session.cookie);
-        let by_tuple = ConnectionRef::Tuple {
-            client: session.client(),
-            server_port: session.server_port,
-        };
-        self.waiting
-            .remove(&by_cookie)
-            .or_else(|| self.waiting.remove(&by_tuple))
+        cookie
+            .and_then(|c| self.waiting.remove(&ConnectionRef::Cookie(c)))
+            .or_else(|| {
+                self.waiting.remove(&canonical(ConnectionRef::Tuple {
+                    client,
+                    server_port,
+                }))
+            })
             .map(|(a, _)| a)
     }
 
@@ -80,6 +96,10 @@ impl Pending {
         let before = self.waiting.len();
         self.waiting
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+        if self.waiting.capacity() > 4 * self.waiting.len().max(1024) {
+            // Give memory back after a burst.
+            self.waiting.shrink_to_fit();
+        }
         before - self.waiting.len()
     }
 
@@ -91,5 +111,19 @@ impl Pending {
     /// Whether none is waiting.
     pub fn is_empty(&self) -> bool {
         self.waiting.is_empty()
+    }
+}
+
+/// IPv4-mapped client addresses match IPv4 connections.
+fn canonical(conn: ConnectionRef) -> ConnectionRef {
+    match conn {
+        ConnectionRef::Tuple {
+            client,
+            server_port,
+        } => ConnectionRef::Tuple {
+            client: SocketAddr::new(client.ip().to_canonical(), client.port()),
+            server_port,
+        },
+        c @ ConnectionRef::Cookie(_) => c,
     }
 }

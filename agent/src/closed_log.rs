@@ -1,10 +1,11 @@
-//! A JSON-lines record of every settled session (`--closed-log`): the plain
-//! seam the billing ledger builds on, and what the end-to-end tests compare
-//! against the applications' own byte counts.
+//! A JSON-lines record of every closed connection (`--closed-log`), with
+//! its exact kernel totals: what the end-to-end tests compare against the
+//! applications' own byte counts.
 //!
-//! Each session is written once. A record is written before the ring-buffer
-//! slot it came from is released, so a crash can at worst re-deliver it; the
-//! ids found at the end of the file on start are skipped.
+//! Each connection is written once. A record is written after its ledger
+//! commit and before the ring-buffer slot it came from is released, so a
+//! crash can at worst re-deliver it; the agent then writes it only if the
+//! ids found at the end of the file on start do not have it.
 
 use std::{
     collections::HashSet,
@@ -13,9 +14,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::os::unix::fs::OpenOptionsExt as _;
+
 use serde::Serialize;
 
-use crate::sessions::{Protocol, Settled};
+use crate::core::{ClosedConn, Protocol};
 
 /// How far back from the end of the log ids are re-read on start: far more
 /// than the records in flight at a crash.
@@ -36,6 +39,8 @@ pub struct Record<'a> {
     pub bytes_in: u64,
     pub start_ns: u64,
     pub end_ns: u64,
+    /// Boot ns of the last payload.
+    pub last_ns: u64,
     pub flags: u32,
 }
 
@@ -65,6 +70,7 @@ impl ClosedLog {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .map_err(err)?;
         Ok((
@@ -76,24 +82,24 @@ impl ClosedLog {
         ))
     }
 
-    /// Appends one settled session and hands it to the kernel (write(2)):
+    /// Appends one closed connection and hands it to the kernel (write(2)):
     /// from then on a kill of the agent cannot lose it.
-    pub fn write(&mut self, settled: &Settled, service: &str) -> Result<(), ClosedLogError> {
-        let s = &settled.session;
+    pub fn write(&mut self, c: &ClosedConn) -> Result<(), ClosedLogError> {
         let record = Record {
-            id: &settled.id,
-            cookie: s.cookie,
-            protocol: s.protocol,
-            service,
-            client_addr: s.client().ip().to_string(),
-            client_port: s.client_port,
-            server_addr: s.server().ip().to_string(),
-            server_port: s.server_port,
-            bytes_out: s.counts.bytes_out,
-            bytes_in: s.counts.bytes_in,
-            start_ns: s.start_ns,
-            end_ns: settled.end_ns,
-            flags: settled.flags,
+            id: &c.id,
+            cookie: c.cookie,
+            protocol: c.peer.protocol,
+            service: &c.service,
+            client_addr: c.peer.client().ip().to_string(),
+            client_port: c.peer.client_port,
+            server_addr: c.peer.server().ip().to_string(),
+            server_port: c.peer.server_port,
+            bytes_out: c.counts.bytes_out,
+            bytes_in: c.counts.bytes_in,
+            start_ns: c.start_ns,
+            end_ns: c.end_ns,
+            last_ns: c.counts.last_ns,
+            flags: c.flags,
         };
         let err = |source| ClosedLogError {
             path: self.path.clone(),

@@ -60,6 +60,9 @@ pub struct ApiConfig {
     /// How long an attribution for a connection not seen yet is kept.
     #[serde(with = "duration_str")]
     pub pending_ttl: Duration,
+    /// At most this many attributions wait for their connection; more are
+    /// refused (HTTP 503) and counted.
+    pub max_pending: usize,
 }
 
 impl Default for ApiConfig {
@@ -69,6 +72,7 @@ impl Default for ApiConfig {
             listen: None,
             token: None,
             pending_ttl: Duration::from_secs(60),
+            max_pending: crate::attribution::DEFAULT_CAPACITY,
         }
     }
 }
@@ -196,8 +200,16 @@ pub struct ServiceConfig {
     /// UDP ports of the service (QUIC, RTP, SRT).
     #[serde(default)]
     pub udp_ports: Vec<u16>,
+    /// A viewing session ends when none of its connections moved a payload
+    /// byte for this long; later bytes start a new session.
+    #[serde(with = "duration_str", default = "default_session_idle")]
+    pub session_idle: Duration,
     /// How its sessions are charged.
     pub tariff: Tariff,
+}
+
+fn default_session_idle() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// What can be wrong with a config file.
@@ -233,6 +245,14 @@ pub enum ConfigError {
         first: String,
         second: String,
     },
+    #[error(
+        "config: service {name:?}: session_idle = {value:?} must be between 1s and 24h (e.g. \"30s\")"
+    )]
+    SessionIdle { name: String, value: Duration },
+    #[error("config: api.max_pending must be between 1 and 10000000, not {0}")]
+    MaxPending(usize),
+    #[error("config: more than {max} services: at most {max} are supported")]
+    TooManyServices { max: u32 },
     #[error("config: service {name:?}: tariff: {source}")]
     Tariff { name: String, source: TariffError },
     #[error("config: agent.{field} = {value:?} must be between {min:?} and {max:?}")]
@@ -341,6 +361,18 @@ impl Config {
         if self.services.is_empty() {
             return Err(ConfigError::NoService);
         }
+        if self.services.len() > meterd_common::SERVICE_SLOTS as usize {
+            return Err(ConfigError::TooManyServices {
+                max: meterd_common::SERVICE_SLOTS,
+            });
+        }
+        if !(1..=10_000_000).contains(&self.api.max_pending) {
+            return Err(ConfigError::MaxPending(self.api.max_pending));
+        }
+        self.validate_services()
+    }
+
+    fn validate_services(&self) -> Result<(), ConfigError> {
         let mut names = std::collections::HashSet::new();
         let mut tcp: HashMap<u16, &str> = HashMap::new();
         let mut udp: HashMap<u16, &str> = HashMap::new();
@@ -351,6 +383,13 @@ impl Config {
             if !names.insert(s.name.as_str()) {
                 return Err(ConfigError::DuplicateName {
                     name: s.name.clone(),
+                });
+            }
+            if s.session_idle < Duration::from_secs(1) || s.session_idle > Duration::from_hours(24)
+            {
+                return Err(ConfigError::SessionIdle {
+                    name: s.name.clone(),
+                    value: s.session_idle,
                 });
             }
             if s.tcp_ports.is_empty() && s.udp_ports.is_empty() {

@@ -1,19 +1,23 @@
 //! The durable ledger: an embedded SQLite database (WAL mode, file mode
-//! 0600) holding every charge, every settled session, and the accruals of
-//! open sessions.
+//! 0600) holding every viewing session (open ones with their accruals,
+//! settled ones with their charge), every connection segment that fed them
+//! (open ones for a restart, ended ones for audit and disputes), every
+//! charge and every event.
 //!
-//! Owns persistence and export. Idempotency is in the keys: a cycle charge is
-//! `<session id>:<seq>`, a settlement `<session id>:settle`, and a session
-//! id carries the boot id and the socket cookie. A cycle's charges and the
-//! open sessions' accruals are written in one transaction, so after a crash
-//! the agent resumes from the last committed cycle: nothing charged twice,
-//! nothing lost. A re-delivered close record finds its settlement already
-//! there and is ignored.
+//! Owns persistence and export. Everything the billing core stages for one
+//! step is written in one transaction ([`Ledger::commit`]), and only a
+//! successful commit yields the [`Committed`] proof that lets the kernel
+//! side release a ring record. Idempotency is in the keys: a session id is
+//! derived from the kernel identity of the segment that opened it, a cycle
+//! charge is `<session id>:<seq>`, a settlement `<session id>:settle`, and
+//! rows are only ever moved forward from `open`. After a crash the agent
+//! resumes from the last commit: nothing charged twice, nothing lost.
 
 use std::{
     collections::HashMap,
     fs,
     io::Write,
+    net::SocketAddr,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -22,7 +26,12 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _, params};
 use serde::Serialize;
 
-use crate::billing::Accrual;
+use crate::{
+    billing::Accrual,
+    clock,
+    core::{Batch, Protocol, SegmentRow, ViewerRow},
+    tariff::Tariff,
+};
 
 /// Why the ledger failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,22 +56,41 @@ pub enum LedgerError {
     },
 }
 
-/// One cycle charge to record.
-#[derive(Debug, Clone)]
-pub struct ChargeRow<'a> {
-    pub session_id: &'a str,
-    pub seq: u64,
-    pub service: &'a str,
-    pub account: &'a str,
-    pub units: u64,
-    pub amount_micro: u64,
-    /// The session's accrual after this charge.
-    pub accrual: Accrual,
-}
+/// Proof that a batch is in the ledger for good. Only [`Ledger::commit`]
+/// makes one, and releasing a kernel record takes one: a record cannot be
+/// released before what it carries is committed.
+#[derive(Debug)]
+pub struct Committed(());
 
-/// A settled session, as the ledger keeps and exports it.
+/// A settled viewing session, as `meterd ledger export` writes it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SessionRecord {
+    pub session_id: String,
+    pub service: String,
+    pub account: String,
+    pub content: String,
+    pub client_addr: String,
+    /// RFC 3339 UTC.
+    pub started_at: String,
+    /// RFC 3339 UTC: `started_at` plus the billed watching time.
+    pub ended_at: String,
+    /// Billed watching time: first payload to last.
+    pub duration_ms: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    /// Connection segments it had.
+    pub connections: u64,
+    pub charge_minor: u64,
+    pub currency: String,
+}
+
+/// One ended connection segment, as `meterd ledger export --connections`
+/// writes it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConnectionRecord {
+    /// The connection's id, `/<n>` after its first segment.
+    pub connection_id: String,
+    /// The viewing session it fed; empty if it never moved a payload byte.
     pub session_id: String,
     pub service: String,
     pub account: String,
@@ -74,31 +102,24 @@ pub struct SessionRecord {
     pub server_port: u16,
     /// RFC 3339 UTC.
     pub started_at: String,
-    /// RFC 3339 UTC.
+    /// RFC 3339 UTC: the close, or the last payload before a gap.
     pub ended_at: String,
     pub bytes_out: u64,
     pub bytes_in: u64,
     pub duration_ms: u64,
-    pub charge_minor: u64,
-    pub currency: String,
-    /// What the cycles charged, in millionths of a minor unit.
-    #[serde(skip)]
-    pub cycles_micro: u64,
-    /// The settlement's own amount (total minus cycles), in millionths.
-    #[serde(skip)]
-    pub adjustment_micro: i64,
-    /// Kernel `CONN_*` flags.
-    #[serde(skip)]
-    pub flags: u32,
 }
 
-/// What the ledger holds of one service's settled sessions.
+/// What the ledger holds of one service, for metrics that continue across
+/// restarts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SettledTotals {
-    pub sessions: u64,
+    /// Settled viewing sessions and their charges.
+    pub viewers: u64,
+    pub charge_minor: u64,
+    /// Closed connections, and the bytes of every ended segment.
+    pub connections: u64,
     pub bytes_out: u64,
     pub bytes_in: u64,
-    pub charge_minor: u64,
 }
 
 /// Export formats of `meterd ledger export`.
@@ -112,6 +133,7 @@ pub enum ExportFormat {
 pub struct Ledger {
     path: PathBuf,
     conn: Connection,
+    currency: String,
 }
 
 const SCHEMA: &str = "
@@ -128,36 +150,67 @@ CREATE TABLE IF NOT EXISTS charges (
     amount_micro INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS charges_account ON charges (account);
--- What the cycles charged sessions still open; gone at settlement.
-CREATE TABLE IF NOT EXISTS open_sessions (
+-- Viewing sessions: open ones with their accrual (a restart resumes them),
+-- settled ones with their charge. first_ns/last_ns are kernel boot-time ns.
+CREATE TABLE IF NOT EXISTS viewer_sessions (
     session_id TEXT PRIMARY KEY,
-    units INTEGER NOT NULL,
-    charged_micro INTEGER NOT NULL,
-    seq INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('open', 'settled')),
     service TEXT NOT NULL,
+    tariff TEXT NOT NULL,
     account TEXT NOT NULL,
     content TEXT NOT NULL,
+    attributed INTEGER NOT NULL,
+    client_addr TEXT NOT NULL,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
+    bytes_out INTEGER NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    connections INTEGER NOT NULL,
+    units INTEGER NOT NULL,
+    charged_micro INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    duration_ms INTEGER,
+    charge_minor INTEGER,
+    currency TEXT NOT NULL,
+    cycles_micro INTEGER,
+    adjustment_micro INTEGER
+);
+CREATE INDEX IF NOT EXISTS viewer_sessions_open ON viewer_sessions (state) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS viewer_sessions_ended ON viewer_sessions (ended_ms);
+-- Connection segments: the part of a connection's bytes that fed one
+-- session. Open ones are picked up by a restart; ended ones are the audit
+-- trail of what each session was made of.
+CREATE TABLE IF NOT EXISTS connections (
+    connection_id TEXT PRIMARY KEY,
+    conn_id TEXT NOT NULL,
+    seg INTEGER NOT NULL,
+    session_id TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'ended')),
+    closes_conn INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    account TEXT,
+    content TEXT,
     protocol TEXT NOT NULL,
     client_addr TEXT NOT NULL,
     client_port INTEGER NOT NULL,
     server_addr TEXT NOT NULL,
     server_port INTEGER NOT NULL,
-    started_at TEXT NOT NULL,
-    ended_at TEXT NOT NULL,
-    ended_ms INTEGER NOT NULL,
-    bytes_out INTEGER NOT NULL,
-    bytes_in INTEGER NOT NULL,
-    duration_ms INTEGER NOT NULL,
-    charge_minor INTEGER NOT NULL,
-    currency TEXT NOT NULL,
-    cycles_micro INTEGER NOT NULL,
-    adjustment_micro INTEGER NOT NULL,
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    base_out INTEGER NOT NULL,
+    base_in INTEGER NOT NULL,
+    counts_out INTEGER NOT NULL,
+    counts_in INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
     flags INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS sessions_ended ON sessions (ended_ms);
+CREATE INDEX IF NOT EXISTS connections_conn ON connections (conn_id);
+CREATE INDEX IF NOT EXISTS connections_open ON connections (state) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS connections_ended ON connections (ended_ms);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms INTEGER NOT NULL,
@@ -177,12 +230,21 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+fn rfc3339_ms(unix_ms: i64) -> String {
+    rfc3339(UNIX_EPOCH + Duration::from_millis(u64::try_from(unix_ms).unwrap_or(0)))
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// Wall-clock ms of a kernel boot-time timestamp.
+fn wall_ms(boot_ns: u64) -> i64 {
+    ms(clock::wall_time(boot_ns))
 }
 
 impl Ledger {
@@ -210,6 +272,7 @@ impl Ledger {
         let ledger = Self {
             path: path.to_owned(),
             conn,
+            currency: currency.to_owned(),
         };
         ledger.init(currency)?;
         Ok(ledger)
@@ -218,20 +281,17 @@ impl Ledger {
     /// Opens an existing ledger read-only (export, status), next to a
     /// running agent.
     pub fn open_read_only(path: &Path) -> Result<Self, LedgerError> {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
-            |source| LedgerError::Sqlite {
-                path: path.to_owned(),
-                source,
-            },
-        )?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(|source| LedgerError::Sqlite {
-                path: path.to_owned(),
-                source,
-            })?;
+        let err = |source| LedgerError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         Ok(Self {
             path: path.to_owned(),
             conn,
+            currency: String::new(),
         })
     }
 
@@ -279,161 +339,136 @@ impl Ledger {
         }
     }
 
-    /// The accruals of sessions still open at the last committed cycle.
-    pub fn open_accruals(&self) -> Result<HashMap<String, Accrual>, LedgerError> {
+    /// The open viewing sessions and open connection segments, for a
+    /// restarted agent.
+    pub fn load_open(&self) -> Result<(Vec<ViewerRow>, Vec<SegmentRow>), LedgerError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT session_id, units, charged_micro, seq FROM open_sessions")
+            .prepare(
+                "SELECT session_id, service, tariff, account, content, attributed, client_addr,
+                 first_ns, last_ns, bytes_out, bytes_in, connections, units, charged_micro, seq,
+                 started_ms FROM viewer_sessions WHERE state = 'open'",
+            )
             .map_err(self.err())?;
-        let rows = stmt
+        let viewers = stmt
             .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    Accrual {
-                        units: to_u64(r.get(1)?),
-                        charged_micro: to_u64(r.get(2)?),
-                        seq: to_u64(r.get(3)?),
+                let tariff: String = r.get(2)?;
+                Ok(ViewerRow {
+                    id: r.get(0)?,
+                    service: r.get(1)?,
+                    tariff: serde_json::from_str::<Tariff>(&tariff).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            2,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
+                    })?,
+                    account: r.get(3)?,
+                    content: r.get(4)?,
+                    attributed: r.get(5)?,
+                    client_addr: r.get(6)?,
+                    first_ns: to_u64(r.get(7)?),
+                    last_ns: to_u64(r.get(8)?),
+                    bytes_out: to_u64(r.get(9)?),
+                    bytes_in: to_u64(r.get(10)?),
+                    connections: r.get(11)?,
+                    accrual: Accrual {
+                        units: to_u64(r.get(12)?),
+                        charged_micro: to_u64(r.get(13)?),
+                        seq: to_u64(r.get(14)?),
                     },
-                ))
+                    started_ms: Some(r.get(15)?),
+                })
             })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
             .map_err(self.err())?;
-        rows.collect::<Result<_, _>>().map_err(self.err())
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT connection_id, conn_id, seg, session_id, service, account, content,
+                 protocol, client_addr, client_port, server_addr, server_port, start_ns, last_ns,
+                 base_out, base_in, counts_out, counts_in, flags
+                 FROM connections WHERE state = 'open'",
+            )
+            .map_err(self.err())?;
+        let segments = stmt
+            .query_map([], |r| {
+                let ip = |i: usize| -> rusqlite::Result<std::net::IpAddr> {
+                    let text: String = r.get(i)?;
+                    text.parse().map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            i,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
+                    })
+                };
+                let protocol: String = r.get(7)?;
+                Ok(SegmentRow {
+                    id: r.get(0)?,
+                    conn_id: r.get(1)?,
+                    n: r.get(2)?,
+                    session_id: r.get(3)?,
+                    open: true,
+                    service: r.get(4)?,
+                    account: r.get(5)?,
+                    content: r.get(6)?,
+                    protocol: if protocol == "udp" {
+                        Protocol::Udp
+                    } else {
+                        Protocol::Tcp
+                    },
+                    client: SocketAddr::new(ip(8)?, r.get(9)?),
+                    server: SocketAddr::new(ip(10)?, r.get(11)?),
+                    start_ns: to_u64(r.get(12)?),
+                    end_ns: 0,
+                    base: meterd_common::Counts {
+                        bytes_out: to_u64(r.get(14)?),
+                        bytes_in: to_u64(r.get(15)?),
+                        last_ns: 0,
+                    },
+                    counts: meterd_common::Counts {
+                        bytes_out: to_u64(r.get(16)?),
+                        bytes_in: to_u64(r.get(17)?),
+                        last_ns: to_u64(r.get(13)?),
+                    },
+                    flags: r.get(18)?,
+                    closes_conn: false,
+                })
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        Ok((viewers, segments))
     }
 
-    /// Records one cycle's charges and the accruals behind them, atomically.
-    pub fn record_cycle(
-        &mut self,
-        at: SystemTime,
-        charges: &[ChargeRow<'_>],
-    ) -> Result<(), LedgerError> {
-        if charges.is_empty() {
-            return Ok(());
-        }
+    /// Writes everything in `batch` in one transaction.
+    pub fn commit(&mut self, batch: &Batch) -> Result<Committed, LedgerError> {
         let path = self.path.clone();
         let err = |source| LedgerError::Sqlite {
             path: path.clone(),
             source,
         };
+        let at = ms(SystemTime::now());
         let tx = self.conn.transaction().map_err(err)?;
-        {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO charges (id, session_id, kind, service, account, at_ms, units, amount_micro)
-                     VALUES (?1, ?2, 'cycle', ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(err)?;
-            let mut accrue = tx
-                .prepare_cached(
-                    "INSERT INTO open_sessions (session_id, units, charged_micro, seq) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (session_id) DO UPDATE SET units = ?2, charged_micro = ?3, seq = ?4",
-                )
-                .map_err(err)?;
-            let at = ms(at);
-            for c in charges {
-                insert
-                    .execute(params![
-                        format!("{}:{}", c.session_id, c.seq),
-                        c.session_id,
-                        c.service,
-                        c.account,
-                        at,
-                        to_i64(c.units),
-                        to_i64(c.amount_micro),
-                    ])
-                    .map_err(err)?;
-                accrue
-                    .execute(params![
-                        c.session_id,
-                        to_i64(c.accrual.units),
-                        to_i64(c.accrual.charged_micro),
-                        to_i64(c.accrual.seq),
-                    ])
-                    .map_err(err)?;
-            }
-        }
-        tx.commit().map_err(err)
-    }
-
-    /// Records a settled session, its settlement charge, and closes its
-    /// accrual, atomically. Returns false if it was settled before (a
-    /// re-delivered close record): nothing is written then.
-    pub fn record_settlement(
-        &mut self,
-        s: &SessionRecord,
-        at: SystemTime,
-    ) -> Result<bool, LedgerError> {
-        let path = self.path.clone();
-        let err = |source| LedgerError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.transaction().map_err(err)?;
-        let inserted = tx
-            .prepare_cached(
-                "INSERT OR IGNORE INTO sessions (session_id, service, account, content, protocol, client_addr,
-                 client_port, server_addr, server_port, started_at, ended_at, ended_ms, bytes_out, bytes_in,
-                 duration_ms, charge_minor, currency, cycles_micro, adjustment_micro, flags)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
-            )
-            .map_err(err)?
-            .execute(params![
-                s.session_id,
-                s.service,
-                s.account,
-                s.content,
-                s.protocol,
-                s.client_addr,
-                s.client_port,
-                s.server_addr,
-                s.server_port,
-                s.started_at,
-                s.ended_at,
-                ms(at),
-                to_i64(s.bytes_out),
-                to_i64(s.bytes_in),
-                to_i64(s.duration_ms),
-                to_i64(s.charge_minor),
-                s.currency,
-                to_i64(s.cycles_micro),
-                s.adjustment_micro,
-                s.flags,
-            ])
-            .map_err(err)?
-            == 1;
-        if inserted {
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO charges (id, session_id, kind, service, account, at_ms, units, amount_micro)
-                 VALUES (?1, ?2, 'settlement', ?3, ?4, ?5, 0, ?6)",
-            )
-            .map_err(err)?
-            .execute(params![
-                format!("{}:settle", s.session_id),
-                s.session_id,
-                s.service,
-                s.account,
-                ms(at),
-                s.adjustment_micro,
-            ])
-            .map_err(err)?;
-            tx.prepare_cached("DELETE FROM open_sessions WHERE session_id = ?1")
-                .map_err(err)?
-                .execute([&s.session_id])
-                .map_err(err)?;
-        }
+        write_viewers(&tx, batch, &self.currency).map_err(err)?;
+        write_charges(&tx, batch, at).map_err(err)?;
+        write_segments(&tx, batch).map_err(err)?;
+        write_events(&tx, batch, at, &self.currency).map_err(err)?;
         tx.commit().map_err(err)?;
-        Ok(inserted)
+        Ok(Committed(()))
     }
 
-    /// Whether a session id has been settled.
-    pub fn is_settled(&self, session_id: &str) -> Result<bool, LedgerError> {
+    /// Proof that the connection `conn_id`'s close is committed, if it is:
+    /// a record for it re-delivered after a crash is billed already.
+    pub fn connection_committed(&self, conn_id: &str) -> Result<Option<Committed>, LedgerError> {
         self.conn
-            .query_row(
-                "SELECT 1 FROM sessions WHERE session_id = ?1",
-                [session_id],
-                |_| Ok(()),
+            .prepare_cached(
+                "SELECT 1 FROM connections WHERE conn_id = ?1 AND closes_conn = 1 LIMIT 1",
             )
-            .optional()
-            .map(|r| r.is_some())
+            .and_then(|mut s| s.query_row([conn_id], |_| Ok(())).optional())
+            .map(|r| r.map(|()| Committed(())))
             .map_err(self.err())
     }
 
@@ -450,23 +485,6 @@ impl Ledger {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
-    /// Appends an event (e.g. `limit_reached`).
-    pub fn record_event(
-        &self,
-        at: SystemTime,
-        kind: &str,
-        account: &str,
-        detail: &str,
-    ) -> Result<(), LedgerError> {
-        self.conn
-            .execute(
-                "INSERT INTO events (at_ms, kind, account, detail) VALUES (?1, ?2, ?3, ?4)",
-                params![ms(at), kind, account, detail],
-            )
-            .map_err(self.err())?;
-        Ok(())
-    }
-
     /// Accounts with a recorded event of `kind`.
     pub fn accounts_with_event(&self, kind: &str) -> Result<Vec<String>, LedgerError> {
         let mut stmt = self
@@ -477,15 +495,15 @@ impl Ledger {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
-    /// Settled sessions ended at or after `since`, oldest first.
+    /// Settled viewing sessions ended at or after `since`, oldest first.
     pub fn sessions(&self, since: Option<SystemTime>) -> Result<Vec<SessionRecord>, LedgerError> {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT session_id, service, account, content, protocol, client_addr, client_port, server_addr,
-                 server_port, started_at, ended_at, bytes_out, bytes_in, duration_ms, charge_minor, currency,
-                 cycles_micro, adjustment_micro, flags
-                 FROM sessions WHERE ended_ms >= ?1 ORDER BY ended_ms, session_id",
+                "SELECT session_id, service, account, content, client_addr, started_ms, ended_ms,
+                 duration_ms, bytes_out, bytes_in, connections, charge_minor, currency
+                 FROM viewer_sessions WHERE state = 'settled' AND ended_ms >= ?1
+                 ORDER BY ended_ms, session_id",
             )
             .map_err(self.err())?;
         let rows = stmt
@@ -495,51 +513,115 @@ impl Ledger {
                     service: r.get(1)?,
                     account: r.get(2)?,
                     content: r.get(3)?,
-                    protocol: r.get(4)?,
-                    client_addr: r.get(5)?,
-                    client_port: r.get(6)?,
-                    server_addr: r.get(7)?,
-                    server_port: r.get(8)?,
-                    started_at: r.get(9)?,
-                    ended_at: r.get(10)?,
-                    bytes_out: to_u64(r.get(11)?),
-                    bytes_in: to_u64(r.get(12)?),
-                    duration_ms: to_u64(r.get(13)?),
-                    charge_minor: to_u64(r.get(14)?),
-                    currency: r.get(15)?,
-                    cycles_micro: to_u64(r.get(16)?),
-                    adjustment_micro: r.get(17)?,
-                    flags: r.get(18)?,
+                    client_addr: r.get(4)?,
+                    started_at: rfc3339_ms(r.get(5)?),
+                    ended_at: rfc3339_ms(r.get(6)?),
+                    duration_ms: to_u64(r.get(7)?),
+                    bytes_out: to_u64(r.get(8)?),
+                    bytes_in: to_u64(r.get(9)?),
+                    connections: to_u64(r.get(10)?),
+                    charge_minor: to_u64(r.get(11)?),
+                    currency: r.get(12)?,
                 })
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
-    /// Per service: settled sessions, their bytes out and in, and their
-    /// charges in minor units. Metrics start from these after a restart.
-    pub fn service_totals(&self) -> Result<HashMap<String, SettledTotals>, LedgerError> {
+    /// Ended connection segments ended at or after `since`, oldest first.
+    pub fn connections(
+        &self,
+        since: Option<SystemTime>,
+    ) -> Result<Vec<ConnectionRecord>, LedgerError> {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT service, COUNT(*), COALESCE(SUM(bytes_out), 0), COALESCE(SUM(bytes_in), 0),
-                 COALESCE(SUM(charge_minor), 0) FROM sessions GROUP BY service",
+                "SELECT c.connection_id, c.session_id, c.service,
+                 COALESCE(c.account, v.account, c.client_addr), COALESCE(c.content, v.content, ''),
+                 c.protocol, c.client_addr, c.client_port, c.server_addr, c.server_port,
+                 c.started_ms, c.ended_ms, c.counts_out - c.base_out, c.counts_in - c.base_in,
+                 (c.end_ns - c.start_ns) / 1000000
+                 FROM connections c LEFT JOIN viewer_sessions v ON v.session_id = c.session_id
+                 WHERE c.state = 'ended' AND c.ended_ms >= ?1 ORDER BY c.ended_ms, c.connection_id",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([since.map_or(0, ms)], |r| {
+                Ok(ConnectionRecord {
+                    connection_id: r.get(0)?,
+                    session_id: r.get(1)?,
+                    service: r.get(2)?,
+                    account: r.get(3)?,
+                    content: r.get(4)?,
+                    protocol: r.get(5)?,
+                    client_addr: r.get(6)?,
+                    client_port: r.get(7)?,
+                    server_addr: r.get(8)?,
+                    server_port: r.get(9)?,
+                    started_at: rfc3339_ms(r.get(10)?),
+                    ended_at: rfc3339_ms(r.get(11)?),
+                    bytes_out: to_u64(r.get(12)?),
+                    bytes_in: to_u64(r.get(13)?),
+                    duration_ms: to_u64(r.get(14)?),
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Per service: settled sessions and their charges, closed connections
+    /// and the bytes of every ended segment. Metrics start from these
+    /// after a restart.
+    pub fn service_totals(&self) -> Result<HashMap<String, SettledTotals>, LedgerError> {
+        let mut totals: HashMap<String, SettledTotals> = HashMap::new();
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT service, COUNT(*), COALESCE(SUM(charge_minor), 0) FROM viewer_sessions
+                 WHERE state = 'settled' GROUP BY service",
             )
             .map_err(self.err())?;
         let rows = stmt
             .query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
-                    SettledTotals {
-                        sessions: to_u64(r.get(1)?),
-                        bytes_out: to_u64(r.get(2)?),
-                        bytes_in: to_u64(r.get(3)?),
-                        charge_minor: to_u64(r.get(4)?),
-                    },
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
                 ))
             })
             .map_err(self.err())?;
-        rows.collect::<Result<_, _>>().map_err(self.err())
+        for row in rows {
+            let (service, n, charge) = row.map_err(self.err())?;
+            let t = totals.entry(service).or_default();
+            t.viewers = to_u64(n);
+            t.charge_minor = to_u64(charge);
+        }
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT service, COALESCE(SUM(closes_conn), 0),
+                 COALESCE(SUM(counts_out - base_out), 0), COALESCE(SUM(counts_in - base_in), 0)
+                 FROM connections WHERE state = 'ended' GROUP BY service",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(self.err())?;
+        for row in rows {
+            let (service, n, out, inb) = row.map_err(self.err())?;
+            let t = totals.entry(service).or_default();
+            t.connections = to_u64(n);
+            t.bytes_out = to_u64(out);
+            t.bytes_in = to_u64(inb);
+        }
+        Ok(totals)
     }
 
     /// Number of events of `kind`.
@@ -583,36 +665,214 @@ impl Ledger {
             .map_err(self.err())
     }
 
-    /// Writes settled sessions as JSON lines or CSV (with a header).
+    /// Writes settled viewing sessions (or, with `connections`, ended
+    /// connection segments) as JSON lines or CSV (with a header); returns
+    /// how many.
     pub fn export(
         &self,
         since: Option<SystemTime>,
         format: ExportFormat,
+        connections: bool,
         out: &mut dyn Write,
     ) -> Result<usize, LedgerError> {
-        let io = |source| LedgerError::Io {
+        if connections {
+            write_records(&self.connections(since)?, &CONNECTION_COLUMNS, format, out)
+        } else {
+            write_records(&self.sessions(since)?, &SESSION_COLUMNS, format, out)
+        }
+        .map_err(|source| LedgerError::Io {
             path: self.path.clone(),
             source,
-        };
-        let sessions = self.sessions(since)?;
-        if format == ExportFormat::Csv {
-            writeln!(out, "{}", CSV_COLUMNS.join(",")).map_err(io)?;
-        }
-        for s in &sessions {
-            match format {
-                ExportFormat::Jsonl => {
-                    serde_json::to_writer(&mut *out, s).map_err(|e| io(e.into()))?;
-                    writeln!(out).map_err(io)?;
-                }
-                ExportFormat::Csv => writeln!(out, "{}", csv_row(s)).map_err(io)?,
-            }
-        }
-        out.flush().map_err(io)?;
-        Ok(sessions.len())
+        })
     }
 }
 
-const CSV_COLUMNS: [&str; 16] = [
+/// Open sessions (and settled ones seen for the first time) as rows; rows
+/// only ever move forward from `open`.
+fn write_viewers(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &Batch,
+    currency: &str,
+) -> rusqlite::Result<()> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO viewer_sessions (session_id, state, service, tariff, account, content,
+         attributed, client_addr, first_ns, last_ns, started_ms, bytes_out, bytes_in,
+         connections, units, charged_micro, seq, currency)
+         VALUES (?1, 'open', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+         ON CONFLICT (session_id) DO UPDATE SET first_ns = ?8, last_ns = ?9,
+         bytes_out = ?11, bytes_in = ?12, connections = ?13, units = ?14,
+         charged_micro = ?15, seq = ?16 WHERE state = 'open'",
+    )?;
+    for v in batch
+        .viewers
+        .iter()
+        .chain(batch.settled.iter().map(|s| &s.row))
+    {
+        let tariff = serde_json::to_string(&v.tariff).unwrap_or_default();
+        upsert.execute(params![
+            v.id,
+            v.service,
+            tariff,
+            v.account,
+            v.content,
+            v.attributed,
+            v.client_addr,
+            to_i64(v.first_ns),
+            to_i64(v.last_ns),
+            v.started_ms.unwrap_or_else(|| wall_ms(v.first_ns)),
+            to_i64(v.bytes_out),
+            to_i64(v.bytes_in),
+            v.connections,
+            to_i64(v.accrual.units),
+            to_i64(v.accrual.charged_micro),
+            to_i64(v.accrual.seq),
+            currency,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Cycle charges, settlements and their settlement charges. A session
+/// settles once: its settlement charge is written only when the row
+/// moved from `open` to `settled` now.
+fn write_charges(tx: &rusqlite::Transaction<'_>, batch: &Batch, at: i64) -> rusqlite::Result<()> {
+    let mut charge = tx.prepare_cached(
+        "INSERT OR IGNORE INTO charges (id, session_id, kind, service, account, at_ms, units, amount_micro)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for c in &batch.charges {
+        charge.execute(params![
+            format!("{}:{}", c.session_id, c.seq),
+            c.session_id,
+            "cycle",
+            c.service,
+            c.account,
+            at,
+            to_i64(c.units),
+            to_i64(c.amount_micro),
+        ])?;
+    }
+    let mut settle = tx.prepare_cached(
+        "UPDATE viewer_sessions SET state = 'settled', ended_ms = started_ms + ?2,
+         duration_ms = ?2, charge_minor = ?3, cycles_micro = ?4, adjustment_micro = ?5
+         WHERE session_id = ?1 AND state = 'open'",
+    )?;
+    for s in &batch.settled {
+        let settled = settle.execute(params![
+            s.row.id,
+            to_i64(s.duration_ms),
+            to_i64(s.charge_minor),
+            to_i64(s.cycles_micro),
+            s.adjustment_micro,
+        ])?;
+        if settled == 1 {
+            charge.execute(params![
+                format!("{}:settle", s.row.id),
+                s.row.id,
+                "settlement",
+                s.row.service,
+                s.row.account,
+                at,
+                0,
+                s.adjustment_micro,
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// Connection segments: open ones (for a restart) and ended ones.
+fn write_segments(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> {
+    let mut segment = tx.prepare_cached(
+        "INSERT INTO connections (connection_id, conn_id, seg, session_id, state, closes_conn,
+         service, account, content, protocol, client_addr, client_port, server_addr,
+         server_port, start_ns, end_ns, last_ns, base_out, base_in, counts_out, counts_in,
+         started_ms, ended_ms, flags)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+         ?18, ?19, ?20, ?21, ?22, ?23, ?24)
+         ON CONFLICT (connection_id) DO UPDATE SET session_id = ?4, state = ?5,
+         closes_conn = ?6, account = ?8, content = ?9, end_ns = ?16, last_ns = ?17,
+         counts_out = ?20, counts_in = ?21,
+         ended_ms = CASE WHEN ?5 = 'ended' THEN started_ms + (?16 - start_ns) / 1000000 END,
+         flags = ?24 WHERE state = 'open'",
+    )?;
+    for g in &batch.segments {
+        let started = wall_ms(g.start_ns);
+        let ended =
+            (!g.open).then(|| started + to_i64(g.end_ns.saturating_sub(g.start_ns) / 1_000_000));
+        segment.execute(params![
+            g.id,
+            g.conn_id,
+            g.n,
+            g.session_id,
+            if g.open { "open" } else { "ended" },
+            g.closes_conn,
+            g.service,
+            g.account,
+            g.content,
+            g.protocol.as_str(),
+            g.client.ip().to_string(),
+            g.client.port(),
+            g.server.ip().to_string(),
+            g.server.port(),
+            to_i64(g.start_ns),
+            to_i64(g.end_ns),
+            to_i64(g.counts.last_ns),
+            to_i64(g.base.bytes_out),
+            to_i64(g.base.bytes_in),
+            to_i64(g.counts.bytes_out),
+            to_i64(g.counts.bytes_in),
+            started,
+            ended,
+            g.flags,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Limit events.
+fn write_events(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &Batch,
+    at: i64,
+    currency: &str,
+) -> rusqlite::Result<()> {
+    let mut event = tx.prepare_cached(
+        "INSERT INTO events (at_ms, kind, account, detail) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for e in &batch.limits {
+        let detail = serde_json::json!({
+            "event": "limit_reached",
+            "account": e.account,
+            "spent_minor": e.spent_minor,
+            "limit_minor": e.limit_minor,
+            "currency": currency,
+        });
+        event.execute(params![at, "limit_reached", e.account, detail.to_string()])?;
+    }
+    Ok(())
+}
+
+/// CSV columns of the session export, in the JSON field order.
+pub const SESSION_COLUMNS: [&str; 13] = [
+    "session_id",
+    "service",
+    "account",
+    "content",
+    "client_addr",
+    "started_at",
+    "ended_at",
+    "duration_ms",
+    "bytes_out",
+    "bytes_in",
+    "connections",
+    "charge_minor",
+    "currency",
+];
+
+/// CSV columns of the connection export, in the JSON field order.
+pub const CONNECTION_COLUMNS: [&str; 15] = [
+    "connection_id",
     "session_id",
     "service",
     "account",
@@ -627,138 +887,58 @@ const CSV_COLUMNS: [&str; 16] = [
     "bytes_out",
     "bytes_in",
     "duration_ms",
-    "charge_minor",
-    "currency",
 ];
 
-/// RFC 4180 quoting where needed.
+fn write_records<T: Serialize>(
+    records: &[T],
+    columns: &[&str],
+    format: ExportFormat,
+    out: &mut dyn Write,
+) -> std::io::Result<usize> {
+    if format == ExportFormat::Csv {
+        writeln!(out, "{}", columns.join(","))?;
+    }
+    for r in records {
+        match format {
+            ExportFormat::Jsonl => {
+                serde_json::to_writer(&mut *out, r)?;
+                writeln!(out)?;
+            }
+            ExportFormat::Csv => {
+                let value = serde_json::to_value(r)?;
+                let row: Vec<String> = columns
+                    .iter()
+                    .map(|c| match &value[*c] {
+                        serde_json::Value::String(s) => csv_field(s),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                writeln!(out, "{}", row.join(","))?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(records.len())
+}
+
+/// RFC 4180 quoting where needed; a text cell that a spreadsheet would
+/// read as a formula (`=`, `+`, `-`, `@`) gets a leading `'`.
 fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_owned()
+        s
     }
-}
-
-fn csv_row(s: &SessionRecord) -> String {
-    [
-        csv_field(&s.session_id),
-        csv_field(&s.service),
-        csv_field(&s.account),
-        csv_field(&s.content),
-        csv_field(&s.protocol),
-        csv_field(&s.client_addr),
-        s.client_port.to_string(),
-        csv_field(&s.server_addr),
-        s.server_port.to_string(),
-        csv_field(&s.started_at),
-        csv_field(&s.ended_at),
-        s.bytes_out.to_string(),
-        s.bytes_in.to_string(),
-        s.duration_ms.to_string(),
-        s.charge_minor.to_string(),
-        csv_field(&s.currency),
-    ]
-    .join(",")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn record(id: &str, charge: u64) -> SessionRecord {
-        SessionRecord {
-            session_id: id.into(),
-            service: "web".into(),
-            account: "acct,\"x\"".into(),
-            content: String::new(),
-            protocol: "tcp".into(),
-            client_addr: "::1".into(),
-            client_port: 40000,
-            server_addr: "::1".into(),
-            server_port: 8080,
-            started_at: "2026-11-22T10:00:00.000Z".into(),
-            ended_at: "2026-11-22T10:01:00.000Z".into(),
-            bytes_out: 1000,
-            bytes_in: 10,
-            duration_ms: 60_000,
-            charge_minor: charge,
-            currency: "EUR".into(),
-            cycles_micro: 3_000_000,
-            adjustment_micro: i64::try_from(charge * 1_000_000).unwrap() - 3_000_000,
-            flags: 0,
-        }
-    }
-
-    #[test]
-    fn cycles_and_settlement_are_idempotent_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("l.sqlite");
-        let mut l = Ledger::open(&path, "EUR").unwrap();
-        assert_eq!(
-            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        let accrual = Accrual {
-            units: 3,
-            charged_micro: 3_000_000,
-            seq: 1,
-        };
-        let row = ChargeRow {
-            session_id: "b-1",
-            seq: 1,
-            service: "web",
-            account: "acct,\"x\"",
-            units: 3,
-            amount_micro: 3_000_000,
-            accrual,
-        };
-        l.record_cycle(SystemTime::now(), std::slice::from_ref(&row))
-            .unwrap();
-        // The same cycle again (re-processing after a crash): no new charge.
-        l.record_cycle(SystemTime::now(), &[row]).unwrap();
-        assert_eq!(l.charge_totals().unwrap(), (1, 3_000_000));
-        drop(l);
-
-        let mut l = Ledger::open(&path, "EUR").unwrap();
-        assert_eq!(l.open_accruals().unwrap().get("b-1"), Some(&accrual));
-        assert!(
-            l.record_settlement(&record("b-1", 5), SystemTime::now())
-                .unwrap()
-        );
-        assert!(
-            !l.record_settlement(&record("b-1", 5), SystemTime::now())
-                .unwrap()
-        );
-        assert!(l.open_accruals().unwrap().is_empty());
-        // Cycle 3.00 + settlement 2.00 = the session's 5 minor units.
-        assert_eq!(l.charge_totals().unwrap(), (2, 5_000_000));
-        assert_eq!(
-            l.spent_by_account().unwrap().get("acct,\"x\""),
-            Some(&5_000_000)
-        );
-        assert!(l.is_settled("b-1").unwrap());
-
-        let mut csv = Vec::new();
-        assert_eq!(l.export(None, ExportFormat::Csv, &mut csv).unwrap(), 1);
-        let csv = String::from_utf8(csv).unwrap();
-        assert!(csv.starts_with("session_id,service,account,"), "{csv}");
-        assert!(
-            csv.contains("b-1,web,\"acct,\"\"x\"\"\",,tcp,::1,40000,::1,8080,"),
-            "{csv}"
-        );
-        let mut jsonl = Vec::new();
-        l.export(None, ExportFormat::Jsonl, &mut jsonl).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&jsonl).unwrap();
-        assert_eq!(v["charge_minor"], 5);
-        assert_eq!(v["duration_ms"], 60_000);
-        let future = SystemTime::now() + Duration::from_secs(3600);
-        assert_eq!(
-            l.export(Some(future), ExportFormat::Jsonl, &mut Vec::new())
-                .unwrap(),
-            0
-        );
-    }
 
     #[test]
     fn currency_change_is_refused() {
@@ -767,5 +947,13 @@ mod tests {
         drop(Ledger::open(&path, "EUR").unwrap());
         let e = Ledger::open(&path, "USD").err().unwrap().to_string();
         assert!(e.contains("EUR") && e.contains("USD"), "{e}");
+    }
+
+    #[test]
+    fn csv_cells_are_quoted_and_never_formulas() {
+        assert_eq!(csv_field("a,\"b\""), "\"a,\"\"b\"\"\"");
+        assert_eq!(csv_field("=1+1"), "'=1+1");
+        assert_eq!(csv_field("-x"), "'-x");
+        assert_eq!(csv_field("plain"), "plain");
     }
 }

@@ -1,9 +1,10 @@
 //! meterd: bills streaming sessions by the bytes and seconds the kernel saw.
 //!
-//! Data flows one way: kernel counters ([`kernel`]) -> session table
-//! ([`sessions`]) -> settlement sinks ([`closed_log`]), driven by the
-//! daemon loop in [`agent`]. [`config`] and [`tariff`] hold what the
-//! operator configured.
+//! Data flows one way: kernel counters ([`kernel`]) -> the billing core
+//! ([`core`]: connections, viewing sessions, charges, limits) -> the
+//! ledger and exports ([`ledger`], [`closed_log`], [`metrics`]), driven by
+//! the run loop in [`agent`], with [`load`] and [`governor`] pacing the
+//! cycle. [`config`] and [`tariff`] hold what the operator configured.
 
 pub mod agent;
 pub mod api;
@@ -12,6 +13,7 @@ pub mod billing;
 pub mod clock;
 pub mod closed_log;
 pub mod config;
+pub mod core;
 pub mod exporter;
 pub mod governor;
 pub mod hooks;
@@ -20,6 +22,5 @@ pub mod ledger;
 pub mod limits;
 pub mod load;
 pub mod metrics;
-pub mod sessions;
 pub mod status;
 pub mod tariff;

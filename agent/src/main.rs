@@ -27,7 +27,8 @@ Examples:
   meterd check-config /etc/meterd/meterd.toml      validate, print the effective config
   meterd run --config /etc/meterd/meterd.toml      meter (as root or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)
   meterd status                                    live sessions, interval and load of the running agent
-  meterd ledger export --format csv --since 24h    settled sessions of the last day
+  meterd ledger export --format csv --since 24h    viewing sessions settled in the last day
+  meterd ledger export --connections               the connections they were made of
   meterd unload                                    detach and remove the pins (stop the agent first)
 
 Attribute a connection to an account (from the streaming server, when it starts serving):
@@ -107,12 +108,21 @@ enum Command {
 
 #[derive(Subcommand)]
 enum LedgerCommand {
-    /// Write one record per settled session, oldest first, to stdout.
+    /// Write one record per settled viewing session, oldest first, to stdout.
     ///
-    /// Fields: session_id, service, account, content, protocol, client_addr,
-    /// client_port, server_addr, server_port, started_at, ended_at (RFC 3339
-    /// UTC), bytes_out, bytes_in, duration_ms, charge_minor, currency. Safe
-    /// to run next to a running agent.
+    /// A viewing session is what is billed: all of a viewer's connections
+    /// until it goes idle for the service's session_idle. Fields:
+    /// session_id, service, account, content, client_addr, started_at,
+    /// ended_at (RFC 3339 UTC), duration_ms (billed watching time),
+    /// bytes_out, bytes_in, connections, charge_minor, currency.
+    ///
+    /// With --connections: one record per ended connection segment (the
+    /// part of a connection that fed one session), for audit and disputes:
+    /// connection_id, session_id, service, account, content, protocol,
+    /// client_addr, client_port, server_addr, server_port, started_at,
+    /// ended_at, bytes_out, bytes_in, duration_ms.
+    ///
+    /// Safe to run next to a running agent.
     Export {
         #[command(flatten)]
         config: ConfigArg,
@@ -125,6 +135,9 @@ enum LedgerCommand {
         /// ("2026-11-22T10:00:00Z") or an age ("24h", "30m").
         #[arg(long, value_parser = parse_since)]
         since: Option<SystemTime>,
+        /// Write connection segments instead of viewing sessions.
+        #[arg(long)]
+        connections: bool,
     },
 }
 
@@ -196,6 +209,7 @@ fn real_main() -> anyhow::Result<()> {
                     ledger,
                     format,
                     since,
+                    connections,
                 },
         } => {
             let path = match ledger {
@@ -210,8 +224,13 @@ fn real_main() -> anyhow::Result<()> {
             }
             let ledger = Ledger::open_read_only(&path)?;
             let mut out = std::io::stdout().lock();
-            let n = ledger.export(since, format, &mut out)?;
-            eprintln!("meterd: exported {n} sessions from {}", path.display());
+            let n = ledger.export(since, format, connections, &mut out)?;
+            let what = if connections {
+                "connections"
+            } else {
+                "sessions"
+            };
+            eprintln!("meterd: exported {n} {what} from {}", path.display());
         }
         Command::Status { config, addr, json } => {
             let addr = match addr {

@@ -44,8 +44,14 @@ pub struct ServiceTotals {
     /// Charged, in minor units: settled totals plus whole minor units
     /// already charged to live sessions.
     pub charged_minor: u64,
-    pub sessions_live: u64,
-    pub sessions_settled: u64,
+    /// Connections (TCP) and UDP flows open as of the last cycle.
+    pub connections_live: u64,
+    /// Connections closed (and UDP flows ended) in the ledger.
+    pub connections_closed: u64,
+    /// Viewing sessions open as of the last cycle.
+    pub viewers_live: u64,
+    /// Viewing sessions settled in the ledger.
+    pub viewers_settled: u64,
 }
 
 /// The agent's own counters, persisted in the ledger at every cycle.
@@ -217,13 +223,23 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
         COUNTER,
     );
     let mut live = Family::new(
-        "meterd_sessions_live",
-        "Sessions open as of the last cycle.",
+        "meterd_connections_live",
+        "TCP connections and UDP flows open as of the last cycle.",
         GAUGE,
     );
     let mut settled = Family::new(
-        "meterd_sessions_settled_total",
-        "Sessions settled in the ledger.",
+        "meterd_connections_closed_total",
+        "TCP connections closed and UDP flows ended, in the ledger.",
+        COUNTER,
+    );
+    let mut viewers_live = Family::new(
+        "meterd_viewer_sessions_live",
+        "Viewing sessions open as of the last cycle.",
+        GAUGE,
+    );
+    let mut viewers_settled = Family::new(
+        "meterd_viewer_sessions_settled_total",
+        "Viewing sessions settled in the ledger.",
         COUNTER,
     );
     for (name, (kind, t)) in &m.services {
@@ -244,13 +260,17 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
             ],
             f(t.charged_minor),
         );
-        live.sample(&vec![("service", service)], f(t.sessions_live));
-        settled.sample(&vec![("service", service)], f(t.sessions_settled));
+        live.sample(&vec![("service", service)], f(t.connections_live));
+        settled.sample(&vec![("service", service)], f(t.connections_closed));
+        viewers_live.sample(&vec![("service", service)], f(t.viewers_live));
+        viewers_settled.sample(&vec![("service", service)], f(t.viewers_settled));
     }
     push(&mut bytes);
     push(&mut charged);
     push(&mut live);
     push(&mut settled);
+    push(&mut viewers_live);
+    push(&mut viewers_settled);
 
     let p = &m.persisted;
     let mut cumulative = 0;
@@ -360,7 +380,7 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
     );
     let mut kernel = Family::new(
         "meterd_kernel_events_total",
-        "Events counted by the eBPF programs; live_map_full, ring_full, lost and udp_map_full mean capacity problems.",
+        "Events counted by the eBPF programs; live_map_full, ring_full, lost, udp_map_full and gap_ring_full mean capacity problems.",
         COUNTER,
     );
     for (event, stat) in [
@@ -370,6 +390,8 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
         ("udp_map_full", meterd_common::Stat::UdpFull),
         ("opened", meterd_common::Stat::Opened),
         ("closed", meterd_common::Stat::Closed),
+        ("gaps", meterd_common::Stat::Gaps),
+        ("gap_ring_full", meterd_common::Stat::GapRingFull),
     ] {
         kernel.sample(&vec![("event", event)], f(m.kernel[stat as usize]));
     }
@@ -449,8 +471,10 @@ mod tests {
                     bytes_out: 1000,
                     bytes_in: 10,
                     charged_minor: 7,
-                    sessions_live: 1,
-                    sessions_settled: 2,
+                    connections_live: 1,
+                    connections_closed: 2,
+                    viewers_live: 1,
+                    viewers_settled: 3,
                 },
             ),
         );
@@ -468,7 +492,8 @@ mod tests {
             "meterd_cycle_duration_seconds_bucket{le=\"+Inf\"} 2",
             "meterd_cycle_overruns_total 1",
             "meterd_interval_changes_total{direction=\"widen\",reason=\"pressure\"} 1",
-            "meterd_sessions_settled_total{service=\"web\"} 2",
+            "meterd_connections_closed_total{service=\"web\"} 2",
+            "meterd_viewer_sessions_settled_total{service=\"web\"} 3",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -18,22 +18,35 @@ pub struct StatusReport {
     pub loadavg1_per_cpu: f64,
     pub cycles: u64,
     pub overruns: u64,
-    pub live: Vec<LiveSession>,
+    /// TCP connections and UDP flows open now.
+    pub connections_live: u64,
+    /// Attributions waiting for their connection.
+    pub attributions_pending: u64,
+    /// Open viewing sessions.
+    pub sessions: Vec<LiveSession>,
 }
 
-/// One live session.
+/// One open viewing session.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LiveSession {
     pub session_id: String,
     pub service: String,
     pub account: String,
     pub content: String,
-    pub protocol: String,
-    pub client: String,
-    pub server: String,
+    /// The client address of its first connection.
+    pub client_addr: String,
+    /// Its connections open now.
+    pub connections_open: u64,
+    /// Connection segments it has had.
+    pub connections: u64,
     pub bytes_out: u64,
     pub bytes_in: u64,
+    /// Watching time so far: first payload to last.
     pub duration_ms: u64,
+    /// Since its last payload.
+    pub idle_ms: u64,
+    /// `playing`, or `idle` (no payload for a second or more).
+    pub state: String,
     /// Charged by cycles so far, minor units, exact decimal.
     pub accrued_minor: String,
 }
@@ -66,8 +79,14 @@ pub fn render(report: &StatusReport) -> String {
         report.cycles,
         report.overruns
     );
-    let _ = writeln!(out, "{} live sessions", report.live.len());
-    if report.live.is_empty() {
+    let _ = writeln!(
+        out,
+        "{} viewing sessions, {} connections, {} attributions pending",
+        report.sessions.len(),
+        report.connections_live,
+        report.attributions_pending
+    );
+    if report.sessions.is_empty() {
         return out;
     }
     let header = [
@@ -75,20 +94,24 @@ pub fn render(report: &StatusReport) -> String {
         "SERVICE",
         "ACCOUNT",
         "CLIENT",
+        "STATE",
+        "CONNS",
         "BYTES OUT",
         "BYTES IN",
         "SECONDS",
         "ACCRUED",
     ];
-    let rows: Vec<[String; 8]> = report
-        .live
+    let rows: Vec<[String; 10]> = report
+        .sessions
         .iter()
         .map(|s| {
             [
                 s.session_id.clone(),
                 s.service.clone(),
                 s.account.clone(),
-                s.client.clone(),
+                s.client_addr.clone(),
+                s.state.clone(),
+                s.connections_open.to_string(),
                 s.bytes_out.to_string(),
                 s.bytes_in.to_string(),
                 format!(
@@ -111,7 +134,7 @@ pub fn render(report: &StatusReport) -> String {
             .zip(widths)
             .enumerate()
             .map(|(i, (c, w))| {
-                if i >= 4 {
+                if i >= 5 {
                     format!("{c:>w$}")
                 } else {
                     format!("{c:<w$}")
@@ -145,11 +168,12 @@ mod tests {
             currency: "EUR".into(),
             interval_ms: 2000,
             base_interval_ms: 1000,
-            live: vec![LiveSession {
+            sessions: vec![LiveSession {
                 session_id: "b-1".into(),
                 service: "web".into(),
                 account: "alice".into(),
-                client: "127.0.0.1:4000".into(),
+                client_addr: "127.0.0.1".into(),
+                state: "playing".into(),
                 bytes_out: 123_456,
                 duration_ms: 61_234,
                 accrued_minor: "7.5".into(),

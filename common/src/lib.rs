@@ -28,13 +28,21 @@ pub mod map_names {
     pub const CLOSED: &str = "CLOSED";
     /// `PerCpuArray<u64>` of [`crate::Stat`] counters.
     pub const STATS: &str = "STATS";
+    /// `Array<u64>`, [`crate::SERVICE_SLOTS`] slots indexed by service:
+    /// the service's `session_idle` in ns (0: no gap detection).
+    pub const SERVICE_IDLE: &str = "SERVICE_IDLE";
 }
+
+/// Number of slots of the `SERVICE_IDLE` map: the most services a config
+/// may have.
+pub const SERVICE_SLOTS: u32 = 1024;
 
 /// Number of slots of the port maps: one per possible port.
 pub const PORT_SLOTS: u32 = 65536;
 
-/// Payload bytes of one connection or flow. Live values never exceed the
-/// truth; the values in a [`Closed`] record are exact.
+/// Payload bytes of one connection or flow, and when they last moved. Live
+/// values never exceed the truth; the values in a [`Closed`] record are
+/// exact.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -42,6 +50,11 @@ pub struct Counts {
     pub bytes_out: u64,
     /// Bytes received from the client.
     pub bytes_in: u64,
+    /// `bpf_ktime_get_boot_ns()` when the counts last rose; 0 before the
+    /// first payload. For TCP it is within the live refresh period
+    /// (100 ms) of the truth, and never later than it: a rise first seen
+    /// after a quiet period is dated to the start of that period.
+    pub last_ns: u64,
 }
 
 /// IPv4 family (`AF_INET`), as the kernel reports it.
@@ -91,16 +104,26 @@ pub const CONN_UNTRACKED: u32 = 1 << 1;
 pub const CONN_FIN_IN: u32 = 1 << 2;
 /// An acknowledged FIN of the server was taken out of `bytes_out`.
 pub const CONN_FIN_OUT: u32 = 1 << 3;
+/// A gap record, not a close: the connection (or UDP flow) moved payload
+/// again after at least its service's `session_idle` of silence. `counts`
+/// are its totals at the start of the gap (`counts.last_ns` is the last
+/// payload before it), and `info.end_ns` is when payload moved again. The
+/// connection stays open; its counts go on from these.
+pub const CONN_GAP: u32 = 1 << 4;
 
-/// Final record of a closed TCP connection, from the ring buffer.
+/// Final record of a closed TCP connection, or a gap record
+/// ([`CONN_GAP`], TCP or UDP), from the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Closed {
     /// Socket cookie: unique per boot, shared by sock_ops and cgroup_skb.
+    /// 0 for a UDP gap record.
     pub cookie: u64,
-    /// Exact payload totals.
+    /// Exact payload totals (at the gap's start, for a gap record).
     pub counts: Counts,
-    /// Who it was; `end_ns` is the close time.
+    /// Who it was; `end_ns` is the close time (for a gap record, when
+    /// payload resumed). For a UDP gap record `start_ns` is the flow's
+    /// `first_ns`, which with the 4-tuple names the flow.
     pub info: ConnInfo,
 }
 
@@ -122,16 +145,17 @@ pub struct UdpFlowKey {
     pub pad: u16,
 }
 
-/// Counts of a UDP flow; the flow ends after an idle timeout, enforced by the agent.
+/// Counts of a UDP flow. The kernel marks gaps of its service's
+/// `session_idle` with a [`CONN_GAP`] record; the agent removes flows that
+/// stayed idle (garbage collection, not billing: their counts are exact).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UdpFlow {
-    /// Payload bytes (UDP datagram minus its 8-byte header) per direction.
+    /// Payload bytes (UDP datagram minus its 8-byte header) per direction;
+    /// `counts.last_ns` is the boot-time ns of the latest datagram.
     pub counts: Counts,
-    /// Boot-time ns of the first datagram.
+    /// Boot-time ns of the first datagram: with the key, the flow's identity.
     pub first_ns: u64,
-    /// Boot-time ns of the latest datagram.
-    pub last_ns: u64,
     /// Index of the service in the agent's config.
     pub service: u32,
     /// Explicit padding.
@@ -154,16 +178,22 @@ pub enum Stat {
     Opened = 4,
     /// Close records queued.
     Closed = 5,
+    /// Gap records queued.
+    Gaps = 6,
+    /// A gap record did not fit the ring buffer. TCP tries again at the
+    /// connection's next packet; a UDP flow's gap is lost (its session
+    /// then spans the gap).
+    GapRingFull = 7,
 }
 
 /// Number of `STATS` slots.
-pub const STAT_SLOTS: u32 = 6;
+pub const STAT_SLOTS: u32 = 8;
 
 const _: () = {
     // The value sizes the agent's batch reader and the ring buffer rely on.
-    assert!(size_of::<Counts>() == 16);
+    assert!(size_of::<Counts>() == 24);
     assert!(size_of::<ConnInfo>() == 64);
-    assert!(size_of::<Closed>() == 88);
+    assert!(size_of::<Closed>() == 96);
     assert!(size_of::<UdpFlowKey>() == 40);
     assert!(size_of::<UdpFlow>() == 40);
 };

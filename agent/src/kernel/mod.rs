@@ -18,6 +18,7 @@
 //! The build is recorded as an empty directory `object-<sha256 prefix>` in
 //! `pin_dir` (bpffs holds only pins and directories).
 
+mod record;
 mod ring;
 pub mod sys;
 pub mod system;
@@ -37,13 +38,13 @@ use aya::{
     },
 };
 use meterd_common::{
-    Closed, ConnInfo, Counts, PORT_SLOTS, STAT_SLOTS, UdpFlow, UdpFlowKey, map_names,
+    Closed, ConnInfo, Counts, PORT_SLOTS, SERVICE_SLOTS, STAT_SLOTS, UdpFlow, UdpFlowKey, map_names,
 };
 use sha2::{Digest as _, Sha256};
 
 use self::sys::BatchReader;
-pub use self::system::SystemError;
-use crate::config::Config;
+pub use self::{record::Record, system::SystemError};
+use crate::{config::Config, ledger::Committed};
 
 /// The eBPF object built by `cargo xtask build-ebpf` (see `build.rs`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("METERD_BPF_OBJECT"));
@@ -186,6 +187,7 @@ pub struct Kernel {
     udp_flows: MapData,
     tcp_ports: Array<MapData, u32>,
     udp_ports: Array<MapData, u32>,
+    service_idle: Array<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
     /// Taken by the closed-record drain (`take_closed`).
     closed: Option<RingBuf<MapData>>,
@@ -254,6 +256,8 @@ impl Kernel {
                 .map_err(map_err("TCP_PORTS"))?,
             udp_ports: Array::try_from(maps.map(map_names::UDP_PORTS)?)
                 .map_err(map_err("UDP_PORTS"))?,
+            service_idle: Array::try_from(maps.map(map_names::SERVICE_IDLE)?)
+                .map_err(map_err("SERVICE_IDLE"))?,
             stats: PerCpuArray::try_from(maps.map(map_names::STATS)?).map_err(map_err("STATS"))?,
             closed: Some(closed),
             ring_positions,
@@ -263,6 +267,7 @@ impl Kernel {
             startup,
         };
         kernel.check_other_meterds(config)?;
+        kernel.write_service_idle(config)?;
         kernel.write_ports(config)?;
         Ok(kernel)
     }
@@ -311,6 +316,27 @@ impl Kernel {
                         });
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the kernel each service's `session_idle`, so it can mark gaps
+    /// however rarely the agent reads. Written before the ports, so a
+    /// service is never metered without it.
+    fn write_service_idle(&mut self, config: &Config) -> Result<(), KernelError> {
+        for index in 0..SERVICE_SLOTS {
+            let idle = config.services.get(index as usize).map_or(0, |s| {
+                u64::try_from(s.session_idle.as_nanos()).unwrap_or(u64::MAX)
+            });
+            let current = self
+                .service_idle
+                .get(&index, 0)
+                .map_err(map_err("SERVICE_IDLE"))?;
+            if current != idle {
+                self.service_idle
+                    .set(index, &idle, 0)
+                    .map_err(map_err("SERVICE_IDLE"))?;
             }
         }
         Ok(())
@@ -365,8 +391,8 @@ impl Kernel {
     }
 
     /// Removes a connection that closed while the ring buffer was full,
-    /// after its final counts were taken.
-    pub fn forget(&self, cookie: u64) -> Result<(), KernelError> {
+    /// once its final counts are committed.
+    pub fn forget(&self, cookie: u64, _committed: &Committed) -> Result<(), KernelError> {
         sys::delete(self.live.fd().as_fd(), &cookie).map_err(io_err("LIVE"))?;
         sys::delete(self.info.fd().as_fd(), &cookie).map_err(io_err("INFO"))
     }
@@ -376,6 +402,11 @@ impl Kernel {
         self.udp_reader
             .read_all(self.udp_flows.fd().as_fd(), out)
             .map_err(io_err("UDP_FLOWS"))
+    }
+
+    /// Current counts of one UDP flow; `None` if it is gone.
+    pub fn udp_flow(&self, key: &UdpFlowKey) -> Result<Option<UdpFlow>, KernelError> {
+        sys::lookup(self.udp_flows.fd().as_fd(), key).map_err(io_err("UDP_FLOWS"))
     }
 
     /// Atomically removes an ended UDP flow and returns its final counts.
@@ -679,7 +710,7 @@ fn service_ports(config: &Config, tcp: bool) -> Vec<u16> {
 }
 
 /// Decodes a `Closed` record from the ring buffer; `None` if it is short.
-pub fn decode_closed(bytes: &[u8]) -> Option<Closed> {
+fn decode_closed(bytes: &[u8]) -> Option<Closed> {
     (bytes.len() >= size_of::<Closed>())
         // SAFETY: length checked; `Closed` is plain integers, any bit pattern is valid.
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Closed>()) })

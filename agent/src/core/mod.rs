@@ -1,0 +1,1053 @@
+//! The billing core: turns kernel observations into viewing sessions,
+//! charges and settlements. It does no I/O.
+//!
+//! Entry points, in the order the run loop calls them each cycle:
+//! - [`Core::on_record`]: a close or gap record from the kernel's ring;
+//! - [`Core::on_tcp_read`] / [`Core::on_udp_read`]: a full read of the live
+//!   maps, taken *before* the ring was drained (so every gap or close that
+//!   the read reflects has already been applied, and older values in the
+//!   read only ever raise counts);
+//! - [`Core::on_udp_end`]: the final value of a UDP flow the loop removed;
+//! - [`Core::attribute`]: the streaming server says whose a connection is;
+//! - [`Core::on_cycle`]: charge every open viewing session, settle those
+//!   that ended, check account limits.
+//!
+//! Every change is staged in a [`Batch`], which the loop commits to the
+//! ledger in one transaction ([`Core::take_batch`]). If a commit fails the
+//! agent stops, and a restart rebuilds the core from the ledger
+//! ([`Core::restore`]) and the kernel's maps: nothing in memory has to be
+//! undone.
+//!
+//! Owns: live connections and their segments, viewing sessions,
+//! attributions (applied and pending), accruals and spending limits.
+
+pub mod conn;
+pub mod viewer;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Instant,
+};
+
+use meterd_common::{CONN_GAP, Closed, ConnInfo, Counts, IPPROTO_UDP, UdpFlow, UdpFlowKey};
+
+pub use self::{
+    conn::{Conn, ConnKey, Peer, Protocol},
+    viewer::{Viewer, ViewerKey, Who},
+};
+use crate::{
+    attribution::{Attribution, ConnectionRef, Pending},
+    billing::{self, Accrual},
+    limits::Limits,
+    tariff::{MICRO, Tariff},
+};
+
+/// A service as the core bills it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceDef {
+    pub name: Arc<str>,
+    pub tariff: Tariff,
+    /// `session_idle`, ns.
+    pub idle_ns: u64,
+}
+
+/// What became of an attribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The connection is live; its later bytes go to the attributed session.
+    Applied,
+    /// Not seen yet: applied when it shows up (within `api.pending_ttl`).
+    Pending,
+    /// Not seen yet, and too many attributions are already waiting.
+    Refused,
+}
+
+/// An open viewing session, as the ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewerRow {
+    pub id: String,
+    pub service: String,
+    pub tariff: Tariff,
+    pub account: String,
+    pub content: String,
+    pub attributed: bool,
+    pub client_addr: String,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// Open: bytes of its ended segments. Settled: its totals.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub connections: u32,
+    pub accrual: Accrual,
+    /// Wall-clock ms of its start, once written (the ledger fills it in).
+    pub started_ms: Option<i64>,
+}
+
+/// A settled viewing session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettledRow {
+    /// Totals in `bytes_*`.
+    pub row: ViewerRow,
+    /// Billed watching time.
+    pub duration_ms: u64,
+    pub charge_minor: u64,
+    pub cycles_micro: u64,
+    pub adjustment_micro: i64,
+}
+
+/// One segment of a connection, as the ledger keeps it (open ones are
+/// what a restart picks up again; ended ones are the audit trail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentRow {
+    /// The connection's id, `/<n>` after its first segment.
+    pub id: String,
+    /// The connection's id.
+    pub conn_id: String,
+    pub n: u32,
+    /// The viewing session it feeds; empty if it never moved a byte.
+    pub session_id: String,
+    pub open: bool,
+    pub service: String,
+    /// The attribution, if any.
+    pub account: Option<String>,
+    pub content: Option<String>,
+    pub protocol: Protocol,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub start_ns: u64,
+    /// Its end (close, or the last payload before a gap); 0 while open.
+    pub end_ns: u64,
+    pub base: Counts,
+    /// The connection's counts at its end (or latest, while open).
+    pub counts: Counts,
+    pub flags: u32,
+    /// Whether its end is the connection's close (not a gap or an
+    /// attribution).
+    pub closes_conn: bool,
+}
+
+impl SegmentRow {
+    /// The segment's own payload bytes (out, in).
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.counts.bytes_out.saturating_sub(self.base.bytes_out),
+            self.counts.bytes_in.saturating_sub(self.base.bytes_in),
+        )
+    }
+}
+
+/// One cycle charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRow {
+    pub session_id: String,
+    pub seq: u64,
+    pub service: String,
+    pub account: String,
+    pub units: u64,
+    pub amount_micro: u64,
+}
+
+/// A connection that closed, for the closed-connection log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedConn {
+    pub id: String,
+    pub cookie: u64,
+    pub service: String,
+    pub peer: Peer,
+    pub counts: Counts,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub flags: u32,
+}
+
+/// An account that reached its limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitEvent {
+    pub account: String,
+    pub spent_minor: i64,
+    pub limit_minor: u64,
+}
+
+/// Everything the ledger must write at once.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub viewers: Vec<ViewerRow>,
+    pub settled: Vec<SettledRow>,
+    pub segments: Vec<SegmentRow>,
+    pub charges: Vec<ChargeRow>,
+    pub limits: Vec<LimitEvent>,
+    /// Not for the ledger: the closed log and the log lines.
+    pub closed: Vec<ClosedConn>,
+}
+
+impl Batch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.viewers.is_empty()
+            && self.settled.is_empty()
+            && self.segments.is_empty()
+            && self.charges.is_empty()
+            && self.limits.is_empty()
+            && self.closed.is_empty()
+    }
+}
+
+/// Per-service sums over what is live, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveTotals {
+    /// Live connections' bytes in their current segments.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    /// Whole minor units the open sessions' cycles charged.
+    pub charged_minor: u64,
+    pub connections: u64,
+    pub viewers: u64,
+}
+
+/// Reads to remember a closed connection for: a live read is at most one
+/// read older than a close record, so two would do; the margin is cheap.
+const CLOSED_MEMORY: u64 = 8;
+
+/// The billing core.
+#[derive(Debug)]
+pub struct Core {
+    /// This boot's id without dashes: ids are unique across boots.
+    boot: String,
+    /// Services by the kernel's index (the config's order).
+    services: Vec<Arc<ServiceDef>>,
+    /// Services by name, for segments restored from the ledger.
+    by_name: HashMap<Arc<str>, Arc<ServiceDef>>,
+    conns: HashMap<ConnKey, Conn>,
+    /// (client, server port) -> connection: attribution by tuple is O(1).
+    tuples: HashMap<(SocketAddr, u16), ConnKey>,
+    viewers: HashMap<Arc<str>, Viewer>,
+    /// The newest open session of each key: where a new segment may join.
+    current: HashMap<ViewerKey, Arc<str>>,
+    pending: Pending,
+    limits: Limits,
+    /// Open segments from the ledger whose connection has not shown up
+    /// again since the restart, by connection id.
+    restored: HashMap<String, SegmentRow>,
+    /// Set by `restore`: the first cycle ends what did not show up.
+    restoring: bool,
+    /// Closed connections, with the read generation they closed in.
+    closed: HashMap<ConnKey, u64>,
+    generation: u64,
+    batch: Batch,
+}
+
+impl Core {
+    /// An empty core for this boot and config.
+    pub fn new(boot_id: &str, services: Vec<ServiceDef>, limits: Limits, pending: Pending) -> Self {
+        let services: Vec<Arc<ServiceDef>> = services.into_iter().map(Arc::new).collect();
+        let by_name = services
+            .iter()
+            .map(|s| (Arc::clone(&s.name), Arc::clone(s)))
+            .collect();
+        Self {
+            boot: boot_id.replace('-', ""),
+            services,
+            by_name,
+            conns: HashMap::new(),
+            tuples: HashMap::new(),
+            viewers: HashMap::new(),
+            current: HashMap::new(),
+            pending,
+            limits,
+            restored: HashMap::new(),
+            restoring: false,
+            closed: HashMap::new(),
+            generation: 0,
+            batch: Batch::default(),
+        }
+    }
+
+    /// The boot id part of ids.
+    pub fn boot(&self) -> &str {
+        &self.boot
+    }
+
+    /// Takes what the ledger has to write.
+    pub fn take_batch(&mut self) -> Batch {
+        std::mem::take(&mut self.batch)
+    }
+
+    /// Open viewing sessions.
+    pub fn viewers(&self) -> impl Iterator<Item = &Viewer> {
+        self.viewers.values()
+    }
+
+    /// Live connections.
+    pub fn conns(&self) -> impl Iterator<Item = &Conn> {
+        self.conns.values()
+    }
+
+    /// A live connection.
+    pub fn conn(&self, key: &ConnKey) -> Option<&Conn> {
+        self.conns.get(key)
+    }
+
+    /// Attributions waiting for their connection.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The spending limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A session's totals (out, in) now.
+    pub fn totals(&self, v: &Viewer) -> (u64, u64) {
+        v.open.iter().fold(v.done, |(o, i), key| {
+            self.conns.get(key).map_or((o, i), |c| {
+                let (co, ci) = c.seg.bytes(&c.counts);
+                (o + co, i + ci)
+            })
+        })
+    }
+
+    /// Picks up open sessions and segments from the ledger after a
+    /// restart. Segments come back to their connections as those show up
+    /// in the first reads; the first cycle ends what did not.
+    pub fn restore(&mut self, viewers: Vec<ViewerRow>, segments: Vec<SegmentRow>) {
+        for row in viewers {
+            let service = Arc::new(ServiceDef {
+                name: Arc::from(row.service.as_str()),
+                idle_ns: self
+                    .by_name
+                    .get(row.service.as_str())
+                    .map_or(30_000_000_000, |s| s.idle_ns),
+                tariff: row.tariff.clone(),
+            });
+            let who = if row.attributed {
+                Who::Account {
+                    account: row.account.clone(),
+                    content: row.content.clone(),
+                }
+            } else {
+                Who::Client(
+                    row.client_addr
+                        .parse()
+                        .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                )
+            };
+            let id: Arc<str> = Arc::from(row.id.as_str());
+            let key = ViewerKey {
+                service: Arc::clone(&service.name),
+                who,
+            };
+            let newer = self
+                .current
+                .get(&key)
+                .and_then(|c| self.viewers.get(c))
+                .is_none_or(|c| c.last_ns <= row.last_ns);
+            if newer {
+                self.current.insert(key.clone(), Arc::clone(&id));
+            }
+            self.viewers.insert(
+                Arc::clone(&id),
+                Viewer {
+                    id,
+                    key,
+                    service,
+                    client_addr: row
+                        .client_addr
+                        .parse()
+                        .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                    first_ns: row.first_ns,
+                    last_ns: row.last_ns,
+                    done: (row.bytes_out, row.bytes_in),
+                    open: Vec::new(),
+                    connections: row.connections,
+                    accrual: row.accrual,
+                    started_ms: row.started_ms,
+                    dirty: false,
+                },
+            );
+        }
+        for seg in segments {
+            self.restored.insert(seg.conn_id.clone(), seg);
+        }
+        self.restoring = true;
+    }
+
+    /// Open sessions from the ledger still waiting for connections.
+    pub fn restored_waiting(&self) -> usize {
+        self.restored.len()
+    }
+
+    /// The kernel identity a close or gap record is about.
+    fn record_key(rec: &Closed) -> ConnKey {
+        if rec.info.protocol == IPPROTO_UDP {
+            ConnKey::Udp {
+                key: flow_key(&rec.info),
+                first_ns: rec.info.start_ns,
+            }
+        } else {
+            ConnKey::Tcp(rec.cookie)
+        }
+    }
+
+    /// The id of the connection a record is about, if the core does not
+    /// know it: after a restart, the loop asks the ledger whether such a
+    /// record was committed before the crash.
+    pub fn unknown_conn_id(&self, rec: &Closed) -> Option<String> {
+        let key = Self::record_key(rec);
+        (!self.conns.contains_key(&key) && !self.closed.contains_key(&key))
+            .then(|| conn::conn_id(&self.boot, &key, rec.info.remote_port))
+    }
+
+    /// A close record as the closed log writes it (for one re-delivered
+    /// after a crash, which the core does not bill again).
+    pub fn closed_conn_of(&self, rec: &Closed) -> Option<ClosedConn> {
+        if rec.info.flags & CONN_GAP != 0 {
+            return None;
+        }
+        let key = Self::record_key(rec);
+        Some(ClosedConn {
+            id: conn::conn_id(&self.boot, &key, rec.info.remote_port),
+            cookie: rec.cookie,
+            service: self
+                .services
+                .get(rec.info.service as usize)
+                .map_or_else(String::new, |s| s.name.to_string()),
+            peer: Peer::of(&rec.info),
+            counts: rec.counts,
+            start_ns: rec.info.start_ns,
+            end_ns: rec.info.end_ns,
+            flags: rec.info.flags,
+        })
+    }
+
+    /// A close or gap record from the ring.
+    pub fn on_record(&mut self, rec: &Closed) {
+        let key = Self::record_key(rec);
+        if self.closed.contains_key(&key) {
+            return;
+        }
+        if !self.conns.contains_key(&key)
+            && !self.open_conn(
+                key,
+                Peer::of(&rec.info),
+                rec.info.service,
+                rec.info.start_ns,
+            )
+        {
+            return;
+        }
+        if rec.info.flags & CONN_GAP != 0 {
+            self.on_gap(key, rec);
+        } else {
+            self.on_close(key, rec.counts, rec.info.end_ns, rec.info.flags, rec.cookie);
+        }
+    }
+
+    fn on_gap(&mut self, key: ConnKey, rec: &Closed) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let base = conn.seg.base;
+        if conn.seg.n > 0
+            && rec.counts.bytes_out <= base.bytes_out
+            && rec.counts.bytes_in <= base.bytes_in
+        {
+            // Applied before (a record re-delivered after a restart).
+            return;
+        }
+        conn.flags |= rec.info.flags & !CONN_GAP;
+        self.end_segment(key, rec.counts, rec.counts.last_ns, false);
+        self.next_segment(key, rec.counts, rec.info.end_ns, None);
+        self.touch(key);
+    }
+
+    /// Starts a connection's next segment at `at`, and stages its row now:
+    /// the ended one is in the same commit, so a restart knows where the
+    /// next one starts.
+    fn next_segment(
+        &mut self,
+        key: ConnKey,
+        at: Counts,
+        start_ns: u64,
+        attribution: Option<Arc<Attribution>>,
+    ) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if attribution.is_some() {
+            conn.attribution = attribution;
+        }
+        conn.seg = conn::Segment {
+            n: conn.seg.n + 1,
+            base: Counts { last_ns: 0, ..at },
+            start_ns,
+            viewer: None,
+            dirty: false,
+        };
+        self.batch
+            .segments
+            .push(segment_row(&self.boot, conn, true, 0));
+    }
+
+    fn on_close(&mut self, key: ConnKey, counts: Counts, end_ns: u64, flags: u32, cookie: u64) {
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.flags |= flags;
+        }
+        self.end_segment(key, counts, end_ns, true);
+        let Some(conn) = self.conns.remove(&key) else {
+            return;
+        };
+        self.tuples
+            .remove(&(conn.peer.client(), conn.peer.server_port));
+        self.closed.insert(key, self.generation);
+        self.batch.closed.push(ClosedConn {
+            id: conn.id(&self.boot),
+            cookie,
+            service: conn.service.name.to_string(),
+            peer: conn.peer,
+            counts: conn.counts,
+            start_ns: conn.start_ns,
+            end_ns,
+            flags: conn.flags,
+        });
+    }
+
+    /// A full read of the live TCP map. `info` looks up who a connection
+    /// is the first time it is seen; `None`: it is gone (its close record
+    /// follows).
+    pub fn on_tcp_read(
+        &mut self,
+        read: &[(u64, Counts)],
+        info: &mut dyn FnMut(u64) -> Option<ConnInfo>,
+    ) {
+        self.generation += 1;
+        let horizon = self.generation.saturating_sub(CLOSED_MEMORY);
+        self.closed.retain(|_, g| *g >= horizon);
+        // New connections join sessions in the order they started, so the
+        // result does not depend on the order of the map.
+        let mut fresh = Vec::new();
+        for &(cookie, counts) in read {
+            let key = ConnKey::Tcp(cookie);
+            if self.closed.contains_key(&key) {
+                continue;
+            }
+            if let Some(conn) = self.conns.get_mut(&key) {
+                if conn.raise(&counts) {
+                    self.touch(key);
+                }
+            } else if let Some(i) = info(cookie) {
+                fresh.push((i.start_ns, cookie, i, counts));
+            }
+        }
+        fresh.sort_unstable_by_key(|f| (f.0, f.1));
+        for (_, cookie, i, counts) in fresh {
+            let key = ConnKey::Tcp(cookie);
+            if self.open_conn(key, Peer::of(&i), i.service, i.start_ns) {
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    conn.raise(&counts);
+                }
+                self.touch(key);
+            }
+        }
+    }
+
+    /// A full read of the UDP flow map.
+    pub fn on_udp_read(&mut self, read: &[(UdpFlowKey, UdpFlow)]) {
+        let mut fresh = Vec::new();
+        for (k, flow) in read {
+            let key = ConnKey::Udp {
+                key: *k,
+                first_ns: flow.first_ns,
+            };
+            if self.closed.contains_key(&key) {
+                continue;
+            }
+            if let Some(conn) = self.conns.get_mut(&key) {
+                if conn.raise(&flow.counts) {
+                    self.touch(key);
+                }
+            } else {
+                fresh.push((flow.first_ns, key, *k, *flow));
+            }
+        }
+        fresh.sort_unstable_by_key(|f| f.0);
+        for (_, key, k, flow) in fresh {
+            if self.open_conn(key, Peer::of_flow(&k), flow.service, flow.first_ns) {
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    conn.raise(&flow.counts);
+                }
+                self.touch(key);
+            }
+        }
+    }
+
+    /// The UDP flows of `read` that have been idle long enough to remove
+    /// from the kernel map, as of `now_ns` taken *before* the read: any
+    /// datagram after the read then starts a new segment (the kernel marks
+    /// the gap), so removing them does not change what is billed.
+    pub fn idle_udp(
+        &self,
+        read: &[(UdpFlowKey, UdpFlow)],
+        now_ns: u64,
+        timeout_ns: u64,
+    ) -> Vec<UdpFlowKey> {
+        read.iter()
+            .filter(|(_, flow)| {
+                let idle = self
+                    .services
+                    .get(flow.service as usize)
+                    .map_or(0, |s| s.idle_ns)
+                    .max(timeout_ns);
+                now_ns >= flow.counts.last_ns.saturating_add(idle)
+            })
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// A UDP flow the loop took out of the kernel map, with its final value.
+    pub fn on_udp_end(&mut self, k: &UdpFlowKey, flow: &UdpFlow) {
+        let key = ConnKey::Udp {
+            key: *k,
+            first_ns: flow.first_ns,
+        };
+        if self.closed.contains_key(&key) {
+            return;
+        }
+        if !self.conns.contains_key(&key)
+            && !self.open_conn(key, Peer::of_flow(k), flow.service, flow.first_ns)
+        {
+            return;
+        }
+        self.on_close(key, flow.counts, flow.counts.last_ns, 0, 0);
+    }
+
+    /// The streaming server says whose connection `conn` is. `fresh`
+    /// reads its counts from the kernel now: bytes up to them stay where
+    /// they were, later ones go to the attributed session.
+    pub fn attribute(
+        &mut self,
+        conn: ConnectionRef,
+        attribution: Attribution,
+        fresh: &mut dyn FnMut(&ConnKey) -> Option<Counts>,
+        now_ns: u64,
+        now: Instant,
+    ) -> Outcome {
+        let key = match conn {
+            ConnectionRef::Cookie(c) => {
+                Some(ConnKey::Tcp(c)).filter(|k| self.conns.contains_key(k))
+            }
+            ConnectionRef::Tuple {
+                client,
+                server_port,
+            } => self.tuples.get(&(canonical(client), server_port)).copied(),
+        };
+        let Some(key) = key else {
+            return if self.pending.add(conn, attribution, now) {
+                Outcome::Pending
+            } else {
+                Outcome::Refused
+            };
+        };
+        let Some(c) = self.conns.get_mut(&key) else {
+            return Outcome::Pending;
+        };
+        if c.attribution.as_deref() == Some(&attribution) {
+            return Outcome::Applied;
+        }
+        if let Some(counts) = fresh(&key) {
+            c.raise(&counts);
+        }
+        if c.seg.has_payload(&c.counts) {
+            // Bytes up to now stay where they were.
+            let at = c.counts;
+            self.end_segment(key, at, at.last_ns, false);
+            self.next_segment(key, at, now_ns, Some(Arc::new(attribution)));
+        } else {
+            c.attribution = Some(Arc::new(attribution));
+            self.batch
+                .segments
+                .push(segment_row(&self.boot, c, true, 0));
+        }
+        Outcome::Applied
+    }
+
+    /// Drops pending attributions older than `ttl`.
+    pub fn expire_pending(&mut self, now: Instant, ttl: std::time::Duration) -> usize {
+        self.pending.expire(now, ttl)
+    }
+
+    /// The billing cycle at kernel time `now_ns`: charges every open
+    /// session for the whole units it used since the last cycle, settles
+    /// the sessions that ended, stages what changed, and checks limits.
+    /// Returns the live sums per service.
+    pub fn on_cycle(&mut self, now_ns: u64) -> HashMap<Arc<str>, LiveTotals> {
+        if self.restoring {
+            self.restoring = false;
+            self.end_unmatched();
+        }
+        let mut live: HashMap<Arc<str>, LiveTotals> = HashMap::new();
+        let ids: Vec<Arc<str>> = self.viewers.keys().cloned().collect();
+        for id in ids {
+            let totals = match self.viewers.get(&id) {
+                Some(v) => self.totals(v),
+                None => continue,
+            };
+            let Some(v) = self.viewers.get_mut(&id) else {
+                continue;
+            };
+            let quantity = v.quantity(totals);
+            if let Some(charge) = billing::cycle_charge(&v.service.tariff, quantity, &mut v.accrual)
+            {
+                v.dirty = true;
+                let account = v.account();
+                self.limits.add(
+                    &account,
+                    i64::try_from(charge.amount_micro).unwrap_or(i64::MAX),
+                );
+                self.batch.charges.push(ChargeRow {
+                    session_id: id.to_string(),
+                    seq: charge.seq,
+                    service: v.service.name.to_string(),
+                    account,
+                    units: charge.units,
+                    amount_micro: charge.amount_micro,
+                });
+            }
+            let of_old_boot = !id.starts_with(&format!("v{}-", self.boot));
+            if v.ended(now_ns) || (of_old_boot && v.open.is_empty()) {
+                self.settle(&id, totals);
+                continue;
+            }
+            let t = live.entry(Arc::clone(&v.service.name)).or_default();
+            t.viewers += 1;
+            t.charged_minor += v.accrual.charged_micro / MICRO;
+        }
+        for conn in self.conns.values_mut() {
+            let t = live.entry(Arc::clone(&conn.service.name)).or_default();
+            let (o, i) = conn.seg.bytes(&conn.counts);
+            t.bytes_out += o;
+            t.bytes_in += i;
+            t.connections += 1;
+        }
+        self.stage_dirty();
+        for (account, spent_minor, limit_minor) in self.limits.check() {
+            self.batch.limits.push(LimitEvent {
+                account,
+                spent_minor,
+                limit_minor,
+            });
+        }
+        live
+    }
+
+    /// Stages the open sessions and segments that changed.
+    fn stage_dirty(&mut self) {
+        for v in self.viewers.values_mut().filter(|v| v.dirty) {
+            v.dirty = false;
+            self.batch.viewers.push(viewer_row(v, v.done));
+        }
+        let boot = self.boot.clone();
+        for conn in self.conns.values_mut().filter(|c| c.seg.dirty) {
+            conn.seg.dirty = false;
+            if conn.seg.viewer.is_none() && conn.attribution.is_none() && conn.seg.n == 0 {
+                // Nothing to remember yet: it would come back from the kernel.
+                continue;
+            }
+            self.batch.segments.push(segment_row(&boot, conn, true, 0));
+        }
+    }
+
+    /// Ends the restored segments whose connection did not come back (it
+    /// closed while its record could not be kept, or the host rebooted),
+    /// at the counts the ledger last had.
+    fn end_unmatched(&mut self) {
+        for (_, row) in std::mem::take(&mut self.restored) {
+            tracing::warn!(
+                connection = %row.id,
+                "connection of an open session did not come back after the restart: \
+                 ending it at the counts last recorded"
+            );
+            let (o, i) = row.bytes();
+            if let Some(v) = self.viewers.get_mut(row.session_id.as_str()) {
+                v.done.0 += o;
+                v.done.1 += i;
+                v.last_ns = v.last_ns.max(row.counts.last_ns);
+                v.dirty = true;
+            }
+            self.batch.segments.push(SegmentRow {
+                open: false,
+                end_ns: row.counts.last_ns.max(row.start_ns),
+                ..row
+            });
+        }
+    }
+
+    /// Settles a session: the tariff applied once to its totals, minus what
+    /// the cycles charged.
+    fn settle(&mut self, id: &Arc<str>, totals: (u64, u64)) {
+        let Some(v) = self.viewers.remove(id) else {
+            return;
+        };
+        if self.current.get(&v.key) == Some(id) {
+            self.current.remove(&v.key);
+        }
+        let quantity = v.quantity(totals);
+        let amounts = billing::settle(&v.service.tariff, quantity, &v.accrual);
+        self.limits.add(&v.account(), amounts.adjustment_micro);
+        self.batch.settled.push(SettledRow {
+            row: viewer_row(&v, totals),
+            duration_ms: v.duration_ns() / 1_000_000,
+            charge_minor: amounts.total_minor,
+            cycles_micro: amounts.cycles_micro,
+            adjustment_micro: amounts.adjustment_micro,
+        });
+    }
+
+    /// Adds a connection first seen now; false if its service is unknown.
+    fn open_conn(&mut self, key: ConnKey, peer: Peer, index: u32, start_ns: u64) -> bool {
+        let id = conn::conn_id(&self.boot, &key, peer.client_port);
+        let restored = self.restored.remove(&id);
+        let service = restored
+            .as_ref()
+            .and_then(|r| self.viewers.get(r.session_id.as_str()))
+            .map(|v| Arc::clone(&v.service))
+            .or_else(|| {
+                restored
+                    .as_ref()
+                    .and_then(|r| self.by_name.get(r.service.as_str()).cloned())
+            })
+            .or_else(|| self.services.get(index as usize).cloned());
+        let Some(service) = service else {
+            tracing::error!(
+                connection = %id,
+                service = index,
+                "connection of a service the config does not have: not billed"
+            );
+            return false;
+        };
+        let mut conn = Conn::new(key, service, peer, start_ns);
+        if let Some(r) = restored {
+            conn.counts = r.counts;
+            conn.attribution = r.account.clone().map(|account| {
+                Arc::new(Attribution {
+                    account,
+                    content: r.content.clone(),
+                })
+            });
+            let viewer = Some(Arc::<str>::from(r.session_id.as_str()))
+                .filter(|v| self.viewers.contains_key(v));
+            if let Some(v) = viewer.as_ref().and_then(|v| self.viewers.get_mut(v)) {
+                v.open.push(key);
+            }
+            conn.seg = conn::Segment {
+                n: r.n,
+                base: r.base,
+                start_ns: r.start_ns,
+                viewer,
+                dirty: false,
+            };
+            if conn.start_ns == 0 {
+                conn.start_ns = r.start_ns;
+            }
+        } else {
+            let cookie = match key {
+                ConnKey::Tcp(c) => Some(c),
+                ConnKey::Udp { .. } => None,
+            };
+            conn.attribution = self
+                .pending
+                .take(cookie, peer.client(), peer.server_port)
+                .map(Arc::new);
+        }
+        self.tuples.insert((peer.client(), peer.server_port), key);
+        self.conns.insert(key, conn);
+        true
+    }
+
+    /// After a connection's counts changed: its segment joins a session
+    /// once it has moved a payload byte, and the session's last payload
+    /// moves with it.
+    fn touch(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if !conn.seg.has_payload(&conn.counts) {
+            return;
+        }
+        conn.seg.dirty = true;
+        let last = conn.counts.last_ns.max(conn.seg.start_ns);
+        match conn.seg.viewer.clone() {
+            Some(id) => {
+                if let Some(v) = self.viewers.get_mut(&id)
+                    && last > v.last_ns
+                {
+                    v.last_ns = last;
+                }
+            }
+            None => self.assign(key),
+        }
+    }
+
+    /// Gives a connection's current segment its viewing session: the
+    /// newest open one of its key if the segment starts before that one
+    /// has been idle for `session_idle`, else a new one.
+    fn assign(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let who = match &conn.attribution {
+            Some(a) => Who::Account {
+                account: a.account.clone(),
+                content: a.content.clone().unwrap_or_default(),
+            },
+            None => Who::Client(conn.peer.client().ip()),
+        };
+        let vkey = ViewerKey {
+            service: Arc::clone(&conn.service.name),
+            who,
+        };
+        let start = if conn.seg.start_ns != 0 {
+            conn.seg.start_ns
+        } else {
+            conn.counts.last_ns
+        };
+        let last = conn.counts.last_ns.max(start);
+        let joined = self
+            .current
+            .get(&vkey)
+            .filter(|id| self.viewers.get(*id).is_some_and(|v| v.admits(start)))
+            .cloned();
+        let id = joined.unwrap_or_else(|| {
+            let id: Arc<str> = Arc::from(format!("v{}", conn.segment_id(&self.boot)));
+            self.viewers.insert(
+                Arc::clone(&id),
+                Viewer {
+                    id: Arc::clone(&id),
+                    key: vkey.clone(),
+                    service: Arc::clone(&conn.service),
+                    client_addr: conn.peer.client().ip(),
+                    first_ns: start,
+                    last_ns: last,
+                    done: (0, 0),
+                    open: Vec::new(),
+                    connections: 0,
+                    accrual: Accrual::default(),
+                    started_ms: None,
+                    dirty: true,
+                },
+            );
+            self.current.insert(vkey, Arc::clone(&id));
+            id
+        });
+        if let Some(v) = self.viewers.get_mut(&id) {
+            v.open.push(key);
+            v.connections += 1;
+            v.first_ns = v.first_ns.min(start);
+            v.last_ns = v.last_ns.max(last);
+            v.dirty = true;
+        }
+        conn.seg.viewer = Some(id);
+        conn.seg.dirty = true;
+    }
+
+    /// Ends a connection's current segment at `at`: its bytes up to there
+    /// are its session's for good.
+    fn end_segment(&mut self, key: ConnKey, at: Counts, end_ns: u64, closes: bool) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        conn.raise(&at);
+        let has_payload = conn.seg.has_payload(&at);
+        if has_payload && conn.seg.viewer.is_none() {
+            self.assign(key);
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let (o, i) = conn.seg.bytes(&at);
+        if let Some(v) = conn
+            .seg
+            .viewer
+            .as_ref()
+            .and_then(|id| self.viewers.get_mut(id))
+        {
+            v.done.0 += o;
+            v.done.1 += i;
+            v.open.retain(|k| *k != key);
+            if has_payload {
+                v.last_ns = v.last_ns.max(at.last_ns.max(conn.seg.start_ns));
+            }
+            v.dirty = true;
+        }
+        if has_payload || conn.seg.n == 0 {
+            let mut row = segment_row(&self.boot, conn, false, end_ns.max(conn.seg.start_ns));
+            row.counts = at;
+            row.closes_conn = closes;
+            self.batch.segments.push(row);
+        }
+    }
+}
+
+fn viewer_row(v: &Viewer, bytes: (u64, u64)) -> ViewerRow {
+    ViewerRow {
+        id: v.id.to_string(),
+        service: v.service.name.to_string(),
+        tariff: v.service.tariff.clone(),
+        account: v.account(),
+        content: v.content().to_owned(),
+        attributed: matches!(v.key.who, Who::Account { .. }),
+        client_addr: v.client_addr.to_string(),
+        first_ns: v.first_ns,
+        last_ns: v.last_ns,
+        bytes_out: bytes.0,
+        bytes_in: bytes.1,
+        connections: v.connections,
+        accrual: v.accrual,
+        started_ms: v.started_ms,
+    }
+}
+
+fn segment_row(boot: &str, conn: &Conn, open: bool, end_ns: u64) -> SegmentRow {
+    let conn_id = conn.id(boot);
+    SegmentRow {
+        id: conn::segment_id(&conn_id, conn.seg.n),
+        conn_id,
+        n: conn.seg.n,
+        session_id: conn.seg.viewer.as_deref().unwrap_or("").to_owned(),
+        open,
+        service: conn.service.name.to_string(),
+        account: conn.attribution.as_ref().map(|a| a.account.clone()),
+        content: conn.attribution.as_ref().and_then(|a| a.content.clone()),
+        protocol: conn.peer.protocol,
+        client: conn.peer.client(),
+        server: conn.peer.server(),
+        start_ns: conn.seg.start_ns,
+        end_ns,
+        base: conn.seg.base,
+        counts: conn.counts,
+        flags: conn.flags,
+        closes_conn: false,
+    }
+}
+
+fn flow_key(info: &ConnInfo) -> UdpFlowKey {
+    UdpFlowKey {
+        local_addr: info.local_addr,
+        remote_addr: info.remote_addr,
+        local_port: info.local_port,
+        remote_port: info.remote_port,
+        family: info.family,
+        pad: 0,
+    }
+}
+
+/// IPv4-mapped IPv6 client addresses as IPv4, as the kernel side reports them.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+#[cfg(test)]
+mod tests;

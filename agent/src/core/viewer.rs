@@ -1,0 +1,108 @@
+//! Viewing sessions: what meterd bills (the patent's provision of a
+//! service to a user, from its billing request to its settlement).
+//!
+//! A viewing session is keyed by its service and who watches: the
+//! attributed account and content, or, unattributed, the client address.
+//! It gathers the segments of any number of connections, one after another
+//! or at once, and ends when none of them moved a payload byte for the
+//! service's `session_idle`. Its tariff is the one in force when it
+//! started, kept with it (a changed config prices new sessions only).
+//!
+//! Owns a session's totals, times and accrual; the arithmetic of money
+//! is `billing`'s.
+
+use std::{net::IpAddr, sync::Arc};
+
+use super::{ServiceDef, conn::ConnKey};
+use crate::billing::Accrual;
+
+/// Who a viewing session is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Who {
+    /// Unattributed traffic: billed to the client address.
+    Client(IpAddr),
+    /// Attributed by the streaming server.
+    Account { account: String, content: String },
+}
+
+/// What makes two segments the same viewing session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ViewerKey {
+    pub service: Arc<str>,
+    pub who: Who,
+}
+
+/// An open viewing session.
+#[derive(Debug, Clone)]
+pub struct Viewer {
+    /// `v<id of the segment that opened it>`: deterministic, so the same
+    /// traffic gets the same id after a restart.
+    pub id: Arc<str>,
+    pub key: ViewerKey,
+    /// Service and tariff as they were when the session started.
+    pub service: Arc<ServiceDef>,
+    /// The client address of its first connection.
+    pub client_addr: IpAddr,
+    /// Boot ns of its first payload.
+    pub first_ns: u64,
+    /// Boot ns of its latest payload.
+    pub last_ns: u64,
+    /// Bytes of its segments that have ended (out, in).
+    pub done: (u64, u64),
+    /// Connections whose current segment feeds it.
+    pub open: Vec<ConnKey>,
+    /// Segments it has had.
+    pub connections: u32,
+    /// What the billing cycles have charged it.
+    pub accrual: Accrual,
+    /// The wall-clock ms of its start, once the ledger has it (kept from
+    /// the first write, so a settlement after a reboot still has it).
+    pub started_ms: Option<i64>,
+    /// Changed since the ledger last saw it.
+    pub dirty: bool,
+}
+
+impl Viewer {
+    /// The account billed: the attributed one, or the client address.
+    pub fn account(&self) -> String {
+        match &self.key.who {
+            Who::Client(ip) => ip.to_string(),
+            Who::Account { account, .. } => account.clone(),
+        }
+    }
+
+    /// The content, if attributed.
+    pub fn content(&self) -> &str {
+        match &self.key.who {
+            Who::Client(_) => "",
+            Who::Account { content, .. } => content,
+        }
+    }
+
+    /// Watching time so far: first payload to last; gaps shorter than
+    /// `session_idle` count, idle tails never do.
+    pub fn duration_ns(&self) -> u64 {
+        self.last_ns.saturating_sub(self.first_ns)
+    }
+
+    /// The tariff's quantity for totals `bytes` (out, in).
+    pub fn quantity(&self, bytes: (u64, u64)) -> u64 {
+        self.service
+            .tariff
+            .quantity(bytes.0, bytes.1, self.duration_ns())
+    }
+
+    /// Whether a segment starting at `start_ns` still belongs to this
+    /// session: it starts before the session has been idle for
+    /// `session_idle`.
+    pub fn admits(&self, start_ns: u64) -> bool {
+        start_ns < self.last_ns.saturating_add(self.service.idle_ns)
+    }
+
+    /// Whether the session has ended by `now_ns` and can be settled: idle
+    /// for `session_idle`, and no connection of it is still open in a
+    /// segment whose final counts the kernel has not given yet.
+    pub fn ended(&self, now_ns: u64) -> bool {
+        self.open.is_empty() && now_ns >= self.last_ns.saturating_add(self.service.idle_ns)
+    }
+}
