@@ -96,6 +96,8 @@ pub fn service_defs(config: &Config) -> Vec<ServiceDef> {
             name: Arc::from(s.name.as_str()),
             tariff: s.tariff.clone(),
             idle_ns: duration_ns(s.session_idle),
+            tcp_ports: s.tcp_ports.clone(),
+            udp_ports: s.udp_ports.clone(),
         })
         .collect()
 }
@@ -692,9 +694,19 @@ impl Agent {
 pub fn lock_instance(pin_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
     use std::io::{Read as _, Seek as _, Write as _};
     use std::os::fd::AsRawFd as _;
-    let name = pin_dir
-        .file_name()
-        .map_or_else(|| "meterd".into(), |n| n.to_string_lossy().into_owned());
+    // Keyed by the canonical path: a symlink or `..` to the same pins is
+    // the same instance, another directory with the same name is not.
+    let canonical = match (pin_dir.parent(), pin_dir.file_name()) {
+        (Some(parent), Some(name)) => {
+            std::fs::canonicalize(parent).map_or_else(|_| pin_dir.to_owned(), |p| p.join(name))
+        }
+        _ => pin_dir.to_owned(),
+    };
+    let canonical = std::fs::canonicalize(&canonical).unwrap_or(canonical);
+    let name = canonical
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .replace('/', "-");
     let path = PathBuf::from(format!("/run/meterd/{name}.lock"));
     std::fs::create_dir_all("/run/meterd").map_err(io("creating /run/meterd"))?;
     let mut file = std::fs::OpenOptions::new()

@@ -65,6 +65,7 @@ impl AttributeRequest {
             self.client_port,
             self.server_port,
         ) {
+            (Some(0), ..) => Err("cookie 0 is no socket's cookie"),
             (Some(c), None, None, None) => Ok(ConnectionRef::Cookie(c)),
             (None, Some(ip), Some(port), Some(server_port)) => Ok(ConnectionRef::Tuple {
                 client: SocketAddr::new(ip, port),

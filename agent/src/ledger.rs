@@ -47,6 +47,10 @@ pub enum LedgerError {
         source: std::io::Error,
     },
     #[error(
+        "ledger {path} was deleted or replaced while meterd was writing it: nothing more is committed to the old file; restore it (or start meterd again on a new one)"
+    )]
+    Gone { path: PathBuf },
+    #[error(
         "ledger {path} was written in currency {found}, but the config says {configured}: use a new ledger file for a new currency"
     )]
     Currency {
@@ -134,6 +138,10 @@ pub struct Ledger {
     path: PathBuf,
     conn: Connection,
     currency: String,
+    /// The file as opened, to notice it being deleted or replaced: SQLite
+    /// would go on writing to an unlinked file, and every commit after
+    /// that would be lost with it.
+    file: Option<fs::File>,
 }
 
 const SCHEMA: &str = "
@@ -258,7 +266,7 @@ impl Ledger {
             fs::create_dir_all(dir).map_err(io)?;
         }
         // Create the file ourselves so it never exists with a wider mode.
-        fs::OpenOptions::new()
+        let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
@@ -273,6 +281,7 @@ impl Ledger {
             path: path.to_owned(),
             conn,
             currency: currency.to_owned(),
+            file: Some(file),
         };
         ledger.init(currency)?;
         Ok(ledger)
@@ -292,6 +301,7 @@ impl Ledger {
             path: path.to_owned(),
             conn,
             currency: String::new(),
+            file: None,
         })
     }
 
@@ -443,8 +453,28 @@ impl Ledger {
         Ok((viewers, segments))
     }
 
+    /// Fails if the ledger file was deleted or replaced since it was
+    /// opened (its inode is no longer the one at the path, or it has no
+    /// links left).
+    pub fn check_file(&self) -> Result<(), LedgerError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let gone = || LedgerError::Gone {
+            path: self.path.clone(),
+        };
+        let open = file.metadata().map_err(|_| gone())?;
+        let at_path = fs::metadata(&self.path).map_err(|_| gone())?;
+        if open.nlink() == 0 || open.ino() != at_path.ino() || open.dev() != at_path.dev() {
+            return Err(gone());
+        }
+        Ok(())
+    }
+
     /// Writes everything in `batch` in one transaction.
     pub fn commit(&mut self, batch: &Batch) -> Result<Committed, LedgerError> {
+        self.check_file()?;
         let path = self.path.clone();
         let err = |source| LedgerError::Sqlite {
             path: path.clone(),
@@ -939,6 +969,17 @@ fn csv_field(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deleted_ledger_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite");
+        let mut l = Ledger::open(&path, "EUR").unwrap();
+        assert!(l.commit(&Batch::default()).is_ok());
+        fs::remove_file(&path).unwrap();
+        let e = l.commit(&Batch::default()).unwrap_err();
+        assert!(matches!(e, LedgerError::Gone { .. }), "{e}");
+    }
 
     #[test]
     fn currency_change_is_refused() {

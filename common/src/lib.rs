@@ -52,8 +52,9 @@ pub struct Counts {
     pub bytes_in: u64,
     /// `bpf_ktime_get_boot_ns()` when the counts last rose; 0 before the
     /// first payload. For TCP it is within the live refresh period
-    /// (100 ms) of the truth, and never later than it: a rise first seen
-    /// after a quiet period is dated to the start of that period.
+    /// (100 ms at HZ=250) of the truth: a rise first seen after a quiet
+    /// period is dated to the start of that period (the tail of the
+    /// activity before it), never to when it was noticed.
     pub last_ns: u64,
 }
 

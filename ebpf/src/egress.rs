@@ -7,28 +7,34 @@
 //! server's packets are few and large (GSO), so this is the cheapest place
 //! for the snapshot; the ACKs it receives pass no program at all.
 //!
-//! Live TCP entries are refreshed at most every [`REFRESH_JIFFIES`] per
-//! connection (and at every state change), which keeps the program to a
-//! per-socket storage lookup and a compare on most packets.
+//! On most packets of an established connection the program does one
+//! per-socket storage lookup, a state read and a jiffies compare (the fast
+//! path). At most every [`REFRESH_JIFFIES`] per connection, and on every
+//! packet in other states, it folds a snapshot into `LIVE`
+//! ([`crate::activity::fold`]), which also dates the rise and notes a gap.
+//! Only that slow path reads the boot-time clock.
 //!
-//! Minimum kernel version: 5.5 (`bpf_jiffies64`; sk_storage from cgroup_skb).
+//! Minimum kernel version: 5.8 (`bpf_jiffies64`, sk_storage from
+//! cgroup_skb; `bpf_ktime_get_boot_ns` and ring buffers).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, bpf_sock},
-    helpers::generated::{
-        bpf_get_socket_cookie, bpf_jiffies64, bpf_sk_fullsock, bpf_sk_storage_get, bpf_tcp_sock,
+    helpers::{
+        bpf_ktime_get_boot_ns,
+        generated::{bpf_get_socket_cookie, bpf_jiffies64, bpf_sk_fullsock, bpf_tcp_sock},
     },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use meterd_common::{
-    IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET6, ConnInfo, IPPROTO_TCP, IPPROTO_UDP,
     tcp::{live_bytes_in, live_bytes_out, state},
 };
 
 use crate::{
-    maps::{LIVE, SK_METER, SkMeter},
+    activity::{OnRingFull, REFRESH_JIFFIES, Reading, fold},
+    maps::{LIVE, SkMeter, sk_meter},
     udp::{Direction, count_udp},
 };
 
@@ -58,29 +64,11 @@ pub fn meterd_egress(ctx: SkBuffContext) -> i32 {
     PASS
 }
 
-/// Jiffies between two refreshes of an established connection's `LIVE`
-/// entry: 100 ms at HZ=250. A streaming server sends tens of thousands of
-/// GSO packets per second per busy connection; refreshing on each would
-/// make the hash lookup the data path's main cost, while the billing cycle
-/// reads at most once per interval. State changes refresh at once, and the
-/// close record is exact whatever the refresh rate.
-const REFRESH_JIFFIES: u64 = 25;
-
 #[inline(always)]
 fn tcp(ctx: &SkBuffContext, sk: *mut bpf_sock) {
     // Only sockets sock_ops registered have this storage (listeners and
     // unmetered connections do not).
-    // SAFETY: helper on a full socket; the map pointer is the BTF map
-    // definition's own address.
-    let meter = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&SK_METER).cast_mut().cast(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    }
-    .cast::<SkMeter>();
+    let meter = sk_meter(sk.cast(), None);
     if meter.is_null() {
         return;
     }
@@ -93,36 +81,102 @@ fn tcp(ctx: &SkBuffContext, sk: *mut bpf_sock) {
     if tcp_state == state::ESTABLISHED && now.wrapping_sub(meter.synced_jiffies) < REFRESH_JIFFIES {
         return;
     }
-    meter.synced_jiffies = now;
+    slow_path(ctx, sk, meter, now);
+}
+
+/// Folds a snapshot of the socket's counters into `LIVE`.
+#[inline(always)]
+fn slow_path(ctx: &SkBuffContext, sk: *mut bpf_sock, meter: &mut SkMeter, jiffies: u64) {
     // SAFETY: helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(live) = LIVE.get_ptr_mut(&cookie) else {
-        return;
-    };
     // SAFETY: helper on a full socket.
     let tp = unsafe { bpf_tcp_sock(sk) };
-    if tp.is_null() {
+    let live = LIVE.get_ptr_mut(&cookie);
+    let (Some(live), false) = (live, tp.is_null()) else {
+        // Nothing to fold into (the connection was untracked or its entry
+        // taken): stay on the fast path.
+        // SAFETY: helper without arguments.
+        meter.sync(jiffies, unsafe { bpf_ktime_get_boot_ns() });
         return;
-    }
-    // SAFETY: non-NULL tcp_sock, fields read at their declared width.
-    let (acked, received, una, nxt) = unsafe {
+    };
+    // SAFETY: non-NULL tcp_sock and full socket, fields read at their
+    // declared width.
+    let (acked, received, una, nxt, tcp_state) = unsafe {
         (
             (*tp).bytes_acked,
             (*tp).bytes_received,
             (*tp).snd_una,
             (*tp).snd_nxt,
+            (*sk).state,
         )
     };
-    // SAFETY: valid map value pointer; writers only ever raise the values,
-    // so a racing older snapshot cannot move a count backwards.
+    // SAFETY: valid map value pointer; the socket's packets and sock_ops
+    // callbacks run under its lock, so this is the entry's only writer.
     let live = unsafe { &mut *live };
-    let out = live_bytes_out(acked, tcp_state, una, nxt);
-    if out > live.bytes_out {
-        live.bytes_out = out;
+    let bytes_out = live_bytes_out(acked, tcp_state, una, nxt);
+    let bytes_in = live_bytes_in(received, tcp_state).unwrap_or(live.bytes_in);
+    let service = meter.service;
+    fold(
+        cookie,
+        live,
+        meter,
+        &Reading::at(jiffies, bytes_out, bytes_in),
+        || info_of(sk, service),
+        OnRingFull::Retry,
+    );
+}
+
+/// The connection's identity from its socket, for a gap record when `INFO`
+/// has no entry (it always should: sock_ops writes both).
+#[inline(always)]
+fn info_of(sk: *mut bpf_sock, service: u32) -> ConnInfo {
+    // Each field is read on its own at its offset: the verifier checks
+    // socket accesses per field and width.
+    // SAFETY: non-NULL full socket; plain members of `bpf_sock`.
+    let (family, src4, dst4, src_port, dst_port) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*sk).family) as u16,
+            core::ptr::read_volatile(&raw const (*sk).src_ip4),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip4),
+            core::ptr::read_volatile(&raw const (*sk).src_port),
+            core::ptr::read_volatile(&raw const (*sk).dst_port),
+        )
+    };
+    let (local_addr, remote_addr) = if family == AF_INET6 {
+        // SAFETY: as above.
+        unsafe { (ip6(&raw const (*sk).src_ip6), ip6(&raw const (*sk).dst_ip6)) }
+    } else {
+        ([src4, 0, 0, 0], [dst4, 0, 0, 0])
+    };
+    ConnInfo {
+        start_ns: 0,
+        end_ns: 0,
+        local_addr,
+        remote_addr,
+        // src_port is in host order, dst_port in network order.
+        local_port: src_port as u16,
+        remote_port: u16::from_be(dst_port),
+        family,
+        protocol: IPPROTO_TCP,
+        service,
+        flags: 0,
     }
-    if let Some(inb) = live_bytes_in(received, tcp_state)
-        && inb > live.bytes_in
-    {
-        live.bytes_in = inb;
+}
+
+/// Reads an IPv6 address of a `bpf_sock` one word at a time.
+///
+/// # Safety
+/// `words` points into a full socket's `bpf_sock`.
+#[inline(always)]
+unsafe fn ip6(words: *const [u32; 4]) -> [u32; 4] {
+    let w = words.cast::<u32>();
+    // SAFETY: four words of the caller's address field.
+    unsafe {
+        [
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+            core::ptr::read_volatile(w.add(2)),
+            core::ptr::read_volatile(w.add(3)),
+        ]
     }
 }

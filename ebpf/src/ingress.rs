@@ -4,7 +4,8 @@
 //! directions), so the agent attaches this program only when a UDP port is
 //! metered: on a download-heavy TCP server it would run once per ACK.
 //!
-//! Minimum kernel version: 4.10 (cgroup_skb).
+//! Minimum kernel version: 5.12 (the UDP gap claim's `BPF_CMPXCHG`, see
+//! [`crate::udp`]).
 
 use aya_ebpf::{
     EbpfContext as _, bindings::__sk_buff, helpers::generated::bpf_sk_fullsock, macros::cgroup_skb,

@@ -9,13 +9,22 @@
 //! - [`ingress`]: counts incoming UDP datagrams (attached only when UDP ports
 //!   are metered: for TCP it would cost a run per received ACK for nothing).
 //!
-//! The maps are in [`maps`]; their layouts live in `meterd-common`.
+//! Not hooks: [`activity`] dates each rise of a TCP connection's counts and
+//! queues a gap record (into the same ring) when a connection or UDP flow
+//! moves payload again after its service's `session_idle`; [`udp`] counts
+//! UDP flows for both cgroup_skb hooks. The maps are in [`maps`]; their
+//! layouts live in `meterd-common`.
+//!
+//! Minimum kernel version: 5.12 (`BPF_CMPXCHG` in [`udp`]); Debian 12's
+//! 6.1 is the oldest kernel meterd is tested on.
 #![no_std]
 #![no_main]
-// `atomic_xadd`: the bpf target has no atomic read-modify-write methods.
+// `atomic_xadd`, `atomic_cxchg`: the bpf target has no atomic
+// read-modify-write methods.
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic_xadd, see udp.rs")]
+#![expect(internal_features, reason = "atomic_xadd and atomic_cxchg, see udp.rs")]
 
+mod activity;
 mod egress;
 mod ingress;
 mod maps;

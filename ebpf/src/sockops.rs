@@ -1,25 +1,34 @@
 //! sock_ops: the life of a metered TCP connection.
 //!
 //! - PASSIVE_ESTABLISHED: an accepted connection on a metered port gets a
-//!   `LIVE` and an `INFO` entry, and asks for state callbacks.
-//! - STATE (any transition but to CLOSE): refreshes the live counts; entering
-//!   FIN_WAIT2 records the exact receive count that `final_bytes_in` needs.
+//!   `LIVE` and an `INFO` entry and its `SK_METER` storage (synced now, so
+//!   the first packets take the egress fast path), and asks for state
+//!   callbacks.
+//! - STATE (any transition but to CLOSE): folds the counters into `LIVE`
+//!   ([`crate::activity::fold`], which dates the rise and notes a gap);
+//!   entering FIN_WAIT2 records the exact receive count that
+//!   `final_bytes_in` needs.
 //! - STATE to CLOSE: computes the exact totals (sock_ops' `bytes_acked` and
-//!   `bytes_received` are final here, minus FINs) and queues a `Closed`
-//!   record. If the ring buffer is full, the totals stay in `LIVE` marked
-//!   closed, for the agent to collect: counted in `STATS`, never silent.
+//!   `bytes_received` are final here, minus FINs), folds them by the same
+//!   rule, so a rise first seen at close after a quiet period is dated as
+//!   the tail it is and not at the close (a keep-alive connection's idle
+//!   tail is not watching time), and queues a `Closed` record (after the
+//!   gap record, if the fold found a gap). If the ring buffer is full, the
+//!   totals stay in `LIVE` marked closed, for the agent to collect: counted
+//!   in `STATS`, never silent.
 //!
 //! No RTT or per-ACK callbacks: they cost ~150 ns per ACK on a download-heavy
 //! server, and the egress hook keeps live counts fresh more cheaply.
 //!
-//! Minimum kernel version: 5.3 (`bytes_acked` in `bpf_sock_ops`, state callbacks).
+//! Minimum kernel version: 5.8 (`bytes_acked` in `bpf_sock_ops` and state
+//! callbacks: 5.3; ring buffers and `bpf_ktime_get_boot_ns`: 5.8).
 
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns, generated::bpf_sk_storage_get},
+    helpers::bpf_get_socket_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -29,7 +38,10 @@ use meterd_common::{
     tcp::{final_bytes_in, final_bytes_out, live_bytes_in, live_bytes_out, state},
 };
 
-use crate::maps::{CLOSED, INFO, LIVE, SK_METER, SkMeter, TCP_PORTS, bump, service_of};
+use crate::{
+    activity::{OnRingFull, Reading, fold},
+    maps::{CLOSED, INFO, LIVE, SkMeter, TCP_PORTS, bump, service_of, sk_meter},
+};
 
 #[sock_ops]
 pub fn meterd_sockops(ctx: SockOpsContext) -> u32 {
@@ -89,6 +101,51 @@ fn conn_info(ctx: &SockOpsContext, service: u32, start_ns: u64) -> ConnInfo {
     }
 }
 
+/// The socket pointer of the callback, NULL if it is not a full socket.
+#[inline(always)]
+fn socket(ctx: &SockOpsContext) -> *mut core::ffi::c_void {
+    let sk = ctx_field!(ctx, __bindgen_anon_2);
+    // SAFETY: reading the union's pointer member; callers NULL-check it.
+    unsafe { sk.sk }.cast()
+}
+
+/// The socket's [`SkMeter`]; with `create`, made from `init` if it has
+/// none (e.g. its creation failed at establishment), so its live refresh
+/// starts now. `init` itself when there is no storage.
+#[inline(always)]
+fn meter<'a>(ctx: &SockOpsContext, init: &'a mut SkMeter, create: bool) -> &'a mut SkMeter {
+    let sk = socket(ctx);
+    if sk.is_null() {
+        return init;
+    }
+    let meter = if create {
+        sk_meter(sk, Some(&mut *init))
+    } else {
+        sk_meter(sk, None)
+    };
+    if meter.is_null() {
+        init
+    } else {
+        // SAFETY: valid storage pointer; the socket's callbacks and packets
+        // run under its lock.
+        unsafe { &mut *meter }
+    }
+}
+
+/// A meter for a socket that has none: synced now, so nothing is dated
+/// from a past it does not know.
+#[inline(always)]
+fn fresh_meter(ctx: &SockOpsContext, now: &Reading) -> SkMeter {
+    SkMeter {
+        synced_jiffies: now.jiffies,
+        synced_ns: now.ns,
+        // An unmetered port now wraps to an index SERVICE_IDLE does not
+        // have: no gap detection.
+        service: service_of(&TCP_PORTS, ctx_field!(ctx, local_port)).wrapping_sub(1),
+        pad: 0,
+    }
+}
+
 fn on_established(ctx: &SockOpsContext) {
     let service = service_of(&TCP_PORTS, ctx_field!(ctx, local_port));
     if service == 0 {
@@ -101,9 +158,8 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     }
     let cookie = cookie(ctx);
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let info = conn_info(ctx, service - 1, now);
+    let now = Reading::now(0, 0);
+    let info = conn_info(ctx, service - 1, now.ns);
     if INFO.insert(&cookie, &info, u64::from(BPF_NOEXIST)).is_err() {
         bump(Stat::LiveFull);
         return;
@@ -117,21 +173,17 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     }
     // Mark the socket metered for the egress hook (see maps::SkMeter).
-    let sk = ctx_field!(ctx, __bindgen_anon_2);
-    // SAFETY: reading the union's pointer member; NULL-checked below.
-    let sk = unsafe { sk.sk };
+    // Synced at establishment: the handshake moved no payload, and the
+    // first packets within the refresh period take the fast path.
+    let sk = socket(ctx);
     if !sk.is_null() {
-        let mut init = SkMeter { synced_jiffies: 0 };
-        // SAFETY: helper on a socket pointer from the context; the map
-        // pointer is the BTF map definition's own address.
-        unsafe {
-            bpf_sk_storage_get(
-                core::ptr::from_ref(&SK_METER).cast_mut().cast(),
-                sk.cast(),
-                core::ptr::from_mut(&mut init).cast(),
-                u64::from(BPF_SK_STORAGE_GET_F_CREATE),
-            );
-        }
+        let mut init = SkMeter {
+            synced_jiffies: now.jiffies,
+            synced_ns: now.ns,
+            service: service - 1,
+            pad: 0,
+        };
+        sk_meter(sk, Some(&mut init));
     }
     bump(Stat::Opened);
 }
@@ -150,24 +202,28 @@ fn on_state(ctx: &SockOpsContext) {
     }
     let Some(live) = live else { return };
     // SAFETY: valid map value pointer; sock_ops callbacks of one socket run
-    // under its lock, and every writer only raises the values.
+    // under its lock, like its egress packets, and every writer only raises
+    // the values.
     let live = unsafe { &mut *live };
-    let out = live_bytes_out(acked, new_state, una, nxt);
-    if out > live.bytes_out {
-        live.bytes_out = out;
-    }
-    let inb = if new_state == state::FIN_WAIT2 {
+    let bytes_in = if new_state == state::FIN_WAIT2 {
         // Entering FIN_WAIT2 happens before the segment's payload or FIN is
         // queued: the count is exact, and final_bytes_in compares against it.
-        Some(received)
+        received
     } else {
-        live_bytes_in(received, new_state)
+        live_bytes_in(received, new_state).unwrap_or(live.bytes_in)
     };
-    if let Some(inb) = inb
-        && inb > live.bytes_in
-    {
-        live.bytes_in = inb;
-    }
+    let now = Reading::now(live_bytes_out(acked, new_state, una, nxt), bytes_in);
+    let mut init = fresh_meter(ctx, &now);
+    let meter = meter(ctx, &mut init, true);
+    let service = meter.service;
+    fold(
+        cookie,
+        live,
+        meter,
+        &now,
+        || conn_info(ctx, service, 0),
+        OnRingFull::Retry,
+    );
 }
 
 #[inline(always)]
@@ -185,15 +241,20 @@ fn on_close(
     una: u32,
     nxt: u32,
 ) {
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
     // Without a LIVE entry there is no FIN_WAIT2 snapshot: assume no client
     // FIN (the orphan case), at worst one byte low.
     // SAFETY: valid map value pointer.
     let in_at_fin_wait2 = live.map_or(received, |l| unsafe { (*l).bytes_in });
-    let counts = Counts {
-        bytes_out: final_bytes_out(acked, old_state, una, nxt),
-        bytes_in: final_bytes_in(received, old_state, in_at_fin_wait2),
+    let now = Reading::now(
+        final_bytes_out(acked, old_state, una, nxt),
+        final_bytes_in(received, old_state, in_at_fin_wait2),
+    );
+    let mut counts = Counts {
+        bytes_out: now.bytes_out,
+        bytes_in: now.bytes_in,
+        // Untracked: no history to date the payload from; the agent has
+        // only the close time.
+        last_ns: 0,
     };
     let mut flags = 0;
     if counts.bytes_out != acked {
@@ -201,6 +262,26 @@ fn on_close(
     }
     if counts.bytes_in != received {
         flags |= CONN_FIN_IN;
+    }
+    if let Some(live) = live {
+        // SAFETY: valid map value pointer; the socket is closing under its
+        // lock, no other writer runs for it.
+        let live = unsafe { &mut *live };
+        let mut init = fresh_meter(ctx, &now);
+        let meter = meter(ctx, &mut init, false);
+        let service = meter.service;
+        // Dates the final rise and queues its gap record, if any, before
+        // the close record. A gap record that does not fit is merged into
+        // the close (counted): there is no next packet to retry at.
+        fold(
+            cookie,
+            live,
+            meter,
+            &now,
+            || conn_info(ctx, service, 0),
+            OnRingFull::Merge,
+        );
+        counts.last_ns = live.last_ns;
     }
     let info = INFO.get_ptr_mut(&cookie);
 
@@ -213,7 +294,7 @@ fn on_close(
                 conn_info(ctx, service.wrapping_sub(1), 0)
             }
         };
-        info_value.end_ns = now;
+        info_value.end_ns = now.ns;
         info_value.flags |= flags | if live.is_none() { CONN_UNTRACKED } else { 0 };
         entry.write(Closed {
             cookie,
@@ -227,15 +308,15 @@ fn on_close(
         return;
     }
 
-    // Ring buffer full: leave the final totals where the agent's next full
-    // read will find them.
+    // Ring buffer full: leave the final totals (and the date the fold gave
+    // them) where the agent's next full read will find them.
     match (live, info) {
         (Some(live), Some(info)) => {
             // SAFETY: valid map value pointers; the socket is closing, no
             // other writer runs for it.
             unsafe {
                 *live = counts;
-                (*info).end_ns = now;
+                (*info).end_ns = now.ns;
                 (*info).flags |= CONN_CLOSED | flags;
             }
             bump(Stat::RingFull);

@@ -4,17 +4,33 @@
 //! the datagram, not the socket. The billed quantity is UDP payload: the
 //! datagram minus IP and UDP headers (for a GSO/GRO skb that is still one
 //! header set over the whole payload).
+//!
+//! A flow's counts are cumulative for as long as it exists, and
+//! `counts.last_ns` is its latest datagram. A datagram after at least the
+//! service's `session_idle` of silence ends a gap: exactly one CPU claims
+//! the boundary (a compare-exchange of `last_ns`) and queues a gap record
+//! with the counts before the datagram. Counts are never reset: the agent
+//! splits the flow at the record's counts.
+//!
+//! Minimum kernel version: 5.12 (`BPF_CMPXCHG`); ring buffers and
+//! `bpf_ktime_get_boot_ns`: 5.8.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
+    ptr::{read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_sock},
     helpers::bpf_ktime_get_boot_ns,
     programs::SkBuffContext,
 };
-use meterd_common::{AF_INET, AF_INET6, Counts, IPPROTO_UDP, Stat, UdpFlow, UdpFlowKey};
+use meterd_common::{AF_INET, AF_INET6, ConnInfo, Counts, IPPROTO_UDP, Stat, UdpFlow, UdpFlowKey};
 
-use crate::maps::{UDP_FLOWS, UDP_PORTS, bump, service_of};
+use crate::{
+    activity::queue_gap,
+    maps::{UDP_FLOWS, UDP_PORTS, bump, service_of, session_idle},
+};
 
 const UDP_HEADER: u32 = 8;
 const IPV6_HEADER: u32 = 40;
@@ -93,42 +109,90 @@ pub fn count_udp(ctx: &SkBuffContext, sk: *mut bpf_sock, dir: Direction) {
     let payload = u64::from(ctx.len().saturating_sub(ip_len + UDP_HEADER));
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if add(&key, dir, payload, now) {
-        return;
-    }
-    let mut counts = Counts::default();
-    match dir {
-        Direction::Out => counts.bytes_out = payload,
-        Direction::In => counts.bytes_in = payload,
-    }
-    let flow = UdpFlow {
-        counts,
-        first_ns: now,
-        last_ns: now,
-        service: service - 1,
-        pad: 0,
+    let flow = match UDP_FLOWS.get_ptr_mut(&key) {
+        Some(flow) => flow,
+        None => {
+            let mut counts = Counts {
+                last_ns: now,
+                ..Counts::default()
+            };
+            match dir {
+                Direction::Out => counts.bytes_out = payload,
+                Direction::In => counts.bytes_in = payload,
+            }
+            let flow = UdpFlow {
+                counts,
+                first_ns: now,
+                service: service - 1,
+                pad: 0,
+            };
+            if UDP_FLOWS
+                .insert(&key, &flow, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                return;
+            }
+            // Another CPU created the flow meanwhile, or the map is full.
+            let Some(flow) = UDP_FLOWS.get_ptr_mut(&key) else {
+                bump(Stat::UdpFull);
+                return;
+            };
+            flow
+        }
     };
-    if UDP_FLOWS
-        .insert(&key, &flow, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
-        return;
-    }
-    // Another CPU created the flow meanwhile, or the map is full.
-    if !add(&key, dir, payload, now) {
-        bump(Stat::UdpFull);
-    }
+    add(&key, flow, dir, payload, now);
 }
 
-/// Adds to an existing flow; false if there is none.
+/// Adds a datagram to an existing flow, after ending a gap if it ends one.
 #[inline(always)]
-fn add(key: &UdpFlowKey, dir: Direction, payload: u64, now: u64) -> bool {
-    let Some(flow) = UDP_FLOWS.get_ptr_mut(key) else {
-        return false;
-    };
-    // SAFETY: valid map value pointer; concurrent datagrams of one flow can
-    // run on several CPUs, so the counters are added atomically.
+fn add(key: &UdpFlowKey, flow: *mut UdpFlow, dir: Direction, payload: u64, now: u64) {
+    // SAFETY: valid map value pointer. Datagrams of one flow can run on
+    // several CPUs at once, so fields that change are read volatile, the
+    // boundary is claimed and the counters added atomically.
     unsafe {
+        let last_ns = &raw mut (*flow).counts.last_ns;
+        let last = read_volatile(last_ns);
+        let idle = session_idle((*flow).service);
+        if idle != 0 && now >= last.saturating_add(idle) {
+            // Only the CPU that moves last_ns from the value it read ends
+            // the gap; the others add their datagram after its boundary.
+            // Lowers to BPF_CMPXCHG. Success is tested on the old value:
+            // this nightly's rustc branches on the tuple's `bool` with an
+            // `i8` (`br i8`, invalid IR), which bpf-linker's LLVM rejects
+            // as "Invalid record".
+            let (old, _) =
+                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                    last_ns, last, now,
+                );
+            if old == last {
+                // A datagram another CPU adds between the claim and these
+                // reads lands before the boundary: the counts are "as
+                // read", which the agent splits by.
+                let counts = Counts {
+                    bytes_out: read_volatile(&raw const (*flow).counts.bytes_out),
+                    bytes_in: read_volatile(&raw const (*flow).counts.bytes_in),
+                    last_ns: last,
+                };
+                let info = ConnInfo {
+                    start_ns: (*flow).first_ns,
+                    end_ns: 0,
+                    local_addr: key.local_addr,
+                    remote_addr: key.remote_addr,
+                    local_port: key.local_port,
+                    remote_port: key.remote_port,
+                    family: key.family,
+                    protocol: IPPROTO_UDP,
+                    service: (*flow).service,
+                    flags: 0,
+                };
+                // A full ring loses this gap (counted): the flow's session
+                // then spans it.
+                queue_gap(0, counts, info, now);
+            }
+        }
+        // The date before the bytes: a reader that sees the datagram then
+        // sees its date (on x86).
+        write_volatile(last_ns, now);
         let counter = match dir {
             Direction::Out => &raw mut (*flow).counts.bytes_out,
             Direction::In => &raw mut (*flow).counts.bytes_in,
@@ -136,7 +200,5 @@ fn add(key: &UdpFlowKey, dir: Direction, payload: u64, now: u64) -> bool {
         // The bpf target has no `AtomicU64::fetch_add`; the intrinsic
         // with an unused result lowers to BPF_XADD.
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, payload);
-        (*flow).last_ns = now;
     }
-    true
 }

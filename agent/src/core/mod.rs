@@ -51,6 +51,10 @@ pub struct ServiceDef {
     pub tariff: Tariff,
     /// `session_idle`, ns.
     pub idle_ns: u64,
+    /// Its ports: a connection's service is found by its server port, not
+    /// by the kernel's index, so a reordered config bills it the same.
+    pub tcp_ports: Vec<u16>,
+    pub udp_ports: Vec<u16>,
 }
 
 /// What became of an attribution.
@@ -220,6 +224,8 @@ pub struct Core {
     services: Vec<Arc<ServiceDef>>,
     /// Services by name, for segments restored from the ledger.
     by_name: HashMap<Arc<str>, Arc<ServiceDef>>,
+    /// Services by (protocol, server port).
+    by_port: HashMap<(Protocol, u16), Arc<ServiceDef>>,
     conns: HashMap<ConnKey, Conn>,
     /// (client, server port) -> connection: attribution by tuple is O(1).
     tuples: HashMap<(SocketAddr, u16), ConnKey>,
@@ -247,10 +253,19 @@ impl Core {
             .iter()
             .map(|s| (Arc::clone(&s.name), Arc::clone(s)))
             .collect();
+        let by_port = services
+            .iter()
+            .flat_map(|s| {
+                let tcp = s.tcp_ports.iter().map(|p| (Protocol::Tcp, *p));
+                let udp = s.udp_ports.iter().map(|p| (Protocol::Udp, *p));
+                tcp.chain(udp).map(|k| (k, Arc::clone(s)))
+            })
+            .collect();
         Self {
             boot: boot_id.replace('-', ""),
             services,
             by_name,
+            by_port,
             conns: HashMap::new(),
             tuples: HashMap::new(),
             viewers: HashMap::new(),
@@ -322,6 +337,8 @@ impl Core {
                     .get(row.service.as_str())
                     .map_or(30_000_000_000, |s| s.idle_ns),
                 tariff: row.tariff.clone(),
+                tcp_ports: Vec::new(),
+                udp_ports: Vec::new(),
             });
             let who = if row.attributed {
                 Who::Account {
@@ -566,7 +583,13 @@ impl Core {
                 continue;
             }
             if let Some(conn) = self.conns.get_mut(&key) {
-                if conn.raise(&flow.counts) {
+                // For UDP, another CPU's datagram can show in the map a
+                // moment before the gap record it started is in the ring:
+                // a jump past session_idle waits for that record.
+                let gap_in_flight = conn.counts.last_ns != 0
+                    && flow.counts.last_ns
+                        >= conn.counts.last_ns.saturating_add(conn.service.idle_ns);
+                if !gap_in_flight && conn.raise(&flow.counts) {
                     self.touch(key);
                 }
             } else {
@@ -818,6 +841,11 @@ impl Core {
                 restored
                     .as_ref()
                     .and_then(|r| self.by_name.get(r.service.as_str()).cloned())
+            })
+            .or_else(|| {
+                self.by_port
+                    .get(&(peer.protocol, peer.server_port))
+                    .cloned()
             })
             .or_else(|| self.services.get(index as usize).cloned());
         let Some(service) = service else {

@@ -49,6 +49,8 @@ fn new_core(tariff: Tariff, idle_s: u64) -> Core {
             name: Arc::from("hls"),
             tariff,
             idle_ns: idle_s * S,
+            tcp_ports: vec![PORT],
+            udp_ports: Vec::new(),
         }],
         Limits::default(),
         Pending::default(),
@@ -334,7 +336,7 @@ fn two_viewers_behind_one_address_are_two_sessions() {
     for (port, account) in [(44_001, "alice"), (44_002, "bob")] {
         let outcome = core.attribute(
             ConnectionRef::Tuple {
-                client: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 1), port)),
+                client: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
                 server_port: PORT,
             },
             Attribution {
