@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, ApiError, Command},
+    api::{self, ApiError, Command, CreditReply},
     attribution::Pending,
     clock,
     closed_log::{ClosedLog, ClosedLogError},
@@ -35,7 +35,7 @@ use crate::{
     core::{Batch, ConnKey, Core, LiveTotals, ServiceDef},
     exporter::{self, ExporterError},
     governor::{CycleSignals, Pacer},
-    hooks::{self, LimitReached},
+    hooks,
     kernel::{self, Kernel, KernelError, Record},
     ledger::{Committed, Ledger, LedgerError, SettledTotals},
     limits::Limits,
@@ -98,6 +98,7 @@ pub fn service_defs(config: &Config) -> Vec<ServiceDef> {
             idle_ns: duration_ns(s.session_idle),
             tcp_ports: s.tcp_ports.clone(),
             udp_ports: s.udp_ports.clone(),
+            on_limit: s.on_limit,
         })
         .collect()
 }
@@ -130,8 +131,17 @@ pub async fn run(
     let limits = Limits::new(
         &config.accounts,
         ledger.spent_by_account()?,
-        ledger.accounts_with_event("limit_reached")?,
+        &ledger.credits_by_account()?,
     );
+    let mut ledger = ledger;
+    let mut targets = Vec::new();
+    if config.billing.limit_hook.is_some() {
+        targets.push(hooks::Target::Hook);
+    }
+    if config.billing.limit_webhook.is_some() {
+        targets.push(hooks::Target::Webhook);
+    }
+    ledger.set_delivery_targets(targets);
     let mut core = Core::new(
         &boot_id,
         service_defs(&config),
@@ -147,7 +157,7 @@ pub async fn run(
         .unwrap_or_default();
     let settled_totals = ledger.service_totals()?;
     let limit_events = ledger.event_count("limit_reached")?;
-    let (api_tx, mut api_rx) = mpsc::channel(1024);
+    let (api_tx, api_rx) = mpsc::channel(1024);
     let api_at = api::spawn(&config, api_tx.clone()).await?;
     tracing::info!(
         api = %api_at,
@@ -173,6 +183,7 @@ pub async fn run(
         log,
         log_ids,
         redelivery: true,
+        delivering: HashSet::new(),
         live: Vec::new(),
         udp: Vec::new(),
         // Unknown at start: look for closed entries left in LIVE.
@@ -188,15 +199,28 @@ pub async fn run(
     agent.cycle(ring.get_mut())?;
     // Serve metrics only now: the first scrape already continues the
     // counters from the ledger and the kernel.
-    let metrics_at = exporter::spawn(agent.config.metrics.listen, metrics, api_tx).await?;
+    drop(api_tx);
+    let metrics_at = exporter::spawn(agent.config.metrics.listen, metrics).await?;
     tracing::info!(metrics = %metrics_at, "metrics endpoint listening");
     if let Some(path) = &options.ready_file {
         std::fs::write(path, format!("api={api_at}\nmetrics={metrics_at}\n"))
             .map_err(io(format!("writing {}", path.display())))?;
     }
+    serve(agent, ring, api_rx, shutdown).await
+}
 
+/// The loop proper, until `shutdown` completes.
+async fn serve(
+    mut agent: Agent,
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    mut api_rx: mpsc::Receiver<Command>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     let mut load_ticker = tokio::time::interval(agent.config.agent.interval);
     load_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut delivery_ticker = tokio::time::interval(Duration::from_secs(1));
+    delivery_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (delivered_tx, mut delivered_rx) = mpsc::channel(64);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -209,6 +233,8 @@ pub async fn run(
             Some(command) = api_rx.recv() => agent.command(command)?,
             _ = load_ticker.tick() => agent.sample_load(),
             _ = agent.pacer.tick() => agent.cycle(ring.get_mut())?,
+            _ = delivery_ticker.tick() => agent.deliver(&delivered_tx)?,
+            Some(done) = delivered_rx.recv() => agent.delivered(done)?,
         }
     }
     agent.stop(ring.get_mut())
@@ -226,6 +252,8 @@ struct Agent {
     /// Until the first cycle has drained the ring once: records may be
     /// re-deliveries of ones committed before a crash.
     redelivery: bool,
+    /// Event deliveries under way: (event id, target).
+    delivering: HashSet<(String, hooks::Target)>,
     /// Reused buffer of the live TCP read.
     live: Vec<(u64, Counts)>,
     /// Reused buffer of the UDP flow read.
@@ -345,21 +373,91 @@ impl Agent {
                 account = %e.account,
                 spent_minor = e.spent_minor,
                 limit_minor = e.limit_minor,
+                policy = ?e.policy,
                 "limit_reached"
             );
-            hooks::fire(
-                &LimitReached {
-                    event: "limit_reached",
-                    account: e.account.clone(),
-                    spent_minor: e.spent_minor,
-                    limit_minor: e.limit_minor,
-                    currency: self.config.billing.currency.clone(),
-                },
-                self.config.billing.limit_hook.clone(),
-                self.config.billing.limit_webhook.as_deref(),
+        }
+        for c in &batch.cut_offs {
+            tracing::info!(
+                account = %c.account,
+                bytes_after_cut = c.bytes_after_cut,
+                ms_after_cut = c.ms_after_cut,
+                connections = c.connections,
+                "cut off: the account's connections have ended"
             );
         }
+        self.apply_cuts(batch)?;
         Ok(proof)
+    }
+
+    /// Ends in the kernel the connections the core ordered cut, and lifts
+    /// the cuts of topped-up accounts. Runs after the commit of the limit
+    /// event that ordered them.
+    #[expect(
+        clippy::unnecessary_wraps,
+        clippy::unused_self,
+        reason = "the kernel's cut-off lands next"
+    )]
+    fn apply_cuts(&mut self, batch: &Batch) -> Result<(), AgentError> {
+        if !batch.cuts.is_empty() {
+            tracing::warn!(
+                connections = batch.cuts.len(),
+                "cutting off connections of accounts over their limit"
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts the due deliveries of limit events that are not under way.
+    fn deliver(
+        &mut self,
+        done: &mpsc::Sender<(hooks::Delivery, Result<(), String>)>,
+    ) -> Result<(), AgentError> {
+        for d in self
+            .ledger
+            .due_deliveries(std::time::SystemTime::now(), 16)?
+        {
+            if !self.delivering.insert((d.event_id.clone(), d.target)) {
+                continue;
+            }
+            let hook = self.config.billing.limit_hook.clone();
+            let webhook = self.config.billing.limit_webhook.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let result =
+                    hooks::deliver(d.target, &d.event, hook.as_deref(), webhook.as_deref()).await;
+                let _ = done.send((d, result)).await;
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a delivery attempt: acknowledged, or retried later.
+    fn delivered(
+        &mut self,
+        (d, result): (hooks::Delivery, Result<(), String>),
+    ) -> Result<(), AgentError> {
+        self.delivering.remove(&(d.event_id.clone(), d.target));
+        match &result {
+            Ok(()) => tracing::info!(
+                event_id = %d.event_id,
+                target = d.target.as_str(),
+                attempts = d.attempts + 1,
+                "limit event delivered"
+            ),
+            Err(e) => tracing::warn!(
+                event_id = %d.event_id,
+                target = d.target.as_str(),
+                attempts = d.attempts + 1,
+                error = %e,
+                retry_in_s = hooks::backoff(d.attempts + 1).as_secs(),
+                "limit event not delivered; will retry"
+            ),
+        }
+        let next = std::time::SystemTime::now() + hooks::backoff(d.attempts + 1);
+        self.ledger
+            .delivery_done(&d.event_id, d.target, &result, next)?;
+        Ok(())
     }
 
     /// One billing cycle, timed, then the governor's decision.
@@ -638,11 +736,86 @@ impl Agent {
                 }
                 let _ = reply.send(outcome);
             }
+            Command::Authorize {
+                conn,
+                attribution,
+                reply,
+            } => {
+                let kernel = &self.kernel;
+                let decision = self.core.authorize(
+                    conn,
+                    attribution,
+                    &mut |key| match key {
+                        ConnKey::Tcp(cookie) => kernel.live_counts(*cookie).ok().flatten(),
+                        ConnKey::Udp { key, .. } => {
+                            kernel.udp_flow(key).ok().flatten().map(|f| f.counts)
+                        }
+                    },
+                    clock::boot_ns(),
+                    Instant::now(),
+                );
+                let batch = self.core.take_batch();
+                if !batch.is_empty() {
+                    self.commit(&batch)?;
+                }
+                let _ = reply.send(decision);
+            }
+            Command::Credit {
+                account,
+                credit_id,
+                amount_minor,
+                reply,
+            } => {
+                let _ = reply.send(self.credit(&account, &credit_id, amount_minor)?);
+            }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
         }
         Ok(())
+    }
+
+    /// A top-up: recorded once by its id, then the account's limit rises
+    /// and, back under it, it is served again.
+    fn credit(
+        &mut self,
+        account: &str,
+        credit_id: &str,
+        amount_minor: u64,
+    ) -> Result<Result<CreditReply, String>, AgentError> {
+        if !self.core.limits().is_configured(account) {
+            return Ok(Err(format!(
+                "account {account:?} has no prepaid_minor or credit_limit_minor in the config"
+            )));
+        }
+        let (inserted, _committed) = self
+            .ledger
+            .record_credit(credit_id, account, amount_minor)?;
+        if inserted && let Some(c) = self.core.credit(account, amount_minor) {
+            tracing::info!(
+                account,
+                credit_id,
+                amount_minor,
+                limit_minor = c.limit_minor,
+                spent_minor = c.spent_minor,
+                readmitted = c.readmitted,
+                "credited"
+            );
+            let batch = self.core.take_batch();
+            self.commit(&batch)?;
+        }
+        let (limit_minor, spent_minor) = self.core.limits().figures(account).unwrap_or_default();
+        Ok(Ok(CreditReply {
+            status: if inserted { "credited" } else { "duplicate" },
+            account: account.to_owned(),
+            limit_minor,
+            spent_minor,
+            standing: if self.core.limits().is_reached(account) {
+                "limit_reached"
+            } else {
+                "ok"
+            },
+        }))
     }
 
     /// Logs every kernel-side loss or overflow once, when it changes.

@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -30,6 +30,9 @@ pub enum ConnectionRef {
         client: SocketAddr,
         server_port: u16,
     },
+    /// Only the client's address (nginx-rtmp's callbacks give no port):
+    /// the newest unattributed TCP connection from it.
+    Client(IpAddr),
 }
 
 /// Attributions waiting for their connection, at most `capacity` of them.
@@ -88,6 +91,10 @@ impl Pending {
                     server_port,
                 }))
             })
+            .or_else(|| {
+                self.waiting
+                    .remove(&ConnectionRef::Client(client.ip().to_canonical()))
+            })
             .map(|(a, _)| a)
     }
 
@@ -124,6 +131,7 @@ fn canonical(conn: ConnectionRef) -> ConnectionRef {
             client: SocketAddr::new(client.ip().to_canonical(), client.port()),
             server_port,
         },
+        ConnectionRef::Client(ip) => ConnectionRef::Client(ip.to_canonical()),
         c @ ConnectionRef::Cookie(_) => c,
     }
 }

@@ -57,6 +57,9 @@ pub struct ApiConfig {
     pub listen: Option<SocketAddr>,
     /// Bearer token required on `listen`.
     pub token: Option<String>,
+    /// Group that owns the unix socket (mode 0660), e.g. the streaming
+    /// server's `www-data`, so it can ask `/v1/authorize`.
+    pub group: Option<String>,
     /// How long an attribution for a connection not seen yet is kept.
     #[serde(with = "duration_str")]
     pub pending_ttl: Duration,
@@ -71,6 +74,7 @@ impl Default for ApiConfig {
             socket: None,
             listen: None,
             token: None,
+            group: None,
             pending_ttl: Duration::from_secs(60),
             max_pending: crate::attribution::DEFAULT_CAPACITY,
         }
@@ -103,6 +107,26 @@ pub struct AccountConfig {
     pub prepaid_minor: Option<u64>,
     /// Credit limit, minor units.
     pub credit_limit_minor: Option<u64>,
+    /// What happens when the limit is reached; default: the service's
+    /// `on_limit`, else `cut`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_limit: Option<OnLimit>,
+    /// Refuse the account whatever its balance.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blocked: bool,
+}
+
+/// What meterd does when an account reaches its limit (the patent's check
+/// processing, with consequences).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// Record the event and run the hooks; go on serving.
+    Notify,
+    /// Also refuse new requests (`/v1/authorize` answers 403).
+    Deny,
+    /// Also end the account's live connections, in the kernel.
+    Cut,
 }
 
 impl AccountConfig {
@@ -176,14 +200,17 @@ impl Default for BillingConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Address of `/metrics` and the status API. Loopback by default.
+    /// Address of `/metrics` (and nothing else). Loopback by default.
     pub listen: SocketAddr,
+    /// Allow a non-loopback `listen` (metrics carry no accounts or clients).
+    pub allow_remote: bool,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9947)),
+            allow_remote: false,
         }
     }
 }
@@ -204,6 +231,10 @@ pub struct ServiceConfig {
     /// byte for this long; later bytes start a new session.
     #[serde(with = "duration_str", default = "default_session_idle")]
     pub session_idle: Duration,
+    /// Default `on_limit` of the accounts it serves (an account's own
+    /// setting wins); default `cut`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_limit: Option<OnLimit>,
     /// How its sessions are charged.
     pub tariff: Tariff,
 }
@@ -249,6 +280,12 @@ pub enum ConfigError {
         "config: service {name:?}: session_idle = {value:?} must be between 1s and 24h (e.g. \"30s\")"
     )]
     SessionIdle { name: String, value: Duration },
+    #[error(
+        "config: metrics.listen {0} is not a loopback address: set metrics.allow_remote = true to serve /metrics beyond this host"
+    )]
+    MetricsRemote(SocketAddr),
+    #[error("config: api.group {0:?} is not a group name (letters, digits, '_', '-', '.')")]
+    ApiGroup(String),
     #[error("config: api.max_pending must be between 1 and 10000000, not {0}")]
     MaxPending(usize),
     #[error("config: more than {max} services: at most {max} are supported")]
@@ -365,6 +402,18 @@ impl Config {
             return Err(ConfigError::TooManyServices {
                 max: meterd_common::SERVICE_SLOTS,
             });
+        }
+        if !self.metrics.allow_remote && !self.metrics.listen.ip().is_loopback() {
+            return Err(ConfigError::MetricsRemote(self.metrics.listen));
+        }
+        if let Some(g) = &self.api.group
+            && (g.is_empty()
+                || g.len() > 32
+                || !g
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)))
+        {
+            return Err(ConfigError::ApiGroup(g.clone()));
         }
         if !(1..=10_000_000).contains(&self.api.max_pending) {
             return Err(ConfigError::MaxPending(self.api.max_pending));

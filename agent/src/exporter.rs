@@ -1,31 +1,27 @@
-//! The HTTP endpoint operators scrape: `/metrics` (Prometheus text format)
-//! and `/v1/status` (read-only JSON of the live sessions, the interval and
-//! the load). Loopback by default (`metrics.listen`).
+//! The HTTP endpoint operators scrape: `/metrics` (Prometheus text format),
+//! and nothing else: metrics carry no account, client or content, so this
+//! port may be opened beyond the host (`metrics.allow_remote`), while the
+//! status report, which lists them, is on the API. Loopback by default
+//! (`metrics.listen`).
 //!
-//! `/metrics` encodes the snapshot the agent keeps; `/v1/status` asks the
-//! agent loop, which owns the sessions.
+//! `/metrics` encodes the snapshot the agent keeps: a scrape never touches
+//! the kernel or the ledger.
 
 use std::net::SocketAddr;
 
 use axum::{
-    Json, Router,
+    Router,
     extract::State,
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
 };
-use tokio::sync::{mpsc, oneshot};
 
-use crate::{
-    api::Command,
-    metrics::{self, SharedMetrics},
-    status::StatusReport,
-};
+use crate::metrics::{self, SharedMetrics};
 
 #[derive(Clone)]
 struct ExporterState {
     metrics: SharedMetrics,
-    commands: mpsc::Sender<Command>,
 }
 
 /// Why the endpoint could not start.
@@ -40,11 +36,7 @@ pub struct ExporterError {
 
 /// Binds `addr` and serves in the background; returns the bound address
 /// (useful with port 0).
-pub async fn spawn(
-    addr: SocketAddr,
-    metrics: SharedMetrics,
-    commands: mpsc::Sender<Command>,
-) -> Result<SocketAddr, ExporterError> {
+pub async fn spawn(addr: SocketAddr, metrics: SharedMetrics) -> Result<SocketAddr, ExporterError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ExporterError { addr, source })?;
@@ -53,8 +45,7 @@ pub async fn spawn(
         .map_err(|source| ExporterError { addr, source })?;
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .route("/v1/status", get(status))
-        .with_state(ExporterState { metrics, commands });
+        .with_state(ExporterState { metrics });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics endpoint stopped");
@@ -75,17 +66,4 @@ async fn scrape(State(state): State<ExporterState>) -> impl IntoResponse {
         }
     };
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
-}
-
-async fn status(
-    State(state): State<ExporterState>,
-) -> Result<Json<StatusReport>, (StatusCode, &'static str)> {
-    let (reply, report) = oneshot::channel();
-    let unavailable = (StatusCode::SERVICE_UNAVAILABLE, "meterd is stopping\n");
-    state
-        .commands
-        .send(Command::Status { reply })
-        .await
-        .map_err(|_| unavailable)?;
-    report.await.map(Json).map_err(|_| unavailable)
 }

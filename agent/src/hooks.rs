@@ -1,19 +1,70 @@
-//! What runs when an account reaches its limit: an executable, a webhook on
-//! loopback, or both. Both run in the background: a slow hook never delays
-//! a billing cycle. Their outcome is logged.
+//! Delivering a limit event to an executable, a webhook on loopback, or
+//! both: one attempt each. Delivery is at-least-once: the event and its
+//! pending deliveries are committed with the charges that crossed the limit
+//! (the ledger's outbox), the run loop retries with [`backoff`] until the
+//! receiver acknowledges (exit 0, or a 2xx), also across restarts, and the
+//! receiver gets the event id (`METERD_EVENT_ID`, `X-Meterd-Event-Id` and
+//! `event_id` in the JSON) to deduplicate.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// A `limit_reached` event.
-#[derive(Debug, Clone, serde::Serialize)]
+/// A `limit_reached` event, as hooks and webhooks receive it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct LimitReached {
-    pub event: &'static str,
+    /// Idempotent id: a receiver that sees it twice has seen it once.
+    pub event_id: String,
+    pub event: String,
     pub account: String,
     pub spent_minor: i64,
     pub limit_minor: u64,
     pub currency: String,
+    /// `notify`, `deny` or `cut`.
+    pub policy: String,
+}
+
+/// Where an event is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// `billing.limit_hook`: acknowledged by exit status 0.
+    Hook,
+    /// `billing.limit_webhook`: acknowledged by a 2xx answer.
+    Webhook,
+}
+
+impl Target {
+    /// The name stored in the ledger's outbox.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hook => "hook",
+            Self::Webhook => "webhook",
+        }
+    }
+
+    /// The target of a stored name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "hook" => Some(Self::Hook),
+            "webhook" => Some(Self::Webhook),
+            _ => None,
+        }
+    }
+}
+
+/// A pending delivery from the ledger's outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub event_id: String,
+    pub target: Target,
+    pub event: LimitReached,
+    pub attempts: u32,
+}
+
+/// Delay before delivery attempt `attempts + 1`: 1 s, 2 s, 4 s, ... up to
+/// 5 minutes.
+pub fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << attempts.min(8)).min(Duration::from_secs(300))
 }
 
 /// Parses `http://<loopback>:<port>/<path>` into address and path; `None`
@@ -25,47 +76,45 @@ pub fn loopback_url(url: &str) -> Option<(SocketAddr, String)> {
     addr.ip().is_loopback().then(|| (addr, format!("/{path}")))
 }
 
-/// Runs the configured hooks for `event` in the background.
-pub fn fire(event: &LimitReached, hook: Option<PathBuf>, webhook: Option<&str>) {
-    if let Some(program) = hook {
-        let event = event.clone();
-        tokio::spawn(async move {
-            let status = tokio::process::Command::new(&program)
-                .env("METERD_EVENT", event.event)
+/// Delivers `event` to `target` once; `Ok` only when the receiver
+/// acknowledged it. The caller retries (see the ledger's outbox).
+pub async fn deliver(
+    target: Target,
+    event: &LimitReached,
+    hook: Option<&Path>,
+    webhook: Option<&str>,
+) -> Result<(), String> {
+    match target {
+        Target::Hook => {
+            let program = hook.ok_or("billing.limit_hook is not set any more")?;
+            let status = tokio::process::Command::new(program)
+                .env("METERD_EVENT", &event.event)
+                .env("METERD_EVENT_ID", &event.event_id)
                 .env("METERD_ACCOUNT", &event.account)
                 .env("METERD_SPENT_MINOR", event.spent_minor.to_string())
                 .env("METERD_LIMIT_MINOR", event.limit_minor.to_string())
                 .env("METERD_CURRENCY", &event.currency)
+                .env("METERD_POLICY", &event.policy)
                 .kill_on_drop(true)
                 .status();
             match tokio::time::timeout(Duration::from_secs(30), status).await {
-                Ok(Ok(s)) if s.success() => {
-                    tracing::info!(account = %event.account, "limit hook ran");
-                }
-                Ok(Ok(s)) => {
-                    tracing::warn!(account = %event.account, status = %s, hook = %program.display(), "limit hook failed");
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, hook = %program.display(), "limit hook could not start");
-                }
-                Err(_) => {
-                    tracing::warn!(hook = %program.display(), "limit hook timed out after 30 s");
-                }
+                Ok(Ok(s)) if s.success() => Ok(()),
+                Ok(Ok(s)) => Err(format!("{} exited with {s}", program.display())),
+                Ok(Err(e)) => Err(format!("{} could not start: {e}", program.display())),
+                Err(_) => Err(format!("{} timed out after 30 s", program.display())),
             }
-        });
-    }
-    if let Some((addr, path)) = webhook.and_then(loopback_url) {
-        let event = event.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(10), post(addr, &path, &event)).await {
-                Ok(Ok(status)) if (200..300).contains(&status) => {
-                    tracing::info!(account = %event.account, status, "limit webhook delivered");
-                }
-                Ok(Ok(status)) => tracing::warn!(status, %addr, "limit webhook refused"),
-                Ok(Err(e)) => tracing::warn!(error = %e, %addr, "limit webhook failed"),
-                Err(_) => tracing::warn!(%addr, "limit webhook timed out"),
+        }
+        Target::Webhook => {
+            let (addr, path) = webhook
+                .and_then(loopback_url)
+                .ok_or("billing.limit_webhook is not set any more")?;
+            match tokio::time::timeout(Duration::from_secs(10), post(addr, &path, event)).await {
+                Ok(Ok(status)) if (200..300).contains(&status) => Ok(()),
+                Ok(Ok(status)) => Err(format!("{addr} answered {status}")),
+                Ok(Err(e)) => Err(format!("{addr}: {e}")),
+                Err(_) => Err(format!("{addr} timed out after 10 s")),
             }
-        });
+        }
     }
 }
 
@@ -74,7 +123,8 @@ async fn post(addr: SocketAddr, path: &str, event: &LimitReached) -> std::io::Re
     let body = serde_json::to_vec(event)?;
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nX-Meterd-Event-Id: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        event.event_id,
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

@@ -30,6 +30,7 @@ use crate::{
     billing::Accrual,
     clock,
     core::{Batch, Protocol, SegmentRow, ViewerRow},
+    hooks::{LimitReached, Target},
     tariff::Tariff,
 };
 
@@ -142,7 +143,11 @@ pub struct Ledger {
     /// would go on writing to an unlinked file, and every commit after
     /// that would be lost with it.
     file: Option<fs::File>,
+    /// Where limit events are delivered (`hook`, `webhook`).
+    targets: Vec<Target>,
 }
+
+pub use crate::hooks::Delivery;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -219,12 +224,33 @@ CREATE TABLE IF NOT EXISTS connections (
 CREATE INDEX IF NOT EXISTS connections_conn ON connections (conn_id);
 CREATE INDEX IF NOT EXISTS connections_open ON connections (state) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS connections_ended ON connections (ended_ms);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+-- Events (limit_reached, cut_off, credited), each with an idempotent id.
+CREATE TABLE IF NOT EXISTS ledger_events (
+    event_id TEXT PRIMARY KEY,
     at_ms INTEGER NOT NULL,
     kind TEXT NOT NULL,
     account TEXT NOT NULL,
     detail TEXT NOT NULL
+);
+-- The outbox of event deliveries to hooks and webhooks: written with the
+-- event, retried until acknowledged.
+CREATE TABLE IF NOT EXISTS deliveries (
+    event_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    next_at_ms INTEGER NOT NULL,
+    delivered_ms INTEGER,
+    last_error TEXT,
+    PRIMARY KEY (event_id, target)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at_ms) WHERE delivered_ms IS NULL;
+-- Prepaid top-ups, idempotent by the caller's id.
+CREATE TABLE IF NOT EXISTS credits (
+    credit_id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    amount_minor INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL
 );
 ";
 
@@ -282,6 +308,7 @@ impl Ledger {
             conn,
             currency: currency.to_owned(),
             file: Some(file),
+            targets: Vec::new(),
         };
         ledger.init(currency)?;
         Ok(ledger)
@@ -302,6 +329,7 @@ impl Ledger {
             conn,
             currency: String::new(),
             file: None,
+            targets: Vec::new(),
         })
     }
 
@@ -485,9 +513,161 @@ impl Ledger {
         write_viewers(&tx, batch, &self.currency).map_err(err)?;
         write_charges(&tx, batch, at).map_err(err)?;
         write_segments(&tx, batch).map_err(err)?;
-        write_events(&tx, batch, at, &self.currency).map_err(err)?;
+        write_events(&tx, batch, at, &self.currency, &self.targets).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(Committed(()))
+    }
+
+    /// Where limit events are delivered from now on.
+    pub fn set_delivery_targets(&mut self, targets: Vec<Target>) {
+        self.targets = targets;
+    }
+
+    /// Records a top-up; `false` if `credit_id` was recorded before (then
+    /// nothing changes).
+    pub fn record_credit(
+        &mut self,
+        credit_id: &str,
+        account: &str,
+        amount_minor: u64,
+    ) -> Result<(bool, Committed), LedgerError> {
+        self.check_file()?;
+        let at = ms(SystemTime::now());
+        let err = self.err();
+        let inserted = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO credits (credit_id, account, amount_minor, at_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut s| s.execute(params![credit_id, account, to_i64(amount_minor), at]))
+            .map_err(&err)?
+            == 1;
+        if inserted {
+            let detail = serde_json::json!({
+                "event": "credited",
+                "credit_id": credit_id,
+                "account": account,
+                "amount_minor": amount_minor,
+            });
+            self.conn
+                .execute(
+                    "INSERT OR IGNORE INTO ledger_events (event_id, at_ms, kind, account, detail)
+                     VALUES (?1, ?2, 'credited', ?3, ?4)",
+                    params![
+                        format!("credit:{credit_id}"),
+                        at,
+                        account,
+                        detail.to_string()
+                    ],
+                )
+                .map_err(&err)?;
+        }
+        Ok((inserted, Committed(())))
+    }
+
+    /// Top-ups per account, minor units.
+    pub fn credits_by_account(&self) -> Result<HashMap<String, u64>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT account, SUM(amount_minor) FROM credits GROUP BY account")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, to_u64(r.get(1)?))))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Deliveries due at `now`, oldest first, at most `max`.
+    pub fn due_deliveries(
+        &self,
+        now: SystemTime,
+        max: usize,
+    ) -> Result<Vec<Delivery>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT event_id, target, payload, attempts FROM deliveries
+                 WHERE delivered_ms IS NULL AND next_at_ms <= ?1 ORDER BY next_at_ms LIMIT ?2",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![ms(now), to_i64(max as u64)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, u32>(3)?,
+                ))
+            })
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (event_id, target, payload, attempts) = row.map_err(self.err())?;
+            let (Some(target), Ok(event)) =
+                (Target::parse(&target), serde_json::from_str(&payload))
+            else {
+                tracing::error!(
+                    event_id,
+                    target,
+                    "unreadable delivery in the outbox: skipped"
+                );
+                continue;
+            };
+            out.push(Delivery {
+                event_id,
+                target,
+                event,
+                attempts,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records a delivery attempt: acknowledged, or to try again at `next`.
+    pub fn delivery_done(
+        &self,
+        event_id: &str,
+        target: Target,
+        outcome: &Result<(), String>,
+        next: SystemTime,
+    ) -> Result<(), LedgerError> {
+        let now = ms(SystemTime::now());
+        let (sql, error) = match outcome {
+            Ok(()) => (
+                "UPDATE deliveries SET attempts = attempts + 1, delivered_ms = ?3, last_error = NULL
+                 WHERE event_id = ?1 AND target = ?2",
+                None,
+            ),
+            Err(e) => (
+                "UPDATE deliveries SET attempts = attempts + 1, next_at_ms = ?4, last_error = ?5
+                 WHERE event_id = ?1 AND target = ?2",
+                Some(e.as_str()),
+            ),
+        };
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| {
+                if error.is_some() {
+                    s.execute(params![event_id, target.as_str(), now, ms(next), error])
+                } else {
+                    s.execute(params![event_id, target.as_str(), now])
+                }
+            })
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Deliveries not acknowledged yet.
+    pub fn pending_deliveries(&self) -> Result<u64, LedgerError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM deliveries WHERE delivered_ms IS NULL",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(to_u64)
+            .map_err(self.err())
     }
 
     /// Proof that the connection `conn_id`'s close is committed, if it is:
@@ -515,14 +695,18 @@ impl Ledger {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
-    /// Accounts with a recorded event of `kind`.
-    pub fn accounts_with_event(&self, kind: &str) -> Result<Vec<String>, LedgerError> {
+    /// The details of every event of `kind`, oldest first.
+    pub fn events(&self, kind: &str) -> Result<Vec<serde_json::Value>, LedgerError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT DISTINCT account FROM events WHERE kind = ?1")
+            .prepare("SELECT detail FROM ledger_events WHERE kind = ?1 ORDER BY at_ms, event_id")
             .map_err(self.err())?;
-        let rows = stmt.query_map([kind], |r| r.get(0)).map_err(self.err())?;
-        rows.collect::<Result<_, _>>().map_err(self.err())
+        let rows = stmt
+            .query_map([kind], |r| r.get::<_, String>(0))
+            .map_err(self.err())?;
+        rows.map(|r| r.map(|d| serde_json::from_str(&d).unwrap_or(serde_json::Value::String(d))))
+            .collect::<Result<_, _>>()
+            .map_err(self.err())
     }
 
     /// Settled viewing sessions ended at or after `since`, oldest first.
@@ -657,9 +841,11 @@ impl Ledger {
     /// Number of events of `kind`.
     pub fn event_count(&self, kind: &str) -> Result<u64, LedgerError> {
         self.conn
-            .query_row("SELECT COUNT(*) FROM events WHERE kind = ?1", [kind], |r| {
-                r.get::<_, i64>(0)
-            })
+            .query_row(
+                "SELECT COUNT(*) FROM ledger_events WHERE kind = ?1",
+                [kind],
+                |r| r.get::<_, i64>(0),
+            )
             .map(to_u64)
             .map_err(self.err())
     }
@@ -860,25 +1046,57 @@ fn write_segments(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Re
     Ok(())
 }
 
-/// Limit events.
+/// Limit and cut-off events, and the limit events' deliveries (the
+/// outbox), in the same transaction as the charges that caused them.
 fn write_events(
     tx: &rusqlite::Transaction<'_>,
     batch: &Batch,
     at: i64,
     currency: &str,
+    targets: &[Target],
 ) -> rusqlite::Result<()> {
     let mut event = tx.prepare_cached(
-        "INSERT INTO events (at_ms, kind, account, detail) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT OR IGNORE INTO ledger_events (event_id, at_ms, kind, account, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut delivery = tx.prepare_cached(
+        "INSERT OR IGNORE INTO deliveries (event_id, target, payload, attempts, next_at_ms)
+         VALUES (?1, ?2, ?3, 0, ?4)",
     )?;
     for e in &batch.limits {
+        // A crossing happens once per limit (a top-up raises it).
+        let event_id = format!("limit_reached:{}:{}", e.account, e.limit_minor);
+        let payload = LimitReached {
+            event_id: event_id.clone(),
+            event: "limit_reached".to_owned(),
+            account: e.account.clone(),
+            spent_minor: e.spent_minor,
+            limit_minor: e.limit_minor,
+            currency: currency.to_owned(),
+            policy: format!("{:?}", e.policy).to_lowercase(),
+        };
+        let json = serde_json::to_string(&payload).unwrap_or_default();
+        if event.execute(params![event_id, at, "limit_reached", e.account, json])? == 1 {
+            for t in targets {
+                delivery.execute(params![event_id, t.as_str(), json, at])?;
+            }
+        }
+    }
+    for c in &batch.cut_offs {
         let detail = serde_json::json!({
-            "event": "limit_reached",
-            "account": e.account,
-            "spent_minor": e.spent_minor,
-            "limit_minor": e.limit_minor,
-            "currency": currency,
+            "event": "cut_off",
+            "account": c.account,
+            "bytes_after_cut": c.bytes_after_cut,
+            "ms_after_cut": c.ms_after_cut,
+            "connections": c.connections,
         });
-        event.execute(params![at, "limit_reached", e.account, detail.to_string()])?;
+        event.execute(params![
+            format!("cut_off:{}:{at}", c.account),
+            at,
+            "cut_off",
+            c.account,
+            detail.to_string()
+        ])?;
     }
     Ok(())
 }

@@ -1,63 +1,114 @@
-//! The per-cycle balance and credit-limit check (the patent's check
-//! processing).
+//! The balance and credit-limit check (the patent's check processing).
 //!
-//! Owns what each account has spent and which accounts have reached their
-//! limit. Spending is every charge recorded for the account: cycle charges
-//! as they happen and settlement adjustments at close. An account reaches
-//! its limit once; the event is kept in the ledger, so a restart does not
-//! repeat it.
+//! Owns what each configured account may spend (its prepaid balance or
+//! credit limit plus its top-ups), what it has spent, whether it is over,
+//! and what its policy says to do then. Spending is every charge recorded
+//! for the account: cycle charges as they happen and settlement
+//! adjustments. An account crosses its limit once per top-up: crossing is
+//! reported once, and a top-up that brings it back under re-admits it.
+//! The state is rebuilt from the ledger at start (spent against limit), so
+//! a restart neither repeats nor forgets a crossing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use crate::{config::AccountConfig, tariff::MICRO};
+use crate::{
+    config::{AccountConfig, OnLimit},
+    tariff::MICRO,
+};
+
+/// Where an account stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// No limit configured, or under it.
+    Ok,
+    /// Spent at least its limit.
+    Reached,
+    /// `blocked = true` in the config.
+    Blocked,
+}
+
+#[derive(Debug, Clone)]
+struct Account {
+    /// Prepaid balance or credit limit, minor units.
+    base_minor: u64,
+    /// Top-ups, minor units.
+    credit_minor: u64,
+    policy: Option<OnLimit>,
+    blocked: bool,
+    reached: bool,
+}
+
+impl Account {
+    fn limit_micro(&self) -> i128 {
+        (i128::from(self.base_minor) + i128::from(self.credit_minor)) * i128::from(MICRO)
+    }
+}
 
 /// Spending and limits of the configured accounts.
 #[derive(Debug, Default)]
 pub struct Limits {
-    /// Limit of each account, minor units.
-    limit_of: HashMap<String, u64>,
-    /// Spent, in millionths of a minor unit (all accounts, not only limited ones).
+    accounts: HashMap<String, Account>,
+    /// Spent, in millionths of a minor unit (configured accounts only).
     spent: HashMap<String, i64>,
-    /// Accounts that have reached their limit.
-    reached: HashSet<String>,
+}
+
+/// A top-up's effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credited {
+    pub limit_minor: u64,
+    pub spent_minor: i64,
+    /// It was over its limit and is not any more.
+    pub readmitted: bool,
 }
 
 impl Limits {
-    /// Starts from the ledger's spending and past events.
+    /// Starts from the ledger's spending and top-ups.
     pub fn new(
         accounts: &[AccountConfig],
         spent: HashMap<String, i64>,
-        reached: impl IntoIterator<Item = String>,
+        credits: &HashMap<String, u64>,
     ) -> Self {
-        Self {
-            limit_of: accounts
-                .iter()
-                .map(|a| (a.id.clone(), a.limit_minor()))
-                .collect(),
-            spent,
-            reached: reached.into_iter().collect(),
-        }
+        let accounts: HashMap<String, Account> = accounts
+            .iter()
+            .map(|a| {
+                let mut account = Account {
+                    base_minor: a.limit_minor(),
+                    credit_minor: credits.get(&a.id).copied().unwrap_or(0),
+                    policy: a.on_limit,
+                    blocked: a.blocked,
+                    reached: false,
+                };
+                let spent = spent.get(&a.id).copied().unwrap_or(0);
+                account.reached = i128::from(spent) >= account.limit_micro();
+                (a.id.clone(), account)
+            })
+            .collect();
+        let spent = spent
+            .into_iter()
+            .filter(|(a, _)| accounts.contains_key(a))
+            .collect();
+        Self { accounts, spent }
     }
 
     /// Adds a recorded charge (negative for a settlement below the cycles).
     pub fn add(&mut self, account: &str, micro: i64) {
-        if self.limit_of.contains_key(account) {
+        if self.accounts.contains_key(account) {
             *self.spent.entry(account.to_owned()).or_default() += micro;
         }
     }
 
-    /// Accounts that reached their limit since the last check, with what
+    /// Accounts that crossed their limit since the last check, with what
     /// they spent (minor units, rounded down) and their limit.
     pub fn check(&mut self) -> Vec<(String, i64, u64)> {
         let mut out = Vec::new();
-        for (account, &limit) in &self.limit_of {
-            let spent = self.spent.get(account).copied().unwrap_or(0);
-            let limit_micro = i128::from(limit) * i128::from(MICRO);
-            if i128::from(spent) >= limit_micro && self.reached.insert(account.clone()) {
+        for (id, a) in &mut self.accounts {
+            let spent = self.spent.get(id).copied().unwrap_or(0);
+            if !a.reached && i128::from(spent) >= a.limit_micro() {
+                a.reached = true;
                 out.push((
-                    account.clone(),
+                    id.clone(),
                     spent / i64::try_from(MICRO).unwrap_or(1),
-                    limit,
+                    a.base_minor + a.credit_minor,
                 ));
             }
         }
@@ -65,14 +116,58 @@ impl Limits {
         out
     }
 
+    /// Adds prepaid credit (a committed top-up); `None` for an account
+    /// that is not configured.
+    pub fn credit(&mut self, account: &str, minor: u64) -> Option<Credited> {
+        let a = self.accounts.get_mut(account)?;
+        a.credit_minor = a.credit_minor.saturating_add(minor);
+        let spent = self.spent.get(account).copied().unwrap_or(0);
+        let was = a.reached;
+        a.reached = i128::from(spent) >= a.limit_micro();
+        Some(Credited {
+            limit_minor: a.base_minor + a.credit_minor,
+            spent_minor: spent / i64::try_from(MICRO).unwrap_or(1),
+            readmitted: was && !a.reached,
+        })
+    }
+
+    /// Where an account stands.
+    pub fn standing(&self, account: &str) -> Standing {
+        match self.accounts.get(account) {
+            Some(a) if a.blocked => Standing::Blocked,
+            Some(a) if a.reached => Standing::Reached,
+            _ => Standing::Ok,
+        }
+    }
+
+    /// An account's limit (with its top-ups) and what it spent, minor units.
+    pub fn figures(&self, account: &str) -> Option<(u64, i64)> {
+        let a = self.accounts.get(account)?;
+        let spent = self.spent.get(account).copied().unwrap_or(0);
+        Some((
+            a.base_minor + a.credit_minor,
+            spent / i64::try_from(MICRO).unwrap_or(1),
+        ))
+    }
+
+    /// Whether an account is configured (has a limit).
+    pub fn is_configured(&self, account: &str) -> bool {
+        self.accounts.contains_key(account)
+    }
+
+    /// The account's own `on_limit`, if it set one.
+    pub fn policy(&self, account: &str) -> Option<OnLimit> {
+        self.accounts.get(account).and_then(|a| a.policy)
+    }
+
     /// Whether an account has reached its limit.
     pub fn is_reached(&self, account: &str) -> bool {
-        self.reached.contains(account)
+        self.accounts.get(account).is_some_and(|a| a.reached)
     }
 
     /// Number of accounts at their limit.
     pub fn reached_count(&self) -> usize {
-        self.reached.len()
+        self.accounts.values().filter(|a| a.reached).count()
     }
 }
 
@@ -85,12 +180,14 @@ mod tests {
             id: id.into(),
             prepaid_minor: Some(limit),
             credit_limit_minor: None,
+            on_limit: None,
+            blocked: false,
         }
     }
 
     #[test]
-    fn limit_is_reached_once() {
-        let mut l = Limits::new(&[account("alice", 100)], HashMap::new(), []);
+    fn limit_is_reached_once_and_a_top_up_readmits() {
+        let mut l = Limits::new(&[account("alice", 100)], HashMap::new(), &HashMap::new());
         l.add("alice", 60 * 1_000_000);
         l.add("bob", 1_000 * 1_000_000); // no limit configured
         assert_eq!(l.check(), [] as [(String, i64, u64); 0]);
@@ -98,13 +195,43 @@ mod tests {
         assert_eq!(l.check(), vec![("alice".to_owned(), 100, 100)]);
         l.add("alice", 1_000_000);
         assert_eq!(l.check(), Vec::new(), "reported only once");
-        assert!(l.is_reached("alice"));
+        assert_eq!(l.standing("alice"), Standing::Reached);
+        let c = l.credit("alice", 50).unwrap();
+        assert_eq!(
+            c,
+            Credited {
+                limit_minor: 150,
+                spent_minor: 101,
+                readmitted: true
+            }
+        );
+        assert_eq!(l.standing("alice"), Standing::Ok);
+        l.add("alice", 49 * 1_000_000);
+        assert_eq!(
+            l.check(),
+            vec![("alice".to_owned(), 150, 150)],
+            "crosses again"
+        );
+        assert_eq!(l.standing("bob"), Standing::Ok);
+        assert!(l.credit("bob", 1).is_none());
     }
 
     #[test]
-    fn restart_keeps_what_was_reached() {
-        let spent = HashMap::from([("alice".to_owned(), 500 * 1_000_000)]);
-        let mut l = Limits::new(&[account("alice", 100)], spent, ["alice".to_owned()]);
-        assert_eq!(l.check(), [] as [(String, i64, u64); 0]);
+    fn restart_keeps_what_was_reached_and_topped_up() {
+        let spent = HashMap::from([("alice".to_owned(), 120 * 1_000_000)]);
+        let mut l = Limits::new(&[account("alice", 100)], spent.clone(), &HashMap::new());
+        assert_eq!(l.check(), [] as [(String, i64, u64); 0], "not again");
+        assert!(l.is_reached("alice"));
+        let credits = HashMap::from([("alice".to_owned(), 50)]);
+        let l = Limits::new(&[account("alice", 100)], spent, &credits);
+        assert_eq!(l.standing("alice"), Standing::Ok);
+    }
+
+    #[test]
+    fn blocked_accounts_stand_blocked() {
+        let mut a = account("mallory", 100);
+        a.blocked = true;
+        let l = Limits::new(&[a], HashMap::new(), &HashMap::new());
+        assert_eq!(l.standing("mallory"), Standing::Blocked);
     }
 }

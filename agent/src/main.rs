@@ -26,7 +26,7 @@ use meterd::{
 Examples:
   meterd check-config /etc/meterd/meterd.toml      validate, print the effective config
   meterd run --config /etc/meterd/meterd.toml      meter (as root or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)
-  meterd status                                    live sessions, interval and load of the running agent
+  meterd status                                    open viewing sessions, interval and load of the running agent
   meterd ledger export --format csv --since 24h    viewing sessions settled in the last day
   meterd ledger export --connections               the connections they were made of
   meterd unload                                    detach and remove the pins (stop the agent first)
@@ -78,15 +78,17 @@ enum Command {
         /// Config file (TOML).
         config: PathBuf,
     },
-    /// Show the running agent's live sessions, interval and load.
+    /// Show the running agent's open viewing sessions, interval and load.
     ///
-    /// Asks GET /v1/status on the agent's metrics address.
+    /// Asks GET /v1/status on the agent's API: its unix socket (api.socket),
+    /// or api.listen with api.token. The status lists accounts and clients,
+    /// so it is not on the metrics port.
     Status {
         #[command(flatten)]
         config: ConfigArg,
-        /// Ask this address instead (host:port).
+        /// Ask this unix socket instead.
         #[arg(long)]
-        addr: Option<std::net::SocketAddr>,
+        socket: Option<PathBuf>,
         /// Print the JSON as the API returns it.
         #[arg(long)]
         json: bool,
@@ -232,13 +234,25 @@ fn real_main() -> anyhow::Result<()> {
             };
             eprintln!("meterd: exported {n} {what} from {}", path.display());
         }
-        Command::Status { config, addr, json } => {
-            let addr = match addr {
-                Some(a) => a,
-                None => Config::load(&config.path)?.metrics.listen,
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => {
+            let target = if let Some(path) = socket {
+                ApiTarget::Socket(path)
+            } else {
+                let config = Config::load(&config.path)?;
+                match config.api.socket_path(&config.agent) {
+                    Some(path) => ApiTarget::Socket(path),
+                    None => ApiTarget::Tcp(
+                        config.api.listen.expect("validated: socket or listen"),
+                        config.api.token.clone().unwrap_or_default(),
+                    ),
+                }
             };
-            let body = http_get(addr, "/v1/status").with_context(|| {
-                format!("asking the agent at {addr} (is `meterd run` running with this config?)")
+            let body = api_get(&target, "/v1/status").with_context(|| {
+                format!("asking the agent at {target} (is `meterd run` running with this config?)")
             })?;
             if json {
                 println!("{body}");
@@ -266,14 +280,40 @@ fn real_main() -> anyhow::Result<()> {
 }
 
 /// A GET on loopback; returns the body of a 200 response.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+/// Where the agent's API listens.
+enum ApiTarget {
+    Socket(PathBuf),
+    Tcp(std::net::SocketAddr, String),
+}
+
+impl std::fmt::Display for ApiTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Socket(p) => write!(f, "{}", p.display()),
+            Self::Tcp(a, _) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// A GET on the API; the body of a 200.
+fn api_get(target: &ApiTarget, path: &str) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let timeout = Some(std::time::Duration::from_secs(10));
+    let (mut stream, auth): (Box<dyn ReadWrite>, String) = match target {
+        ApiTarget::Socket(p) => {
+            let s = std::os::unix::net::UnixStream::connect(p)?;
+            s.set_read_timeout(timeout)?;
+            (Box::new(s), String::new())
+        }
+        ApiTarget::Tcp(addr, token) => {
+            let s = std::net::TcpStream::connect_timeout(addr, std::time::Duration::from_secs(5))?;
+            s.set_read_timeout(timeout)?;
+            (Box::new(s), format!("Authorization: Bearer {token}\r\n"))
+        }
+    };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: meterd\r\n{auth}Connection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
@@ -286,6 +326,9 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
     }
     Ok(body.to_owned())
 }
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

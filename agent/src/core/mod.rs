@@ -40,7 +40,8 @@ pub use self::{
 use crate::{
     attribution::{Attribution, ConnectionRef, Pending},
     billing::{self, Accrual},
-    limits::Limits,
+    config::OnLimit,
+    limits::{Credited, Limits, Standing},
     tariff::{MICRO, Tariff},
 };
 
@@ -55,6 +56,8 @@ pub struct ServiceDef {
     /// by the kernel's index, so a reordered config bills it the same.
     pub tcp_ports: Vec<u16>,
     pub udp_ports: Vec<u16>,
+    /// Default `on_limit` of the accounts it serves.
+    pub on_limit: Option<OnLimit>,
 }
 
 /// What became of an attribution.
@@ -173,6 +176,36 @@ pub struct LimitEvent {
     pub account: String,
     pub spent_minor: i64,
     pub limit_minor: u64,
+    /// What happens now: notify, deny or cut.
+    pub policy: OnLimit,
+}
+
+/// A connection to end in the kernel (its account ran out, policy `cut`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutOrder {
+    pub key: ConnKey,
+    pub peer: Peer,
+}
+
+/// What a cut account received after its cut-off order, once its last cut
+/// connection ended: the overshoot, measured in the kernel's counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutOffEvent {
+    pub account: String,
+    /// Payload bytes delivered after the order (all its cut connections).
+    pub bytes_after_cut: u64,
+    /// From the order to the last payload of its cut connections.
+    pub ms_after_cut: u64,
+    pub connections: u64,
+}
+
+/// The answer to a streaming server's admission question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Serve it; the connection is attributed (or will be, `Pending`).
+    Allow(Outcome),
+    /// Refuse it, and why.
+    Deny(&'static str),
 }
 
 /// Everything the ledger must write at once.
@@ -183,8 +216,14 @@ pub struct Batch {
     pub segments: Vec<SegmentRow>,
     pub charges: Vec<ChargeRow>,
     pub limits: Vec<LimitEvent>,
+    pub cut_offs: Vec<CutOffEvent>,
     /// Not for the ledger: the closed log and the log lines.
     pub closed: Vec<ClosedConn>,
+    /// Not for the ledger: connections for the kernel to end, after the
+    /// commit (the limit event that orders them is committed first).
+    pub cuts: Vec<CutOrder>,
+    /// Not for the ledger: cookies whose cut is lifted (a top-up).
+    pub uncuts: Vec<u64>,
 }
 
 impl Batch {
@@ -195,7 +234,10 @@ impl Batch {
             && self.segments.is_empty()
             && self.charges.is_empty()
             && self.limits.is_empty()
+            && self.cut_offs.is_empty()
             && self.closed.is_empty()
+            && self.cuts.is_empty()
+            && self.uncuts.is_empty()
     }
 }
 
@@ -242,7 +284,22 @@ pub struct Core {
     /// Closed connections, with the read generation they closed in.
     closed: HashMap<ConnKey, u64>,
     generation: u64,
+    /// Connections ordered cut, with their account, counts and time then.
+    cut: HashMap<ConnKey, (Arc<str>, Counts, u64)>,
+    /// Per cut account: what its cut connections got after the order.
+    cut_tally: HashMap<Arc<str>, CutOffEvent>,
+    /// Sessions changed since the last batch: every batch carries them, so
+    /// a segment's end and its session's new totals commit together.
+    dirty: Vec<Arc<str>>,
     batch: Batch,
+}
+
+/// Marks a session changed (once per batch).
+fn mark(dirty: &mut Vec<Arc<str>>, v: &mut Viewer) {
+    if !v.dirty {
+        v.dirty = true;
+        dirty.push(Arc::clone(&v.id));
+    }
 }
 
 impl Core {
@@ -276,6 +333,9 @@ impl Core {
             restoring: false,
             closed: HashMap::new(),
             generation: 0,
+            cut: HashMap::new(),
+            cut_tally: HashMap::new(),
+            dirty: Vec::new(),
             batch: Batch::default(),
         }
     }
@@ -285,9 +345,23 @@ impl Core {
         &self.boot
     }
 
-    /// Takes what the ledger has to write.
+    /// Takes what the ledger has to write, with every session changed
+    /// since the last batch.
     pub fn take_batch(&mut self) -> Batch {
+        self.stage_viewers();
         std::mem::take(&mut self.batch)
+    }
+
+    /// Stages the open sessions that changed.
+    fn stage_viewers(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(v) = self.viewers.get_mut(&id)
+                && v.dirty
+            {
+                v.dirty = false;
+                self.batch.viewers.push(viewer_row(v, v.done));
+            }
+        }
     }
 
     /// Open viewing sessions.
@@ -339,6 +413,7 @@ impl Core {
                 tariff: row.tariff.clone(),
                 tcp_ports: Vec::new(),
                 udp_ports: Vec::new(),
+                on_limit: None,
             });
             let who = if row.attributed {
                 Who::Account {
@@ -520,6 +595,27 @@ impl Core {
         self.tuples
             .remove(&(conn.peer.client(), conn.peer.server_port));
         self.closed.insert(key, self.generation);
+        if let Some((account, at, order_ns)) = self.cut.remove(&key) {
+            let t = self
+                .cut_tally
+                .entry(Arc::clone(&account))
+                .or_insert_with(|| CutOffEvent {
+                    account: account.to_string(),
+                    bytes_after_cut: 0,
+                    ms_after_cut: 0,
+                    connections: 0,
+                });
+            t.bytes_after_cut += counts.bytes_out.saturating_sub(at.bytes_out);
+            t.ms_after_cut = t
+                .ms_after_cut
+                .max(counts.last_ns.saturating_sub(order_ns) / 1_000_000);
+            t.connections += 1;
+            if !self.cut.values().any(|(a, _, _)| *a == account)
+                && let Some(t) = self.cut_tally.remove(&account)
+            {
+                self.batch.cut_offs.push(t);
+            }
+        }
         self.batch.closed.push(ClosedConn {
             id: conn.id(&self.boot),
             cookie,
@@ -666,6 +762,23 @@ impl Core {
                 client,
                 server_port,
             } => self.tuples.get(&(canonical(client), server_port)).copied(),
+            ConnectionRef::Client(ip) => {
+                let ip = ip.to_canonical();
+                let same =
+                    |c: &Conn| c.peer.protocol == Protocol::Tcp && c.peer.client().ip() == ip;
+                // A callback repeated for the same player changes nothing;
+                // otherwise the newest unattributed connection from there.
+                self.conns
+                    .values()
+                    .find(|c| same(c) && c.attribution.as_deref() == Some(&attribution))
+                    .or_else(|| {
+                        self.conns
+                            .values()
+                            .filter(|c| same(c) && c.attribution.is_none())
+                            .max_by_key(|c| c.start_ns)
+                    })
+                    .map(|c| c.key)
+            }
         };
         let Some(key) = key else {
             return if self.pending.add(conn, attribution, now) {
@@ -697,6 +810,106 @@ impl Core {
         Outcome::Applied
     }
 
+    /// The streaming server asks whether to serve a request on connection
+    /// `conn` for `attribution`'s account: refused when the account is
+    /// blocked, or over its limit with a `deny` or `cut` policy; otherwise
+    /// the connection is attributed (its later bytes go to the account).
+    pub fn authorize(
+        &mut self,
+        conn: ConnectionRef,
+        attribution: Attribution,
+        fresh: &mut dyn FnMut(&ConnKey) -> Option<Counts>,
+        now_ns: u64,
+        now: Instant,
+    ) -> Decision {
+        let server_port = match conn {
+            ConnectionRef::Tuple { server_port, .. } => Some(server_port),
+            ConnectionRef::Cookie(c) => {
+                self.conns.get(&ConnKey::Tcp(c)).map(|c| c.peer.server_port)
+            }
+            ConnectionRef::Client(_) => None,
+        };
+        match self.limits.standing(&attribution.account) {
+            Standing::Blocked => return Decision::Deny("blocked"),
+            Standing::Reached
+                if self.policy(&attribution.account, server_port) != OnLimit::Notify =>
+            {
+                return Decision::Deny("limit_reached");
+            }
+            _ => {}
+        }
+        match self.attribute(conn, attribution, fresh, now_ns, now) {
+            Outcome::Refused => Decision::Deny("busy"),
+            outcome => Decision::Allow(outcome),
+        }
+    }
+
+    /// An account's `on_limit`: its own, else the service's, else `cut`.
+    fn policy(&self, account: &str, server_port: Option<u16>) -> OnLimit {
+        self.limits
+            .policy(account)
+            .or_else(|| {
+                server_port
+                    .and_then(|p| self.by_port.get(&(Protocol::Tcp, p)))
+                    .and_then(|s| s.on_limit)
+            })
+            .unwrap_or(OnLimit::Cut)
+    }
+
+    /// A committed top-up: the account may be served again if it is back
+    /// under its limit, and the cuts of its connections are lifted.
+    pub fn credit(&mut self, account: &str, minor: u64) -> Option<Credited> {
+        let credited = self.limits.credit(account, minor)?;
+        if credited.readmitted {
+            let lifted: Vec<ConnKey> = self
+                .cut
+                .iter()
+                .filter(|(_, (a, _, _))| &**a == account)
+                .map(|(k, _)| *k)
+                .collect();
+            for key in lifted {
+                self.cut.remove(&key);
+                if let ConnKey::Tcp(cookie) = key {
+                    self.batch.uncuts.push(cookie);
+                }
+            }
+            self.cut_tally.remove(account);
+        }
+        Some(credited)
+    }
+
+    /// Orders the live connections of accounts over their limit with the
+    /// `cut` policy cut (each once), including ones that appeared since.
+    fn order_cuts(&mut self, now_ns: u64) {
+        if self.limits.reached_count() == 0 {
+            return;
+        }
+        let mut orders = Vec::new();
+        for (key, conn) in &self.conns {
+            if self.cut.contains_key(key) {
+                continue;
+            }
+            let account = conn.attribution.as_ref().map_or_else(
+                || conn.peer.client().ip().to_string(),
+                |a| a.account.clone(),
+            );
+            if self.limits.is_reached(&account)
+                && self
+                    .limits
+                    .policy(&account)
+                    .or(conn.service.on_limit)
+                    .unwrap_or(OnLimit::Cut)
+                    == OnLimit::Cut
+            {
+                orders.push((*key, Arc::<str>::from(account), conn.counts, conn.peer));
+            }
+        }
+        for (key, account, counts, peer) in orders {
+            self.cut.insert(key, (account, counts, now_ns));
+            self.batch.cuts.push(CutOrder { key, peer });
+        }
+    }
+
     /// Drops pending attributions older than `ttl`.
     pub fn expire_pending(&mut self, now: Instant, ttl: std::time::Duration) -> usize {
         self.pending.expire(now, ttl)
@@ -724,7 +937,7 @@ impl Core {
             let quantity = v.quantity(totals);
             if let Some(charge) = billing::cycle_charge(&v.service.tariff, quantity, &mut v.accrual)
             {
-                v.dirty = true;
+                mark(&mut self.dirty, v);
                 let account = v.account();
                 self.limits.add(
                     &account,
@@ -757,21 +970,28 @@ impl Core {
         }
         self.stage_dirty();
         for (account, spent_minor, limit_minor) in self.limits.check() {
+            let policy = self.limits.policy(&account).unwrap_or_else(|| {
+                // The service default of the account's live connections.
+                self.conns
+                    .values()
+                    .find(|c| c.attribution.as_ref().is_some_and(|a| a.account == account))
+                    .and_then(|c| c.service.on_limit)
+                    .unwrap_or(OnLimit::Cut)
+            });
             self.batch.limits.push(LimitEvent {
                 account,
                 spent_minor,
                 limit_minor,
+                policy,
             });
         }
+        self.order_cuts(now_ns);
         live
     }
 
     /// Stages the open sessions and segments that changed.
     fn stage_dirty(&mut self) {
-        for v in self.viewers.values_mut().filter(|v| v.dirty) {
-            v.dirty = false;
-            self.batch.viewers.push(viewer_row(v, v.done));
-        }
+        self.stage_viewers();
         let boot = self.boot.clone();
         for conn in self.conns.values_mut().filter(|c| c.seg.dirty) {
             conn.seg.dirty = false;
@@ -798,7 +1018,7 @@ impl Core {
                 v.done.0 += o;
                 v.done.1 += i;
                 v.last_ns = v.last_ns.max(row.counts.last_ns);
-                v.dirty = true;
+                mark(&mut self.dirty, v);
             }
             self.batch.segments.push(SegmentRow {
                 open: false,
@@ -964,7 +1184,7 @@ impl Core {
                     connections: 0,
                     accrual: Accrual::default(),
                     started_ms: None,
-                    dirty: true,
+                    dirty: false,
                 },
             );
             self.current.insert(vkey, Arc::clone(&id));
@@ -975,7 +1195,7 @@ impl Core {
             v.connections += 1;
             v.first_ns = v.first_ns.min(start);
             v.last_ns = v.last_ns.max(last);
-            v.dirty = true;
+            mark(&mut self.dirty, v);
         }
         conn.seg.viewer = Some(id);
         conn.seg.dirty = true;
@@ -1008,7 +1228,7 @@ impl Core {
             if has_payload {
                 v.last_ns = v.last_ns.max(at.last_ns.max(conn.seg.start_ns));
             }
-            v.dirty = true;
+            mark(&mut self.dirty, v);
         }
         if has_payload || conn.seg.n == 0 {
             let mut row = segment_row(&self.boot, conn, false, end_ns.max(conn.seg.start_ns));

@@ -51,6 +51,7 @@ fn new_core(tariff: Tariff, idle_s: u64) -> Core {
             idle_ns: idle_s * S,
             tcp_ports: vec![PORT],
             udp_ports: Vec::new(),
+            on_limit: None,
         }],
         Limits::default(),
         Pending::default(),
@@ -578,4 +579,33 @@ proptest! {
             prop_assert_eq!(once.sessions()[0].charge_minor, s.charge_minor);
         }
     }
+}
+
+#[test]
+fn a_close_committed_just_before_a_crash_keeps_its_bytes() {
+    // A session seen by a cycle, then its connection's close committed on
+    // its own (between cycles), then kill -9 before the next cycle: the
+    // session's row must already carry the closed bytes.
+    let mut core = new_core(volume(1, 1000, 0), 5);
+    let mut store = Store::default();
+    let (a, b) = (info(10, 48_001, S), info(10, 48_002, 2 * S));
+    let infos = HashMap::from([(61, a)]);
+    read(&mut core, &[(61, counts(1000, 2 * S))], &infos);
+    core.on_cycle(2 * S);
+    drive(&mut core, &mut store);
+    core.on_record(&close(61, a, counts(3_100_000, 3 * S), 3 * S));
+    drive(&mut core, &mut store);
+    // A connection that opened and closed between two cycles, alone.
+    core.on_record(&close(62, b, counts(2_000_000, 4 * S), 4 * S));
+    drive(&mut core, &mut store);
+    let _ = core.take_batch();
+    let mut core = new_core(volume(1, 1000, 0), 5);
+    store.restore_into(&mut core);
+    core.on_cycle(30 * S);
+    drive(&mut core, &mut store);
+    let sessions = store.sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0].row.bytes_out, 5_100_000);
+    assert_eq!(sessions[0].charge_minor, 5100);
+    store.check_sums();
 }
