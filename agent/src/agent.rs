@@ -109,6 +109,9 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    // Before the lock, whose path a non-root user cannot open: the error
+    // that names the fix comes first.
+    kernel::system::check_privileges().map_err(KernelError::from)?;
     let _instance = lock_instance(&config.agent.pin_dir)?;
     let ledger = Ledger::open(&config.billing.ledger, &config.billing.currency)?;
     let mut kernel = Kernel::open(&config)?;

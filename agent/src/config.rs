@@ -299,12 +299,14 @@ pub enum ConfigError {
         min: Duration,
         max: Duration,
     },
-    #[error("config: billing.currency {0:?} is not a 3-letter ISO 4217 code (e.g. \"EUR\")")]
+    #[error(
+        "config: billing.currency {0:?} is not an ISO 4217 currency code (e.g. \"EUR\", \"USD\", \"JPY\")"
+    )]
     Currency(String),
     #[error("config: agent.max_connections must be between 1024 and 16777216, not {0}")]
     MaxConnections(u32),
     #[error(
-        "config: agent.pin_dir {0:?} must be an absolute path inside a bpffs mount such as /sys/fs/bpf"
+        "config: agent.pin_dir {0:?} must be an absolute path without '.' or '..', inside a bpffs mount such as /sys/fs/bpf (e.g. /sys/fs/bpf/meterd)"
     )]
     PinDir(PathBuf),
     #[error(
@@ -313,6 +315,18 @@ pub enum ConfigError {
     ApiNotLoopback(SocketAddr),
     #[error("config: api.listen needs api.token (a bearer token of at least 16 characters)")]
     ApiToken,
+    #[error(
+        "config: api.token has {0} characters; it needs at least 16 (e.g. `openssl rand -hex 16`)"
+    )]
+    ApiTokenShort(usize),
+    #[error(
+        "config: billing.limit_hook {path}: {why}; give the path of an executable file (chmod +x), or remove the setting"
+    )]
+    LimitHook { path: PathBuf, why: String },
+    #[error(
+        "config: service name {0:?} must be 1 to 64 characters, without control characters (it is a metric label)"
+    )]
+    ServiceName(String),
     #[error("config: set either api.socket or api.listen, not both")]
     ApiBoth,
     #[error(
@@ -370,12 +384,22 @@ impl Config {
         if !(1024..=16_777_216).contains(&a.max_connections) {
             return Err(ConfigError::MaxConnections(a.max_connections));
         }
-        if !a.pin_dir.is_absolute() {
+        if !a.pin_dir.is_absolute()
+            || a.pin_dir.components().any(|c| {
+                matches!(
+                    c,
+                    std::path::Component::ParentDir | std::path::Component::CurDir
+                )
+            })
+        {
             return Err(ConfigError::PinDir(a.pin_dir.clone()));
         }
         let c = &self.billing.currency;
-        if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+        if !crate::tariff::is_iso_4217(c) {
             return Err(ConfigError::Currency(c.clone()));
+        }
+        if let Some(hook) = &self.billing.limit_hook {
+            check_executable(hook)?;
         }
         self.validate_api()?;
         self.governor
@@ -428,6 +452,9 @@ impl Config {
         for (index, s) in self.services.iter().enumerate() {
             if s.name.trim().is_empty() {
                 return Err(ConfigError::EmptyName { index });
+            }
+            if s.name.chars().count() > 64 || s.name.chars().any(char::is_control) {
+                return Err(ConfigError::ServiceName(s.name.chars().take(64).collect()));
             }
             if !names.insert(s.name.as_str()) {
                 return Err(ConfigError::DuplicateName {
@@ -484,8 +511,10 @@ impl Config {
             if !addr.ip().is_loopback() {
                 return Err(ConfigError::ApiNotLoopback(addr));
             }
-            if api.token.as_ref().is_none_or(|t| t.len() < 16) {
-                return Err(ConfigError::ApiToken);
+            match &api.token {
+                None => return Err(ConfigError::ApiToken),
+                Some(t) if t.len() < 16 => return Err(ConfigError::ApiTokenShort(t.len())),
+                Some(_) => {}
             }
         }
         Ok(())
@@ -500,6 +529,24 @@ impl Config {
     pub fn meters_udp(&self) -> bool {
         self.services.iter().any(|s| !s.udp_ports.is_empty())
     }
+}
+
+/// `billing.limit_hook` must be an executable file: a typo would otherwise
+/// only show when an account runs out.
+fn check_executable(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let err = |why: String| ConfigError::LimitHook {
+        path: path.to_owned(),
+        why,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(err("not executable".into()));
+    }
+    Ok(())
 }
 
 fn check_range(
@@ -532,9 +579,13 @@ pub mod duration_str {
             .find(|c: char| !c.is_ascii_digit())
             .ok_or_else(|| format!("{text:?} has no unit: write e.g. \"500ms\", \"1s\", \"2m\""))?;
         let (number, unit) = text.split_at(split);
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+        let n: u64 = number.parse().map_err(|_| {
+            if number.is_empty() {
+                format!("{text:?} does not start with a whole number: write e.g. \"30s\"")
+            } else {
+                format!("{text:?} is too long: write at most hours, e.g. \"1h\"")
+            }
+        })?;
         let ms = match unit.trim() {
             "ms" => Some(n),
             "s" => n.checked_mul(1000),
@@ -658,6 +709,51 @@ mod tests {
             service("")
         );
         assert_eq!(Config::parse(&text).unwrap().accounts[0].limit_minor(), 10);
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_the_fix() {
+        let cases = [
+            (
+                "[agent]\ninterval = \"99999999999999999999s\"\n".to_owned(),
+                "too long",
+            ),
+            (
+                "[api]\nlisten = \"127.0.0.1:9948\"\ntoken = \"short\"\n".to_owned(),
+                "api.token has 5 characters",
+            ),
+            ("[billing]\ncurrency = \"XYZ\"\n".to_owned(), "ISO 4217"),
+            (
+                "[agent]\npin_dir = \"/sys/fs/bpf/../bpf/x\"\n".to_owned(),
+                "without '.' or '..'",
+            ),
+            (
+                "[billing]\nlimit_hook = \"/nonexistent/hook\"\n".to_owned(),
+                "billing.limit_hook /nonexistent/hook",
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("hook");
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        let cases = cases.into_iter().chain([(
+            format!("[billing]\nlimit_hook = \"{}\"\n", plain.display()),
+            "not executable",
+        )]);
+        for (text, want) in cases {
+            let e = Config::parse(&format!("{text}{}", service("")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let e = Config::parse(&service("").replace("\"web\"", "\"w\\u0007b\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("control characters"), "{e}");
+        let long = "x".repeat(100);
+        let e = Config::parse(&service("").replace("\"web\"", &format!("\"{long}\"")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1 to 64 characters"), "{e}");
     }
 
     #[test]

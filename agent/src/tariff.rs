@@ -6,10 +6,25 @@
 
 use std::fmt;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Millionths of a minor unit per minor unit.
 pub const MICRO: u64 = 1_000_000;
+
+/// The active ISO 4217 alphabetic currency codes.
+const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB \
+BOV BRL BSD BTN BWP BYN BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUC CUP CVE CZK DJF DKK DOP \
+DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK \
+JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP \
+MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD \
+RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD \
+TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND VUV WST XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR \
+XOF XPD XPF XPT XSU XTS XUA YER ZAR ZMW ZWG ZWL";
+
+/// Whether `code` is an ISO 4217 currency code.
+pub fn is_iso_4217(code: &str) -> bool {
+    code.len() == 3 && ISO_4217.split_ascii_whitespace().any(|c| c == code)
+}
 
 /// A service's tariff.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -266,20 +281,38 @@ impl fmt::Display for Price {
     }
 }
 
-/// Integer or string in TOML.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum IntOrString {
-    Int(i64),
-    Str(String),
-}
-
 impl<'de> Deserialize<'de> for Price {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match IntOrString::deserialize(d)? {
-            IntOrString::Int(n) => Self::parse(&n.to_string()).map_err(D::Error::custom),
-            IntOrString::Str(s) => Self::parse(&s).map_err(D::Error::custom),
-        }
+        d.deserialize_any(PriceVisitor)
+    }
+}
+
+struct PriceVisitor;
+
+impl serde::de::Visitor<'_> for PriceVisitor {
+    type Value = Price;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("price_minor as an integer (5) or a decimal string (\"0.25\")")
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Price, E> {
+        Price::parse(&v.to_string()).map_err(E::custom)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Price, E> {
+        Price::parse(&v.to_string()).map_err(E::custom)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Price, E> {
+        Err(E::custom(format!(
+            "price_minor = {v} is a float, and meterd never keeps money in floats: \
+             write a fraction of a minor unit as a string, e.g. price_minor = \"{v}\""
+        )))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Price, E> {
+        Price::parse(v).map_err(E::custom)
     }
 }
 
@@ -326,12 +359,37 @@ impl ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match IntOrString::deserialize(d)? {
-            IntOrString::Int(n) => u64::try_from(n)
-                .map(Self)
-                .map_err(|_| D::Error::custom(format!("unit_bytes {n} is negative"))),
-            IntOrString::Str(s) => Self::parse(&s).map_err(D::Error::custom),
-        }
+        d.deserialize_any(ByteSizeVisitor)
+    }
+}
+
+struct ByteSizeVisitor;
+
+impl serde::de::Visitor<'_> for ByteSizeVisitor {
+    type Value = ByteSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("unit_bytes as an integer (1000000) or a size string (\"1MB\", \"1GiB\")")
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+        u64::try_from(v)
+            .map(ByteSize)
+            .map_err(|_| E::custom(format!("unit_bytes {v} is negative")))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+        Ok(ByteSize(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ByteSize, E> {
+        Err(E::custom(format!(
+            "unit_bytes = {v} is not a whole number of bytes: write e.g. \"1500kB\" or 1500000"
+        )))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+        ByteSize::parse(v).map_err(E::custom)
     }
 }
 
@@ -344,6 +402,21 @@ impl Serialize for ByteSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_float_price_names_the_fix() {
+        let e = toml::from_str::<VolumeTariff>("price_minor = 0.5\nunit_bytes = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("price_minor = \"0.5\""), "{e}");
+        let t: VolumeTariff =
+            toml::from_str("price_minor = \"0.5\"\nunit_bytes = \"1kB\"").unwrap();
+        assert_eq!((t.price_minor.micro, t.unit_bytes.0), (500_000, 1000));
+        let e = toml::from_str::<VolumeTariff>("price_minor = 1\nunit_bytes = 1.5")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("whole number of bytes"), "{e}");
+    }
 
     #[test]
     fn prices_are_exact() {

@@ -37,6 +37,14 @@ pub enum SystemError {
     )]
     CgroupMissing { path: PathBuf },
     #[error(
+        "cgroup path {path} is not a directory: agent.cgroup must be the cgroup v2 directory the streaming server runs in (e.g. .../system.slice/nginx.service)"
+    )]
+    CgroupNotDir { path: PathBuf },
+    #[error(
+        "agent.pin_dir {path} is not inside a bpffs mount: use a directory under /sys/fs/bpf (e.g. /sys/fs/bpf/meterd); meterd never pins or deletes anywhere else"
+    )]
+    NotOnBpffs { path: PathBuf },
+    #[error(
         "cgroup path {path} is not on a cgroup v2 filesystem (agent.cgroup must be inside the cgroup2 mount {mount})"
     )]
     NotCgroup2 { path: PathBuf, mount: String },
@@ -143,6 +151,9 @@ fn fs_magic(path: &Path) -> Option<i64> {
 pub fn resolve_cgroup(configured: Option<&Path>) -> Result<PathBuf, SystemError> {
     let mount = cgroup2_mount()?;
     let path = configured.map_or_else(|| mount.clone(), Path::to_path_buf);
+    if path.exists() && !path.is_dir() {
+        return Err(SystemError::CgroupNotDir { path });
+    }
     if !path.is_dir() {
         return Err(SystemError::CgroupMissing { path });
     }
@@ -155,15 +166,21 @@ pub fn resolve_cgroup(configured: Option<&Path>) -> Result<PathBuf, SystemError>
     Ok(path)
 }
 
-/// Makes sure `pin_dir` exists on bpffs, mounting /sys/fs/bpf if needed.
+/// Whether `path` is on a bpffs.
+pub fn on_bpffs(path: &Path) -> bool {
+    fs_magic(path) == Some(BPF_FS_MAGIC)
+}
+
+/// Makes sure `pin_dir` exists on bpffs, mounting /sys/fs/bpf if nothing
+/// is mounted there (and only there: never over another mount, never
+/// twice). Config validation has refused `..` in the path.
 pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), SystemError> {
     let parent = pin_dir.parent().unwrap_or(pin_dir);
     if fs_magic(parent) != Some(BPF_FS_MAGIC) {
         let default = Path::new("/sys/fs/bpf");
-        if !parent.starts_with(default) {
-            return Err(SystemError::NoBpffs {
+        if !parent.starts_with(default) || on_bpffs(default) {
+            return Err(SystemError::NotOnBpffs {
                 path: pin_dir.to_owned(),
-                reason: "its parent is not a bpffs directory".into(),
             });
         }
         tracing::info!("bpffs is not mounted at /sys/fs/bpf: mounting it");
