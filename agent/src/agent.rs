@@ -613,6 +613,7 @@ impl Agent {
     fn publish_metrics(&self, live: &HashMap<Arc<str>, LiveTotals>) {
         let stats = self.seen_stats.unwrap_or_default();
         let (ring_pending, ring_size) = self.kernel.ring_fill().unwrap_or_default();
+        let deliveries = self.ledger.delivery_stats().unwrap_or_default();
         let mut services = std::collections::BTreeMap::new();
         for service in &self.config.services {
             let settled = self
@@ -656,6 +657,9 @@ impl Agent {
             ring_capacity_bytes: ring_size,
             limit_reached: self.limit_events,
             attributions_pending: self.core.pending_count() as u64,
+            deliveries_pending: deliveries.0,
+            delivery_failures: deliveries.1,
+            accounts_over_limit: self.core.limits().reached_count() as u64,
             bpf_programs: self.kernel.program_stats(),
         };
         if let Ok(mut m) = self.metrics.lock() {

@@ -658,15 +658,18 @@ impl Ledger {
         Ok(())
     }
 
-    /// Deliveries not acknowledged yet.
-    pub fn pending_deliveries(&self) -> Result<u64, LedgerError> {
+    /// Deliveries not acknowledged yet, and failed attempts so far.
+    pub fn delivery_stats(&self) -> Result<(u64, u64), LedgerError> {
         self.conn
-            .query_row(
-                "SELECT COUNT(*) FROM deliveries WHERE delivered_ms IS NULL",
-                [],
-                |r| r.get::<_, i64>(0),
+            .prepare_cached(
+                "SELECT COALESCE(SUM(delivered_ms IS NULL), 0),
+                 COALESCE(SUM(attempts - (delivered_ms IS NOT NULL)), 0) FROM deliveries",
             )
-            .map(to_u64)
+            .and_then(|mut s| {
+                s.query_row([], |r| {
+                    Ok((to_u64(r.get::<_, i64>(0)?), to_u64(r.get::<_, i64>(1)?)))
+                })
+            })
             .map_err(self.err())
     }
 

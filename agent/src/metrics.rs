@@ -118,6 +118,12 @@ pub struct Metrics {
     pub ring_capacity_bytes: u64,
     pub limit_reached: u64,
     pub attributions_pending: u64,
+    /// Limit-event deliveries not acknowledged yet.
+    pub deliveries_pending: u64,
+    /// Delivery attempts that failed (each is retried).
+    pub delivery_failures: u64,
+    /// Accounts over their limit now.
+    pub accounts_over_limit: u64,
     /// `(program, run time, run count)` when `kernel.bpf_stats_enabled`.
     pub bpf_programs: Vec<(String, Duration, u64)>,
 }
@@ -430,6 +436,30 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
             GAUGE,
         )
         .sample(&none, f(m.attributions_pending)),
+    );
+    push(
+        Family::new(
+            "meterd_event_deliveries_pending",
+            "Limit events not yet acknowledged by the limit hook or webhook (retried with backoff).",
+            GAUGE,
+        )
+        .sample(&none, f(m.deliveries_pending)),
+    );
+    push(
+        Family::new(
+            "meterd_event_delivery_failures_total",
+            "Failed attempts to deliver a limit event to the hook or webhook.",
+            COUNTER,
+        )
+        .sample(&none, f(m.delivery_failures)),
+    );
+    push(
+        Family::new(
+            "meterd_accounts_over_limit",
+            "Accounts with a prepaid balance or credit limit that are at or over it.",
+            GAUGE,
+        )
+        .sample(&none, f(m.accounts_over_limit)),
     );
     if !m.bpf_programs.is_empty() {
         let mut time = Family::new(
