@@ -38,10 +38,10 @@ use crate::{
     hooks,
     kernel::{self, Kernel, KernelError, Record},
     ledger::{Committed, Ledger, LedgerError, SettledTotals},
-    limits::Limits,
+    limits::{Limits, Standing},
     load::{Load, LoadMonitor},
     metrics::{Metrics, Persisted, ServiceTotals, SharedMetrics},
-    status::{LiveSession, StatusReport, micro_to_decimal},
+    status::{AccountStatus, LiveSession, StatusReport, micro_to_decimal},
 };
 
 /// Ledger `meta` key of the agent's own persisted counters.
@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub closed_log: Option<PathBuf>,
     /// Create this file once metering has started.
     pub ready_file: Option<PathBuf>,
+    /// The config file, for the record client commands find the agent by.
+    pub config_path: Option<PathBuf>,
 }
 
 /// Why the daemon stopped with an error.
@@ -112,7 +114,7 @@ pub async fn run(
     // Before the lock, whose path a non-root user cannot open: the error
     // that names the fix comes first.
     kernel::system::check_privileges().map_err(KernelError::from)?;
-    let _instance = lock_instance(&config.agent.pin_dir)?;
+    let (_instance, instance_name) = lock_instance(&config.agent.pin_dir)?;
     let ledger = Ledger::open(&config.billing.ledger, &config.billing.currency)?;
     let mut kernel = Kernel::open(&config)?;
     tracing::info!(
@@ -131,29 +133,8 @@ pub async fn run(
         }
         None => (None, HashSet::new()),
     };
-    let limits = Limits::new(
-        &config.accounts,
-        ledger.spent_by_account()?,
-        &ledger.credits_by_account()?,
-    );
     let mut ledger = ledger;
-    let mut targets = Vec::new();
-    if config.billing.limit_hook.is_some() {
-        targets.push(hooks::Target::Hook);
-    }
-    if config.billing.limit_webhook.is_some() {
-        targets.push(hooks::Target::Webhook);
-    }
-    ledger.set_delivery_targets(targets);
-    let mut core = Core::new(
-        &boot_id,
-        service_defs(&config),
-        limits,
-        Pending::with_capacity(config.api.max_pending),
-    );
-    let (viewers, segments) = ledger.load_open()?;
-    let open_viewers = viewers.len();
-    core.restore(viewers, segments);
+    let core = open_core(&config, &mut ledger, &boot_id)?;
     let persisted: Persisted = ledger
         .load_meta(PERSISTED_KEY)?
         .and_then(|json| serde_json::from_str(&json).ok())
@@ -164,7 +145,7 @@ pub async fn run(
     let api_at = api::spawn(&config, api_tx.clone()).await?;
     tracing::info!(
         api = %api_at,
-        open_sessions = open_viewers,
+        open_sessions = core.viewers().count(),
         open_connections = core.restored_waiting(),
         "attribution API listening"
     );
@@ -209,7 +190,66 @@ pub async fn run(
         std::fs::write(path, format!("api={api_at}\nmetrics={metrics_at}\n"))
             .map_err(io(format!("writing {}", path.display())))?;
     }
-    serve(agent, ring, api_rx, shutdown).await
+    let record = options
+        .config_path
+        .as_ref()
+        .and_then(|config| record_running(config, &agent, &api_at, metrics_at, &instance_name));
+    let result = serve(agent, ring, api_rx, shutdown).await;
+    if let Some(path) = record {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// The billing core, rebuilt from the ledger: limits with their spending
+/// and top-ups, open sessions and segments; and where limit events go.
+fn open_core(config: &Config, ledger: &mut Ledger, boot_id: &str) -> Result<Core, AgentError> {
+    let limits = Limits::new(
+        &config.accounts,
+        ledger.spent_by_account()?,
+        &ledger.credits_by_account()?,
+    );
+    let mut targets = Vec::new();
+    if config.billing.limit_hook.is_some() {
+        targets.push(hooks::Target::Hook);
+    }
+    if config.billing.limit_webhook.is_some() {
+        targets.push(hooks::Target::Webhook);
+    }
+    ledger.set_delivery_targets(targets);
+    let mut core = Core::new(
+        boot_id,
+        service_defs(config),
+        limits,
+        Pending::with_capacity(config.api.max_pending),
+    );
+    let (viewers, segments) = ledger.load_open()?;
+    core.restore(viewers, segments);
+    Ok(core)
+}
+
+/// Writes where this agent runs, for client commands without `--config`.
+fn record_running(
+    config: &std::path::Path,
+    agent: &Agent,
+    api_at: &str,
+    metrics_at: std::net::SocketAddr,
+    name: &str,
+) -> Option<PathBuf> {
+    let running = crate::runtime::Running {
+        pid: std::process::id(),
+        config: std::fs::canonicalize(config).unwrap_or_else(|_| config.to_owned()),
+        api: api_at.to_owned(),
+        metrics: metrics_at.to_string(),
+        ledger: agent.config.billing.ledger.clone(),
+        pin_dir: agent.config.agent.pin_dir.clone(),
+    };
+    running
+        .write(name)
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "cannot record where this agent runs: client commands need --config");
+        })
+        .ok()
 }
 
 /// The loop proper, until `shutdown` completes.
@@ -712,6 +752,28 @@ impl Agent {
             connections_live: self.core.conns().count() as u64,
             attributions_pending: self.core.pending_count() as u64,
             sessions,
+            accounts: {
+                let mut accounts: Vec<AccountStatus> = self
+                    .core
+                    .limits()
+                    .accounts()
+                    .map(
+                        |(account, limit_minor, spent_minor, standing)| AccountStatus {
+                            account: account.to_owned(),
+                            limit_minor,
+                            spent_minor,
+                            standing: match standing {
+                                Standing::Ok => "ok",
+                                Standing::Reached => "limit_reached",
+                                Standing::Blocked => "blocked",
+                            }
+                            .to_owned(),
+                        },
+                    )
+                    .collect();
+                accounts.sort_by(|a, b| a.account.cmp(&b.account));
+                accounts
+            },
         }
     }
 
@@ -871,7 +933,9 @@ impl Agent {
 /// same pins would split one ring buffer between them. The lock file lives
 /// in /run/meterd (tmpfs) and holds the owner's pid; the lock goes with the
 /// process, also on kill -9.
-pub fn lock_instance(pin_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
+/// Returns the held lock and its name (also the name of the agent's
+/// record under `/run/meterd/agents`).
+pub fn lock_instance(pin_dir: &std::path::Path) -> Result<(std::fs::File, String), AgentError> {
     use std::io::{Read as _, Seek as _, Write as _};
     use std::os::fd::AsRawFd as _;
     // Keyed by the canonical path: a symlink or `..` to the same pins is
@@ -910,7 +974,7 @@ pub fn lock_instance(pin_dir: &std::path::Path) -> Result<std::fs::File, AgentEr
     file.rewind()
         .map_err(io(format!("writing {}", path.display())))?;
     write!(file, "{}", std::process::id()).map_err(io(format!("writing {}", path.display())))?;
-    Ok(file)
+    Ok((file, name))
 }
 
 fn duration_ns(d: Duration) -> u64 {

@@ -307,6 +307,7 @@ fn attribution(account: &str, content: Option<&str>) -> ApiResult<Attribution> {
     Ok(Attribution {
         account: account.to_owned(),
         content: content.filter(|c| !c.is_empty()).map(str::to_owned),
+        denied: false,
     })
 }
 

@@ -18,6 +18,10 @@ pub struct Attribution {
     pub account: String,
     #[serde(default)]
     pub content: Option<String>,
+    /// The streaming server was told to refuse this connection's request:
+    /// what it sends now (the refusal) is billed to nobody.
+    #[serde(skip)]
+    pub denied: bool,
 }
 
 /// How an API request names its connection.

@@ -205,6 +205,7 @@ CREATE TABLE IF NOT EXISTS connections (
     service TEXT NOT NULL,
     account TEXT,
     content TEXT,
+    denied INTEGER NOT NULL,
     protocol TEXT NOT NULL,
     client_addr TEXT NOT NULL,
     client_port INTEGER NOT NULL,
@@ -426,7 +427,7 @@ impl Ledger {
             .prepare(
                 "SELECT connection_id, conn_id, seg, session_id, service, account, content,
                  protocol, client_addr, client_port, server_addr, server_port, start_ns, last_ns,
-                 base_out, base_in, counts_out, counts_in, flags
+                 base_out, base_in, counts_out, counts_in, flags, denied
                  FROM connections WHERE state = 'open'",
             )
             .map_err(self.err())?;
@@ -472,6 +473,7 @@ impl Ledger {
                         last_ns: to_u64(r.get(13)?),
                     },
                     flags: r.get(18)?,
+                    denied: r.get(19)?,
                     closes_conn: false,
                 })
             })
@@ -1006,9 +1008,9 @@ fn write_segments(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Re
         "INSERT INTO connections (connection_id, conn_id, seg, session_id, state, closes_conn,
          service, account, content, protocol, client_addr, client_port, server_addr,
          server_port, start_ns, end_ns, last_ns, base_out, base_in, counts_out, counts_in,
-         started_ms, ended_ms, flags)
+         started_ms, ended_ms, flags, denied)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-         ?18, ?19, ?20, ?21, ?22, ?23, ?24)
+         ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)
          ON CONFLICT (connection_id) DO UPDATE SET session_id = ?4, state = ?5,
          closes_conn = ?6, account = ?8, content = ?9, end_ns = ?16, last_ns = ?17,
          counts_out = ?20, counts_in = ?21,
@@ -1044,6 +1046,7 @@ fn write_segments(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Re
             started,
             ended,
             g.flags,
+            g.denied,
         ])?;
     }
     Ok(())

@@ -22,5 +22,6 @@ pub mod ledger;
 pub mod limits;
 pub mod load;
 pub mod metrics;
+pub mod runtime;
 pub mod status;
 pub mod tariff;

@@ -150,6 +150,15 @@ impl Limits {
         ))
     }
 
+    /// Every configured account: id, limit (with top-ups), spent (minor
+    /// units), where it stands.
+    pub fn accounts(&self) -> impl Iterator<Item = (&str, u64, i64, Standing)> {
+        self.accounts.keys().map(|id| {
+            let (limit, spent) = self.figures(id).unwrap_or_default();
+            (id.as_str(), limit, spent, self.standing(id))
+        })
+    }
+
     /// Whether an account is configured (has a limit).
     pub fn is_configured(&self, account: &str) -> bool {
         self.accounts.contains_key(account)

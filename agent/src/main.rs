@@ -47,14 +47,50 @@ struct Cli {
 #[derive(clap::Args)]
 struct ConfigArg {
     /// Config file (TOML); config/meterd.toml in the source tree documents
-    /// every setting.
-    #[arg(
-        short = 'c',
-        long = "config",
-        env = "METERD_CONFIG",
-        default_value = "/etc/meterd/meterd.toml"
-    )]
-    path: PathBuf,
+    /// every setting. Default: /etc/meterd/meterd.toml; for `status`,
+    /// `ledger export` and `unload`, when that file does not exist, the
+    /// config of the one agent running on this host.
+    #[arg(short = 'c', long = "config", env = "METERD_CONFIG")]
+    path: Option<PathBuf>,
+}
+
+/// The packaged config.
+const DEFAULT_CONFIG: &str = "/etc/meterd/meterd.toml";
+
+impl ConfigArg {
+    /// The config for `meterd run`.
+    fn for_run(&self) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    }
+
+    /// The config for a client command: as given, else the packaged one,
+    /// else the running agent's.
+    fn for_client(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = &self.path {
+            return Ok(p.clone());
+        }
+        if std::path::Path::new(DEFAULT_CONFIG).exists() {
+            return Ok(PathBuf::from(DEFAULT_CONFIG));
+        }
+        let running = meterd::runtime::running();
+        match running.as_slice() {
+            [one] => Ok(one.config.clone()),
+            [] => anyhow::bail!(
+                "no --config given, {DEFAULT_CONFIG} does not exist, and no meterd is running: \
+                 start one (`cargo xtask run`, or `meterd run --config FILE`) or pass --config FILE"
+            ),
+            many => anyhow::bail!(
+                "no --config given and {} agents are running ({}): pass --config FILE",
+                many.len(),
+                many.iter()
+                    .map(|r| r.config.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -92,6 +128,17 @@ enum Command {
         /// Print the JSON as the API returns it.
         #[arg(long)]
         json: bool,
+        /// Refresh every second, in place on a terminal (like top), or one
+        /// table per interval when the output is not a terminal. Ctrl-C stops.
+        #[arg(long)]
+        watch: bool,
+        /// Sort sessions by: rate (bytes/s since the last refresh), bytes,
+        /// time (watching time), account.
+        #[arg(long, value_enum, default_value = "rate")]
+        sort: meterd::status::SortBy,
+        /// Only sessions of this account.
+        #[arg(long)]
+        account: Option<String>,
     },
     /// Read the ledger.
     Ledger {
@@ -186,7 +233,8 @@ fn real_main() -> anyhow::Result<()> {
             closed_log,
             ready_file,
         } => {
-            let config = Config::load(&config.path)?;
+            let config_path = config.for_run();
+            let config = Config::load(&config_path)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -196,6 +244,7 @@ fn real_main() -> anyhow::Result<()> {
                 RunOptions {
                     closed_log,
                     ready_file,
+                    config_path: Some(config_path),
                 },
                 shutdown_signal(),
             ))?;
@@ -216,7 +265,7 @@ fn real_main() -> anyhow::Result<()> {
         } => {
             let path = match ledger {
                 Some(path) => path,
-                None => Config::load(&config.path)?.billing.ledger,
+                None => Config::load(&config.for_client()?)?.billing.ledger,
             };
             if !path.exists() {
                 anyhow::bail!(
@@ -238,32 +287,12 @@ fn real_main() -> anyhow::Result<()> {
             config,
             socket,
             json,
-        } => {
-            let target = if let Some(path) = socket {
-                ApiTarget::Socket(path)
-            } else {
-                let config = Config::load(&config.path)?;
-                match config.api.socket_path(&config.agent) {
-                    Some(path) => ApiTarget::Socket(path),
-                    None => ApiTarget::Tcp(
-                        config.api.listen.expect("validated: socket or listen"),
-                        config.api.token.clone().unwrap_or_default(),
-                    ),
-                }
-            };
-            let body = api_get(&target, "/v1/status").with_context(|| {
-                format!("asking the agent at {target} (is `meterd run` running with this config?)")
-            })?;
-            if json {
-                println!("{body}");
-            } else {
-                let report: meterd::status::StatusReport =
-                    serde_json::from_str(&body).context("the agent's status is not valid JSON")?;
-                print!("{}", meterd::status::render(&report));
-            }
-        }
+            watch,
+            sort,
+            account,
+        } => status(&config, socket, json, watch, sort, account)?,
         Command::Unload { config } => {
-            let config = Config::load(&config.path)?;
+            let config = Config::load(&config.for_client()?)?;
             // Refuse while an agent runs on these pins: it would lose its maps.
             let _lock = agent::lock_instance(&config.agent.pin_dir)?;
             let report = Kernel::unload(&config.agent.pin_dir)?;
@@ -280,6 +309,64 @@ fn real_main() -> anyhow::Result<()> {
 }
 
 /// A GET on loopback; returns the body of a 200 response.
+/// `meterd status`.
+fn status(
+    config: &ConfigArg,
+    socket: Option<PathBuf>,
+    json: bool,
+    watch: bool,
+    sort: meterd::status::SortBy,
+    account: Option<String>,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let target = if let Some(path) = socket {
+        ApiTarget::Socket(path)
+    } else {
+        let config = Config::load(&config.for_client()?)?;
+        match config.api.socket_path(&config.agent) {
+            Some(path) => ApiTarget::Socket(path),
+            None => ApiTarget::Tcp(
+                config.api.listen.expect("validated: socket or listen"),
+                config.api.token.clone().unwrap_or_default(),
+            ),
+        }
+    };
+    let fetch = || -> anyhow::Result<(String, meterd::status::StatusReport)> {
+        let body = api_get(&target, "/v1/status").with_context(|| {
+            format!("asking the agent at {target} (is `meterd run` running with this config?)")
+        })?;
+        let report = serde_json::from_str(&body).context("the agent's status is not valid JSON")?;
+        Ok((body, report))
+    };
+    if !watch {
+        let (body, report) = fetch()?;
+        if json {
+            println!("{body}");
+        } else {
+            let view = meterd::status::View::new(sort, account.clone());
+            print!("{}", view.render(&report, None));
+        }
+        return Ok(());
+    }
+    let tty = std::io::stdout().is_terminal();
+    let view = meterd::status::View::new(sort, account);
+    let mut previous: Option<(std::time::Instant, meterd::status::StatusReport)> = None;
+    loop {
+        let (_, report) = fetch()?;
+        let now = std::time::Instant::now();
+        let text = view.render(&report, previous.as_ref().map(|(t, r)| (now - *t, r)));
+        if tty {
+            // Home and clear, then the table: refreshed in place.
+            print!("\x1b[H\x1b[2J{text}");
+        } else {
+            println!("{text}");
+        }
+        std::io::stdout().flush()?;
+        previous = Some((now, report));
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 /// Where the agent's API listens.
 enum ApiTarget {
     Socket(PathBuf),

@@ -24,6 +24,91 @@ pub struct StatusReport {
     pub attributions_pending: u64,
     /// Open viewing sessions.
     pub sessions: Vec<LiveSession>,
+    /// Accounts with a prepaid balance or credit limit.
+    #[serde(default)]
+    pub accounts: Vec<AccountStatus>,
+}
+
+/// Where an account with a limit stands.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccountStatus {
+    pub account: String,
+    /// Prepaid balance or credit limit, with top-ups.
+    pub limit_minor: u64,
+    pub spent_minor: i64,
+    /// `ok`, `limit_reached` (denied or cut, by policy) or `blocked`.
+    pub standing: String,
+}
+
+/// How `meterd status` orders sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortBy {
+    /// Bytes per second since the last refresh (then bytes).
+    #[default]
+    Rate,
+    Bytes,
+    /// Watching time.
+    Time,
+    Account,
+}
+
+/// A view of the report: sorted and filtered.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub sort: SortBy,
+    pub account: Option<String>,
+}
+
+impl View {
+    /// A view sorted by `sort`, with only `account`'s sessions if given.
+    pub fn new(sort: SortBy, account: Option<String>) -> Self {
+        Self { sort, account }
+    }
+
+    /// Renders `report`; with the previous report and the time since, the
+    /// rate column is bytes per second over that time.
+    pub fn render(
+        &self,
+        report: &StatusReport,
+        previous: Option<(std::time::Duration, &StatusReport)>,
+    ) -> String {
+        let rates: std::collections::HashMap<&str, u64> = previous
+            .map(|(elapsed, before)| {
+                let secs = elapsed.as_secs_f64().max(0.001);
+                before
+                    .sessions
+                    .iter()
+                    .filter_map(|b| {
+                        let now = report
+                            .sessions
+                            .iter()
+                            .find(|s| s.session_id == b.session_id)?;
+                        let delta = now.bytes_out.saturating_sub(b.bytes_out);
+                        #[expect(
+                            clippy::cast_precision_loss,
+                            clippy::cast_sign_loss,
+                            reason = "a display rate, not money"
+                        )]
+                        let rate = (delta as f64 / secs) as u64;
+                        Some((b.session_id.as_str(), rate))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut sessions: Vec<&LiveSession> = report
+            .sessions
+            .iter()
+            .filter(|s| self.account.as_ref().is_none_or(|a| &s.account == a))
+            .collect();
+        let rate = |s: &LiveSession| rates.get(s.session_id.as_str()).copied().unwrap_or(0);
+        match self.sort {
+            SortBy::Rate => sessions.sort_by_key(|s| std::cmp::Reverse((rate(s), s.bytes_out))),
+            SortBy::Bytes => sessions.sort_by_key(|s| std::cmp::Reverse(s.bytes_out)),
+            SortBy::Time => sessions.sort_by_key(|s| std::cmp::Reverse(s.duration_ms)),
+            SortBy::Account => sessions.sort_by(|a, b| a.account.cmp(&b.account)),
+        }
+        render_sessions(report, &sessions, &rate)
+    }
 }
 
 /// One open viewing session.
@@ -61,8 +146,30 @@ pub fn micro_to_decimal(micro: u64) -> String {
     }
 }
 
-/// Renders the report for a terminal.
+/// Renders the report for a terminal, sessions by rate.
 pub fn render(report: &StatusReport) -> String {
+    View::default().render(report, None)
+}
+
+fn balance(report: &StatusReport, account: &str) -> String {
+    report
+        .accounts
+        .iter()
+        .find(|a| a.account == account)
+        .map_or_else(
+            || "-".to_owned(),
+            |a| {
+                let left = i128::from(a.limit_minor) - i128::from(a.spent_minor);
+                format!("{left} {}", report.currency)
+            },
+        )
+}
+
+fn render_sessions(
+    report: &StatusReport,
+    sessions: &[&LiveSession],
+    rate: &dyn Fn(&LiveSession) -> u64,
+) -> String {
     let mut out = String::new();
     let pressure = report
         .cpu_pressure
@@ -86,7 +193,14 @@ pub fn render(report: &StatusReport) -> String {
         report.connections_live,
         report.attributions_pending
     );
-    if report.sessions.is_empty() {
+    for a in &report.accounts {
+        let _ = writeln!(
+            out,
+            "account {}: {} of {} {} spent, {}",
+            a.account, a.spent_minor, a.limit_minor, report.currency, a.standing
+        );
+    }
+    if sessions.is_empty() {
         return out;
     }
     let header = [
@@ -96,13 +210,14 @@ pub fn render(report: &StatusReport) -> String {
         "CLIENT",
         "STATE",
         "CONNS",
+        "RATE B/S",
         "BYTES OUT",
         "BYTES IN",
         "SECONDS",
         "ACCRUED",
+        "BALANCE",
     ];
-    let rows: Vec<[String; 10]> = report
-        .sessions
+    let rows: Vec<[String; 12]> = sessions
         .iter()
         .map(|s| {
             [
@@ -112,6 +227,7 @@ pub fn render(report: &StatusReport) -> String {
                 s.client_addr.clone(),
                 s.state.clone(),
                 s.connections_open.to_string(),
+                rate(s).to_string(),
                 s.bytes_out.to_string(),
                 s.bytes_in.to_string(),
                 format!(
@@ -119,6 +235,7 @@ pub fn render(report: &StatusReport) -> String {
                     f64::from(u32::try_from(s.duration_ms / 100).unwrap_or(u32::MAX)) / 10.0
                 ),
                 format!("{} {}", s.accrued_minor, report.currency),
+                balance(report, &s.account),
             ]
         })
         .collect();

@@ -121,6 +121,8 @@ pub struct SegmentRow {
     /// The attribution, if any.
     pub account: Option<String>,
     pub content: Option<String>,
+    /// Its request was refused: billed to nobody.
+    pub denied: bool,
     pub protocol: Protocol,
     pub client: SocketAddr,
     pub server: SocketAddr,
@@ -829,14 +831,24 @@ impl Core {
             }
             ConnectionRef::Client(_) => None,
         };
-        match self.limits.standing(&attribution.account) {
-            Standing::Blocked => return Decision::Deny("blocked"),
+        let refusal = match self.limits.standing(&attribution.account) {
+            Standing::Blocked => Some("blocked"),
             Standing::Reached
                 if self.policy(&attribution.account, server_port) != OnLimit::Notify =>
             {
-                return Decision::Deny("limit_reached");
+                Some("limit_reached")
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(reason) = refusal {
+            // The refusal nginx sends now is billed to nobody (its bytes
+            // stay in the connection's audit rows).
+            let denied = Attribution {
+                denied: true,
+                ..attribution
+            };
+            self.attribute(conn, denied, fresh, now_ns, now);
+            return Decision::Deny(reason);
         }
         match self.attribute(conn, attribution, fresh, now_ns, now) {
             Outcome::Refused => Decision::Deny("busy"),
@@ -886,7 +898,7 @@ impl Core {
         }
         let mut orders = Vec::new();
         for (key, conn) in &self.conns {
-            if self.cut.contains_key(key) {
+            if self.cut.contains_key(key) || conn.attribution.as_ref().is_some_and(|a| a.denied) {
                 continue;
             }
             let account = conn.attribution.as_ref().map_or_else(
@@ -1083,6 +1095,7 @@ impl Core {
                 Arc::new(Attribution {
                     account,
                     content: r.content.clone(),
+                    denied: r.denied,
                 })
             });
             let viewer = Some(Arc::<str>::from(r.session_id.as_str()))
@@ -1146,6 +1159,10 @@ impl Core {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
+        if conn.attribution.as_ref().is_some_and(|a| a.denied) {
+            // Refused: its bytes join no session.
+            return;
+        }
         let who = match &conn.attribution {
             Some(a) => Who::Account {
                 account: a.account.clone(),
@@ -1269,6 +1286,7 @@ fn segment_row(boot: &str, conn: &Conn, open: bool, end_ns: u64) -> SegmentRow {
         service: conn.service.name.to_string(),
         account: conn.attribution.as_ref().map(|a| a.account.clone()),
         content: conn.attribution.as_ref().and_then(|a| a.content.clone()),
+        denied: conn.attribution.as_ref().is_some_and(|a| a.denied),
         protocol: conn.peer.protocol,
         client: conn.peer.client(),
         server: conn.peer.server(),

@@ -11,6 +11,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::{
     attribution::{Attribution, ConnectionRef, Pending},
+    config::OnLimit,
     limits::Limits,
     tariff::{ByteSize, Direction, Price, Rounding, Tariff, TimeTariff, VolumeTariff},
 };
@@ -110,6 +111,7 @@ fn gap(cookie: u64, i: ConnInfo, before: Counts, resume_ns: u64) -> Closed {
 /// does (rows move forward from open only), and collects the settlements.
 #[derive(Default)]
 struct Store {
+    batch_limits: usize,
     viewers: HashMap<String, ViewerRow>,
     settled: HashMap<String, SettledRow>,
     segments: HashMap<String, SegmentRow>,
@@ -119,6 +121,7 @@ struct Store {
 
 impl Store {
     fn apply(&mut self, b: Batch) {
+        self.batch_limits += b.limits.len();
         for v in b.viewers {
             if !self.settled.contains_key(&v.id) {
                 self.viewers.insert(v.id.clone(), v);
@@ -299,6 +302,7 @@ fn attribution_mid_connection_moves_only_later_bytes() {
         Attribution {
             account: "alice".into(),
             content: Some("movie".into()),
+            denied: false,
         },
         &mut |_| Some(counts(1500, 2 * S + 500 * MS)),
         2 * S + 500 * MS,
@@ -343,6 +347,7 @@ fn two_viewers_behind_one_address_are_two_sessions() {
             Attribution {
                 account: account.into(),
                 content: None,
+                denied: false,
             },
             &mut |_| None,
             S,
@@ -388,6 +393,7 @@ fn restart_resumes_sessions_segments_and_attributions() {
             Attribution {
                 account: "carol".into(),
                 content: None,
+                denied: false,
             },
             &mut |_| Some(counts(1500, 2 * S)),
             2 * S,
@@ -608,4 +614,89 @@ fn a_close_committed_just_before_a_crash_keeps_its_bytes() {
     assert_eq!(sessions[0].row.bytes_out, 5_100_000);
     assert_eq!(sessions[0].charge_minor, 5100);
     store.check_sums();
+}
+
+#[test]
+fn a_refused_request_bills_nobody_and_a_top_up_readmits() {
+    let accounts = [crate::config::AccountConfig {
+        id: "alice".into(),
+        prepaid_minor: Some(2),
+        credit_limit_minor: None,
+        on_limit: Some(OnLimit::Deny),
+        blocked: false,
+    }];
+    let mut core = Core::new(
+        "b00t",
+        vec![ServiceDef {
+            name: Arc::from("hls"),
+            tariff: volume(1, 1000, 0),
+            idle_ns: 5 * S,
+            tcp_ports: vec![PORT],
+            udp_ports: Vec::new(),
+            on_limit: None,
+        }],
+        Limits::new(&accounts, HashMap::new(), &HashMap::new()),
+        Pending::default(),
+    );
+    let mut store = Store::default();
+    let i = info(11, 49_000, S);
+    let infos = HashMap::from([(71, i)]);
+    let tuple = ConnectionRef::Tuple {
+        client: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 11), 49_000)),
+        server_port: PORT,
+    };
+    let alice = || Attribution {
+        account: "alice".into(),
+        content: None,
+        denied: false,
+    };
+    let mut at = |c: Counts| move |_: &ConnKey| Some(c);
+    assert!(matches!(
+        core.authorize(tuple, alice(), &mut at(counts(0, 0)), S, Instant::now()),
+        Decision::Allow(_)
+    ));
+    read(&mut core, &[(71, counts(3000, 2 * S))], &infos);
+    core.on_cycle(2 * S);
+    drive(&mut core, &mut store);
+    assert_eq!(store.batch_limits, 1, "3 minor spent against 2");
+    // Over the limit: the next request is refused, and the 403 page bills
+    // nobody.
+    assert_eq!(
+        core.authorize(
+            tuple,
+            alice(),
+            &mut at(counts(3000, 2 * S)),
+            2 * S,
+            Instant::now()
+        ),
+        Decision::Deny("limit_reached")
+    );
+    read(&mut core, &[(71, counts(3300, 3 * S))], &infos);
+    core.on_cycle(3 * S);
+    drive(&mut core, &mut store);
+    assert!(core.credit("alice", 10).unwrap().readmitted);
+    assert!(matches!(
+        core.authorize(
+            tuple,
+            alice(),
+            &mut at(counts(3300, 3 * S)),
+            3 * S,
+            Instant::now()
+        ),
+        Decision::Allow(_)
+    ));
+    core.on_record(&close(71, i, counts(5300, 4 * S), 4 * S));
+    core.on_cycle(20 * S);
+    drive(&mut core, &mut store);
+    let bytes: Vec<(String, u64)> = store
+        .sessions()
+        .iter()
+        .map(|s| (s.row.account.clone(), s.row.bytes_out))
+        .collect();
+    assert_eq!(bytes.iter().map(|b| b.1).sum::<u64>(), 5000, "{bytes:?}");
+    assert!(bytes.iter().all(|(a, _)| a == "alice"), "{bytes:?}");
+    let refused: Vec<_> = store.segments.values().filter(|g| g.denied).collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].bytes().0, 300, "kept for audit");
+    assert!(refused[0].session_id.is_empty());
 }
