@@ -650,7 +650,7 @@ fn a_refused_request_bills_nobody_and_a_top_up_readmits() {
         content: None,
         denied: false,
     };
-    let mut at = |c: Counts| move |_: &ConnKey| Some(c);
+    let at = |c: Counts| move |_: &ConnKey| Some(c);
     assert!(matches!(
         core.authorize(tuple, alice(), &mut at(counts(0, 0)), S, Instant::now()),
         Decision::Allow(_)
@@ -698,5 +698,5 @@ fn a_refused_request_bills_nobody_and_a_top_up_readmits() {
     let refused: Vec<_> = store.segments.values().filter(|g| g.denied).collect();
     assert_eq!(refused.len(), 1);
     assert_eq!(refused[0].bytes().0, 300, "kept for audit");
-    assert!(refused[0].session_id.is_empty());
+    assert_eq!(refused[0].session_id, "");
 }
