@@ -223,8 +223,8 @@ fn open_core(config: &Config, ledger: &mut Ledger, boot_id: &str) -> Result<Core
         limits,
         Pending::with_capacity(config.api.max_pending),
     );
-    let (viewers, segments) = ledger.load_open()?;
-    core.restore(viewers, segments);
+    let open = ledger.load_open()?;
+    core.restore(open.viewers, open.segments, open.orphans);
     Ok(core)
 }
 

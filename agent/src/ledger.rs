@@ -67,6 +67,15 @@ pub enum LedgerError {
 #[derive(Debug)]
 pub struct Committed(());
 
+/// What a restarted agent picks up.
+#[derive(Debug, Default)]
+pub struct Open {
+    pub viewers: Vec<ViewerRow>,
+    pub segments: Vec<SegmentRow>,
+    /// Ended segments the agent had not given a session yet.
+    pub orphans: Vec<SegmentRow>,
+}
+
 /// A settled viewing session, as `meterd ledger export` writes it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SessionRecord {
@@ -378,9 +387,9 @@ impl Ledger {
         }
     }
 
-    /// The open viewing sessions and open connection segments, for a
-    /// restarted agent.
-    pub fn load_open(&self) -> Result<(Vec<ViewerRow>, Vec<SegmentRow>), LedgerError> {
+    /// The open viewing sessions, the open connection segments, and the
+    /// ended segments still waiting for a session, for a restarted agent.
+    pub fn load_open(&self) -> Result<Open, LedgerError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -422,65 +431,76 @@ impl Ledger {
             .map_err(self.err())?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.err())?;
+        let segments = self.segments("state = 'open'")?;
+        let orphans = self.segments(
+            "state = 'ended' AND session_id = '' AND denied = 0
+             AND (counts_out > base_out OR counts_in > base_in)",
+        )?;
+        Ok(Open {
+            viewers,
+            segments,
+            orphans,
+        })
+    }
+
+    fn segments(&self, filter: &str) -> Result<Vec<SegmentRow>, LedgerError> {
         let mut stmt = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT connection_id, conn_id, seg, session_id, service, account, content,
                  protocol, client_addr, client_port, server_addr, server_port, start_ns, last_ns,
-                 base_out, base_in, counts_out, counts_in, flags, denied
-                 FROM connections WHERE state = 'open'",
-            )
+                 base_out, base_in, counts_out, counts_in, flags, denied, state, end_ns
+                 FROM connections WHERE {filter}"
+            ))
             .map_err(self.err())?;
-        let segments = stmt
-            .query_map([], |r| {
-                let ip = |i: usize| -> rusqlite::Result<std::net::IpAddr> {
-                    let text: String = r.get(i)?;
-                    text.parse().map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(
-                            i,
-                            rusqlite::types::Type::Text,
-                            Box::new(e),
-                        )
-                    })
-                };
-                let protocol: String = r.get(7)?;
-                Ok(SegmentRow {
-                    id: r.get(0)?,
-                    conn_id: r.get(1)?,
-                    n: r.get(2)?,
-                    session_id: r.get(3)?,
-                    open: true,
-                    service: r.get(4)?,
-                    account: r.get(5)?,
-                    content: r.get(6)?,
-                    protocol: if protocol == "udp" {
-                        Protocol::Udp
-                    } else {
-                        Protocol::Tcp
-                    },
-                    client: SocketAddr::new(ip(8)?, r.get(9)?),
-                    server: SocketAddr::new(ip(10)?, r.get(11)?),
-                    start_ns: to_u64(r.get(12)?),
-                    end_ns: 0,
-                    base: meterd_common::Counts {
-                        bytes_out: to_u64(r.get(14)?),
-                        bytes_in: to_u64(r.get(15)?),
-                        last_ns: 0,
-                    },
-                    counts: meterd_common::Counts {
-                        bytes_out: to_u64(r.get(16)?),
-                        bytes_in: to_u64(r.get(17)?),
-                        last_ns: to_u64(r.get(13)?),
-                    },
-                    flags: r.get(18)?,
-                    denied: r.get(19)?,
-                    closes_conn: false,
+        stmt.query_map([], |r| {
+            let ip = |i: usize| -> rusqlite::Result<std::net::IpAddr> {
+                let text: String = r.get(i)?;
+                text.parse().map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        i,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
                 })
+            };
+            let protocol: String = r.get(7)?;
+            Ok(SegmentRow {
+                id: r.get(0)?,
+                conn_id: r.get(1)?,
+                n: r.get(2)?,
+                session_id: r.get(3)?,
+                open: r.get::<_, String>(20)? == "open",
+                service: r.get(4)?,
+                account: r.get(5)?,
+                content: r.get(6)?,
+                protocol: if protocol == "udp" {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                },
+                client: SocketAddr::new(ip(8)?, r.get(9)?),
+                server: SocketAddr::new(ip(10)?, r.get(11)?),
+                start_ns: to_u64(r.get(12)?),
+                end_ns: to_u64(r.get(21)?),
+                base: meterd_common::Counts {
+                    bytes_out: to_u64(r.get(14)?),
+                    bytes_in: to_u64(r.get(15)?),
+                    last_ns: 0,
+                },
+                counts: meterd_common::Counts {
+                    bytes_out: to_u64(r.get(16)?),
+                    bytes_in: to_u64(r.get(17)?),
+                    last_ns: to_u64(r.get(13)?),
+                },
+                flags: r.get(18)?,
+                denied: r.get(19)?,
+                closes_conn: false,
             })
-            .map_err(self.err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.err())?;
-        Ok((viewers, segments))
+        })
+        .map_err(self.err())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(self.err())
     }
 
     /// Fails if the ledger file was deleted or replaced since it was
@@ -1015,7 +1035,7 @@ fn write_segments(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Re
          closes_conn = ?6, account = ?8, content = ?9, end_ns = ?16, last_ns = ?17,
          counts_out = ?20, counts_in = ?21,
          ended_ms = CASE WHEN ?5 = 'ended' THEN started_ms + (?16 - start_ns) / 1000000 END,
-         flags = ?24 WHERE state = 'open'",
+         flags = ?24 WHERE state = 'open' OR session_id = ''",
     )?;
     for g in &batch.segments {
         let started = wall_ms(g.start_ns);

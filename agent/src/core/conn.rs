@@ -180,6 +180,12 @@ impl Conn {
         }
     }
 
+    /// Whether the server ever sent on it. A UDP flow only the client sent
+    /// on (e.g. from a spoofed source address) is nobody's viewing.
+    pub fn answered(&self) -> bool {
+        self.peer.protocol == Protocol::Tcp || self.counts.bytes_out > 0
+    }
+
     /// Raises the counts to a (possibly older) read: counts never go down.
     pub fn raise(&mut self, read: &Counts) -> bool {
         let before = self.counts;

@@ -293,6 +293,9 @@ pub struct Core {
     /// Sessions changed since the last batch: every batch carries them, so
     /// a segment's end and its session's new totals commit together.
     dirty: Vec<Arc<str>>,
+    /// Segments that ended before the cycle gave them a session (their
+    /// rows are in the ledger with an empty session id until it does).
+    orphans: Vec<(Waiting, SegmentRow)>,
     batch: Batch,
 }
 
@@ -338,6 +341,7 @@ impl Core {
             cut: HashMap::new(),
             cut_tally: HashMap::new(),
             dirty: Vec::new(),
+            orphans: Vec::new(),
             batch: Batch::default(),
         }
     }
@@ -404,7 +408,15 @@ impl Core {
     /// Picks up open sessions and segments from the ledger after a
     /// restart. Segments come back to their connections as those show up
     /// in the first reads; the first cycle ends what did not.
-    pub fn restore(&mut self, viewers: Vec<ViewerRow>, segments: Vec<SegmentRow>) {
+    pub fn restore(
+        &mut self,
+        viewers: Vec<ViewerRow>,
+        segments: Vec<SegmentRow>,
+        orphans: Vec<SegmentRow>,
+    ) {
+        for row in orphans {
+            self.adopt_orphan(row);
+        }
         for row in viewers {
             let service = Arc::new(ServiceDef {
                 name: Arc::from(row.service.as_str()),
@@ -467,6 +479,41 @@ impl Core {
             self.restored.insert(seg.conn_id.clone(), seg);
         }
         self.restoring = true;
+    }
+
+    /// A segment that ended without a session (from the ledger, or a
+    /// restored one whose connection did not come back): the next cycle
+    /// gives it one.
+    fn adopt_orphan(&mut self, row: SegmentRow) {
+        let (o, i) = row.bytes();
+        let answered = row.protocol == Protocol::Tcp || row.counts.bytes_out > 0;
+        if row.denied || !answered || (o == 0 && i == 0) {
+            return;
+        }
+        let Some(service) = self.by_name.get(row.service.as_str()).cloned() else {
+            tracing::error!(
+                connection = %row.id,
+                service = %row.service,
+                "segment of a service the config no longer has: its bytes are in the ledger's \
+                 connections, but not billed"
+            );
+            return;
+        };
+        let attribution = row.account.clone().map(|account| Attribution {
+            account,
+            content: row.content.clone(),
+            denied: false,
+        });
+        let w = Waiting {
+            key: viewer_key(&service.name, attribution.as_ref(), row.client.ip()),
+            service,
+            start_ns: row.start_ns,
+            last_ns: row.counts.last_ns.max(row.start_ns),
+            client: row.client.ip(),
+            segment_id: row.id.clone(),
+            bytes: (o, i),
+        };
+        self.orphans.push((w, row));
     }
 
     /// Open sessions from the ledger still waiting for connections.
@@ -936,6 +983,7 @@ impl Core {
             self.restoring = false;
             self.end_unmatched();
         }
+        self.assign_waiting();
         let mut live: HashMap<Arc<str>, LiveTotals> = HashMap::new();
         let ids: Vec<Arc<str>> = self.viewers.keys().cloned().collect();
         for id in ids {
@@ -1026,17 +1074,20 @@ impl Core {
                  ending it at the counts last recorded"
             );
             let (o, i) = row.bytes();
-            if let Some(v) = self.viewers.get_mut(row.session_id.as_str()) {
-                v.done.0 += o;
-                v.done.1 += i;
-                v.last_ns = v.last_ns.max(row.counts.last_ns);
-                mark(&mut self.dirty, v);
-            }
-            self.batch.segments.push(SegmentRow {
+            let ended = SegmentRow {
                 open: false,
                 end_ns: row.counts.last_ns.max(row.start_ns),
                 ..row
-            });
+            };
+            if let Some(v) = self.viewers.get_mut(ended.session_id.as_str()) {
+                v.done.0 += o;
+                v.done.1 += i;
+                v.last_ns = v.last_ns.max(ended.counts.last_ns);
+                mark(&mut self.dirty, v);
+            } else {
+                self.adopt_orphan(ended.clone());
+            }
+            self.batch.segments.push(ended);
         }
     }
 
@@ -1128,14 +1179,15 @@ impl Core {
         true
     }
 
-    /// After a connection's counts changed: its segment joins a session
-    /// once it has moved a payload byte, and the session's last payload
-    /// moves with it.
+    /// After a connection's counts changed: the session's last payload
+    /// moves with it; a segment that has just moved its first payload
+    /// byte joins its key's session if that one admits it. New sessions
+    /// are opened only by the cycle ([`Self::assign_waiting`]).
     fn touch(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        if !conn.seg.has_payload(&conn.counts) {
+        if !conn.seg.has_payload(&conn.counts) || !conn.answered() {
             return;
         }
         conn.seg.dirty = true;
@@ -1148,74 +1200,129 @@ impl Core {
                     v.last_ns = last;
                 }
             }
-            None => self.assign(key),
+            None => {
+                if let Some(w) = self.waiting_of(key)
+                    && let Some(id) = self.joinable(&w)
+                {
+                    self.attach(&w, &id, Seat::Live(key));
+                }
+            }
         }
     }
 
-    /// Gives a connection's current segment its viewing session: the
-    /// newest open one of its key if the segment starts before that one
-    /// has been idle for `session_idle`, else a new one.
-    fn assign(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        if conn.attribution.as_ref().is_some_and(|a| a.denied) {
-            // Refused: its bytes join no session.
-            return;
+    /// What a live connection's current segment would need to join a
+    /// session; `None` if it bills nobody (refused, a UDP flow never
+    /// answered) or has moved no payload yet.
+    fn waiting_of(&self, key: ConnKey) -> Option<Waiting> {
+        let conn = self.conns.get(&key)?;
+        if conn.attribution.as_ref().is_some_and(|a| a.denied)
+            || !conn.answered()
+            || !conn.seg.has_payload(&conn.counts)
+        {
+            return None;
         }
-        let who = match &conn.attribution {
-            Some(a) => Who::Account {
-                account: a.account.clone(),
-                content: a.content.clone().unwrap_or_default(),
-            },
-            None => Who::Client(conn.peer.client().ip()),
-        };
-        let vkey = ViewerKey {
-            service: Arc::clone(&conn.service.name),
-            who,
-        };
         let start = if conn.seg.start_ns != 0 {
             conn.seg.start_ns
         } else {
             conn.counts.last_ns
         };
-        let last = conn.counts.last_ns.max(start);
-        let joined = self
-            .current
-            .get(&vkey)
-            .filter(|id| self.viewers.get(*id).is_some_and(|v| v.admits(start)))
-            .cloned();
-        let id = joined.unwrap_or_else(|| {
-            let id: Arc<str> = Arc::from(format!("v{}", conn.segment_id(&self.boot)));
-            self.viewers.insert(
-                Arc::clone(&id),
-                Viewer {
-                    id: Arc::clone(&id),
-                    key: vkey.clone(),
-                    service: Arc::clone(&conn.service),
-                    client_addr: conn.peer.client().ip(),
-                    first_ns: start,
-                    last_ns: last,
-                    done: (0, 0),
-                    open: Vec::new(),
-                    connections: 0,
-                    accrual: Accrual::default(),
-                    started_ms: None,
-                    dirty: false,
-                },
-            );
-            self.current.insert(vkey, Arc::clone(&id));
-            id
-        });
-        if let Some(v) = self.viewers.get_mut(&id) {
-            v.open.push(key);
-            v.connections += 1;
-            v.first_ns = v.first_ns.min(start);
-            v.last_ns = v.last_ns.max(last);
-            mark(&mut self.dirty, v);
+        Some(Waiting {
+            key: viewer_key(
+                &conn.service.name,
+                conn.attribution.as_deref(),
+                conn.peer.client().ip(),
+            ),
+            service: Arc::clone(&conn.service),
+            start_ns: start,
+            last_ns: conn.counts.last_ns.max(start),
+            client: conn.peer.client().ip(),
+            segment_id: conn.segment_id(&self.boot),
+            bytes: conn.seg.bytes(&conn.counts),
+        })
+    }
+
+    /// The open session of its key that admits a segment starting at
+    /// `w.start_ns`.
+    fn joinable(&self, w: &Waiting) -> Option<Arc<str>> {
+        self.current
+            .get(&w.key)
+            .filter(|id| self.viewers.get(*id).is_some_and(|v| v.admits(w.start_ns)))
+            .cloned()
+    }
+
+    /// Gives every segment that moved payload but has no session one, in
+    /// the order they started: the open session of its key that admits
+    /// it, else a new one. Run by the cycle after the read, so that the
+    /// sessions do not depend on the order in which records and reads
+    /// arrived, nor on how often the agent reads.
+    fn assign_waiting(&mut self) {
+        let mut waiting: Vec<(Waiting, Seat)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.seg.viewer.is_none())
+            .filter_map(|(k, _)| Some((self.waiting_of(*k)?, Seat::Live(*k))))
+            .collect();
+        waiting.extend(
+            std::mem::take(&mut self.orphans)
+                .into_iter()
+                .map(|(w, row)| (w, Seat::Ended(Box::new(row)))),
+        );
+        waiting
+            .sort_by(|a, b| (a.0.start_ns, &a.0.segment_id).cmp(&(b.0.start_ns, &b.0.segment_id)));
+        for (w, seat) in waiting {
+            let id = self.joinable(&w).unwrap_or_else(|| self.open_viewer(&w));
+            self.attach(&w, &id, seat);
         }
-        conn.seg.viewer = Some(id);
-        conn.seg.dirty = true;
+    }
+
+    /// A new viewing session for `w`, named after its segment.
+    fn open_viewer(&mut self, w: &Waiting) -> Arc<str> {
+        let id: Arc<str> = Arc::from(format!("v{}", w.segment_id));
+        self.viewers.insert(
+            Arc::clone(&id),
+            Viewer {
+                id: Arc::clone(&id),
+                key: w.key.clone(),
+                service: Arc::clone(&w.service),
+                client_addr: w.client,
+                first_ns: w.start_ns,
+                last_ns: w.last_ns,
+                done: (0, 0),
+                open: Vec::new(),
+                connections: 0,
+                accrual: Accrual::default(),
+                started_ms: None,
+                dirty: false,
+            },
+        );
+        self.current.insert(w.key.clone(), Arc::clone(&id));
+        id
+    }
+
+    /// Puts a segment into session `id`.
+    fn attach(&mut self, w: &Waiting, id: &Arc<str>, seat: Seat) {
+        let Some(v) = self.viewers.get_mut(id) else {
+            return;
+        };
+        v.connections += 1;
+        v.first_ns = v.first_ns.min(w.start_ns);
+        v.last_ns = v.last_ns.max(w.last_ns);
+        match seat {
+            Seat::Live(key) => {
+                v.open.push(key);
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    conn.seg.viewer = Some(Arc::clone(id));
+                    conn.seg.dirty = true;
+                }
+            }
+            Seat::Ended(mut row) => {
+                v.done.0 += w.bytes.0;
+                v.done.1 += w.bytes.1;
+                row.session_id = id.to_string();
+                self.batch.segments.push(*row);
+            }
+        }
+        mark(&mut self.dirty, v);
     }
 
     /// Ends a connection's current segment at `at`: its bytes up to there
@@ -1226,8 +1333,18 @@ impl Core {
         };
         conn.raise(&at);
         let has_payload = conn.seg.has_payload(&at);
+        let mut orphan = None;
         if has_payload && conn.seg.viewer.is_none() {
-            self.assign(key);
+            let bytes = conn.seg.bytes(&at);
+            if let Some(mut w) = self.waiting_of(key) {
+                w.bytes = bytes;
+                w.last_ns = at.last_ns.max(w.start_ns);
+                match self.joinable(&w) {
+                    Some(id) => self.attach(&w, &id, Seat::Live(key)),
+                    // Its session is opened by the next cycle, in order.
+                    None => orphan = Some(w),
+                }
+            }
         }
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
@@ -1251,8 +1368,47 @@ impl Core {
             let mut row = segment_row(&self.boot, conn, false, end_ns.max(conn.seg.start_ns));
             row.counts = at;
             row.closes_conn = closes;
+            if let Some(w) = orphan {
+                self.orphans.push((w, row.clone()));
+            }
             self.batch.segments.push(row);
         }
+    }
+}
+
+/// A segment that moved payload and waits for its session.
+#[derive(Debug, Clone)]
+struct Waiting {
+    key: ViewerKey,
+    service: Arc<ServiceDef>,
+    start_ns: u64,
+    last_ns: u64,
+    client: IpAddr,
+    segment_id: String,
+    /// Its bytes, if it has ended.
+    bytes: (u64, u64),
+}
+
+/// Where a waiting segment is.
+#[derive(Debug)]
+enum Seat {
+    /// The current segment of a live connection.
+    Live(ConnKey),
+    /// A segment that ended before the cycle gave it a session.
+    Ended(Box<SegmentRow>),
+}
+
+/// The session key of a segment.
+fn viewer_key(service: &Arc<str>, attribution: Option<&Attribution>, client: IpAddr) -> ViewerKey {
+    ViewerKey {
+        service: Arc::clone(service),
+        who: match attribution {
+            Some(a) => Who::Account {
+                account: a.account.clone(),
+                content: a.content.clone().unwrap_or_default(),
+            },
+            None => Who::Client(client),
+        },
     }
 }
 

@@ -5,7 +5,9 @@
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use meterd_common::{AF_INET, CONN_GAP, Closed, ConnInfo, Counts, IPPROTO_TCP};
+use meterd_common::{
+    AF_INET, CONN_GAP, Closed, ConnInfo, Counts, IPPROTO_TCP, UdpFlow, UdpFlowKey,
+};
 use proptest::prelude::*;
 
 use super::*;
@@ -142,7 +144,11 @@ impl Store {
             self.settled.insert(s.row.id.clone(), s);
         }
         for g in b.segments {
-            if self.segments.get(&g.id).is_none_or(|old| old.open) {
+            if self
+                .segments
+                .get(&g.id)
+                .is_none_or(|old| old.open || old.session_id.is_empty())
+            {
                 self.segments.insert(g.id.clone(), g);
             }
         }
@@ -176,6 +182,11 @@ impl Store {
         core.restore(
             self.viewers.values().cloned().collect(),
             self.segments.values().filter(|g| g.open).cloned().collect(),
+            self.segments
+                .values()
+                .filter(|g| !g.open && g.session_id.is_empty())
+                .cloned()
+                .collect(),
         );
     }
 }
@@ -502,8 +513,10 @@ impl Script {
 }
 
 fn connections() -> impl Strategy<Value = Vec<Script>> {
-    // Starts within 4 s of each other (session_idle is 5 s), so the
-    // viewer never goes idle: one session, whatever the split.
+    // Starts within 4 s of each other (session_idle is 5 s), each moving
+    // payload all along (at least a byte per ms; a connection that moves
+    // nothing keeps no session alive), so the viewer never goes idle: one
+    // session, whatever the split.
     prop::collection::vec((0u64..4_000, 1u64..6_000, 0u64..3_000_000), 1..8).prop_map(|v| {
         let mut at = S;
         v.into_iter()
@@ -512,7 +525,7 @@ fn connections() -> impl Strategy<Value = Vec<Script>> {
                 Script {
                     start: at,
                     end: at + len_ms * MS,
-                    bytes,
+                    bytes: bytes + len_ms,
                 }
             })
             .collect()
@@ -699,4 +712,82 @@ fn a_refused_request_bills_nobody_and_a_top_up_readmits() {
     assert_eq!(refused.len(), 1);
     assert_eq!(refused[0].bytes().0, 300, "kept for audit");
     assert_eq!(refused[0].session_id, "");
+}
+
+#[test]
+fn a_udp_flow_the_server_never_answered_bills_nobody() {
+    let mut core = new_core(volume(1, 1, 0), 5);
+    let mut store = Store::default();
+    let key = |port| UdpFlowKey {
+        local_addr: ip(1),
+        remote_addr: ip(12),
+        local_port: PORT,
+        remote_port: port,
+        family: AF_INET,
+        pad: 0,
+    };
+    let flow = |out, inb| UdpFlow {
+        counts: Counts {
+            bytes_out: out,
+            bytes_in: inb,
+            last_ns: 2 * S,
+        },
+        first_ns: S,
+        service: 0,
+        pad: 0,
+    };
+    // A spoofed source: datagrams in, nothing out. A real client: both.
+    let read = [(key(5000), flow(0, 1200)), (key(5001), flow(900, 300))];
+    core.on_udp_read(&read);
+    core.on_cycle(3 * S);
+    for (k, f) in &read {
+        core.on_udp_end(k, f);
+    }
+    core.on_cycle(30 * S);
+    drive(&mut core, &mut store);
+    let sessions = store.sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(
+        (sessions[0].row.bytes_out, sessions[0].row.bytes_in),
+        (900, 300)
+    );
+}
+
+#[test]
+fn sessions_do_not_depend_on_the_order_records_and_reads_arrive_in() {
+    // Found by the property test: A's payload ends at 2.258 s; B starts at
+    // 5.158 s and runs past the read at 7.259 s; C starts at 7.258 s
+    // (exactly session_idle after A) and has closed by that read. Read
+    // every second, B joins A's session and C joins through B; read only
+    // at 7.259 s, C's close record arrives before the read that shows B,
+    // and must not open a session of its own that B then joins.
+    let scripts = [
+        Script {
+            start: 2_257 * MS,
+            end: 2_258 * MS,
+            bytes: 1,
+        },
+        Script {
+            start: 5_158 * MS,
+            end: 8_167 * MS,
+            bytes: 3009,
+        },
+        Script {
+            start: 7_258 * MS,
+            end: 7_259 * MS,
+            bytes: 1,
+        },
+    ];
+    let tariff = volume(1, 1, 0);
+    let every_second: Vec<u64> = (3..9).map(|s| s * S).collect();
+    for reads in [vec![7_259 * MS], every_second] {
+        let (store, bytes) = bill(&tariff, &scripts, &reads);
+        let sessions = store.sessions();
+        assert_eq!(sessions.len(), 1, "reads at {reads:?}: {sessions:?}");
+        assert_eq!(sessions[0].row.bytes_out, bytes);
+        assert_eq!(
+            sessions[0].row.id, "vb00t-1",
+            "named after its first segment"
+        );
+    }
 }
