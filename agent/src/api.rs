@@ -181,13 +181,10 @@ pub async fn spawn(config: &Config, commands: mpsc::Sender<Command>) -> Result<S
         token: config.api.token.as_deref().map(Arc::from),
     };
     let app = router(state);
+    let max = crate::serve::per_listener(crate::serve::raise_fd_limit());
     if let Some(path) = config.api.socket_path(&config.agent) {
         let listener = bind_unix(&path, config.api.group.as_deref()).await?;
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "API server stopped");
-            }
-        });
+        tokio::spawn(crate::serve::serve(listener, app, max, "api"));
         Ok(path.display().to_string())
     } else {
         let addr = config.api.listen.expect("validated: socket or listen");
@@ -197,11 +194,7 @@ pub async fn spawn(config: &Config, commands: mpsc::Sender<Command>) -> Result<S
         let local = listener
             .local_addr()
             .map_err(|source| ApiError::Listen { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "API server stopped");
-            }
-        });
+        tokio::spawn(crate::serve::serve(listener, app, max, "api"));
         Ok(local.to_string())
     }
 }

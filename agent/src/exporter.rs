@@ -46,11 +46,8 @@ pub async fn spawn(addr: SocketAddr, metrics: SharedMetrics) -> Result<SocketAdd
     let app = Router::new()
         .route("/metrics", get(scrape))
         .with_state(ExporterState { metrics });
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
+    let max = crate::serve::per_listener(crate::serve::raise_fd_limit());
+    tokio::spawn(crate::serve::serve(listener, app, max, "metrics"));
     Ok(bound)
 }
 

@@ -23,5 +23,6 @@ pub mod limits;
 pub mod load;
 pub mod metrics;
 pub mod runtime;
+pub mod serve;
 pub mod status;
 pub mod tariff;
