@@ -303,6 +303,14 @@ fn real_main() -> anyhow::Result<()> {
                 report.maps,
                 report.live_dropped
             );
+            if !report.left.is_empty() {
+                println!(
+                    "meterd: left {} entries meterd did not make in {}: {}",
+                    report.left.len(),
+                    config.agent.pin_dir.display(),
+                    report.left.join(", ")
+                );
+            }
         }
     }
     Ok(())

@@ -476,6 +476,14 @@ impl Kernel {
         if !pin_dir.exists() {
             return Ok(report);
         }
+        // Never delete outside bpffs: a pin_dir that is an ordinary
+        // directory (a typo, a ledger directory) is refused, not emptied.
+        if !system::on_bpffs(pin_dir) {
+            return Err(SystemError::NotOnBpffs {
+                path: pin_dir.to_owned(),
+            }
+            .into());
+        }
         if let Ok(data) = MapData::from_pin(pin_dir.join(map_names::LIVE)) {
             let mut live = Vec::new();
             if BatchReader::<u64, Counts>::new(16_384)
@@ -510,7 +518,21 @@ impl Kernel {
         for entry in fs::read_dir(pin_dir).map_err(|e| pin_err(pin_dir)(e.to_string()))? {
             let entry = entry.map_err(|e| pin_err(pin_dir)(e.to_string()))?;
             let path = entry.path();
-            let result = if path.is_dir() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Only what meterd pins itself: its build marker, its links and
+            // its maps (all upper-case names from the object).
+            let ours_dir = name.starts_with("object-") && path.is_dir();
+            let ours_pin = !path.is_dir()
+                && (name.starts_with("link_")
+                    || (!name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')));
+            if !(ours_dir || ours_pin) {
+                report.left.push(name);
+                continue;
+            }
+            let result = if ours_dir {
                 fs::remove_dir(&path)
             } else {
                 report.maps += 1;
@@ -518,7 +540,9 @@ impl Kernel {
             };
             result.map_err(|e| pin_err(&path)(e.to_string()))?;
         }
-        fs::remove_dir(pin_dir).map_err(|e| pin_err(pin_dir)(e.to_string()))?;
+        if report.left.is_empty() {
+            fs::remove_dir(pin_dir).map_err(|e| pin_err(pin_dir)(e.to_string()))?;
+        }
         Ok(report)
     }
 }
@@ -532,6 +556,8 @@ pub struct UnloadReport {
     pub maps: usize,
     /// Open connections whose counts were dropped.
     pub live_dropped: usize,
+    /// Entries of `pin_dir` that meterd did not make, left in place.
+    pub left: Vec<String>,
 }
 
 /// Fd and id accessors on aya's typed arrays.
