@@ -197,6 +197,13 @@ pub struct Kernel {
     udp_reader: BatchReader<UdpFlowKey, UdpFlow>,
     /// How this start found the pins.
     pub startup: Startup,
+    /// The configured cgroup directory, and the cgroup (inode) that was
+    /// there when the programs were attached: systemd recreates a
+    /// service's cgroup on every restart of the service.
+    cgroup_path: PathBuf,
+    cgroup_id: u64,
+    /// Whether the cgroup was missing at the last check (logged once).
+    cgroup_missing: bool,
 }
 
 impl Kernel {
@@ -211,7 +218,21 @@ impl Kernel {
 
         let version = object_version();
         let pinned_version = pinned_version(&pin_dir);
-        let same_build = pinned_version.as_deref() == Some(version.as_str());
+        let cgroup_id = cgroup_inode(&cgroup_path)?;
+        // "Resumed" only if the pinned links are attached to the cgroup
+        // that is at the path now: a recreated cgroup has nothing attached.
+        let attached_here = PROGRAMS.iter().all(|p| {
+            let link = pin_dir.join(p.link_pin());
+            !link.exists() || sys::link_cgroup_id(&link).is_ok_and(|id| id == cgroup_id)
+        });
+        if !attached_here {
+            tracing::warn!(
+                cgroup = %cgroup_path.display(),
+                "the pinned programs are attached to a cgroup that is no longer at this path \
+                 (recreated, e.g. by `systemctl restart`): attaching to the current one"
+            );
+        }
+        let same_build = attached_here && pinned_version.as_deref() == Some(version.as_str());
         let mut ebpf: Option<Ebpf> = None;
         let mut startup = Startup::Resumed;
         for prog in PROGRAMS {
@@ -265,6 +286,9 @@ impl Kernel {
             udp_reader: BatchReader::new(4096),
             pin_dir,
             startup,
+            cgroup_path,
+            cgroup_id,
+            cgroup_missing: false,
         };
         kernel.check_other_meterds(config)?;
         kernel.write_service_idle(config)?;
@@ -275,6 +299,45 @@ impl Kernel {
     /// The bpffs directory of the pins.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Checks that the cgroup at the configured path is still the one the
+    /// programs are attached to, and attaches them to the new one if it
+    /// was recreated (systemd does this on every restart of the service).
+    /// Returns whether it reattached. Called every cycle: a recreated
+    /// cgroup is metered again within one interval.
+    pub fn check_cgroup(&mut self, config: &Config) -> Result<bool, KernelError> {
+        let Ok(id) = cgroup_inode(&self.cgroup_path) else {
+            if !self.cgroup_missing {
+                tracing::warn!(
+                    cgroup = %self.cgroup_path.display(),
+                    "the metered cgroup is gone: nothing new is metered until it is back"
+                );
+                self.cgroup_missing = true;
+            }
+            return Ok(false);
+        };
+        self.cgroup_missing = false;
+        if id == self.cgroup_id {
+            return Ok(false);
+        }
+        tracing::warn!(
+            cgroup = %self.cgroup_path.display(),
+            "the metered cgroup was recreated: attaching meterd's programs to the new one"
+        );
+        let mut bpf = load(config)?;
+        for prog in PROGRAMS {
+            if prog != Prog::Ingress || config.meters_udp() {
+                attach_and_pin(
+                    &mut bpf,
+                    prog,
+                    &self.cgroup_path,
+                    &self.pin_dir.join(prog.link_pin()),
+                )?;
+            }
+        }
+        self.cgroup_id = id;
+        Ok(true)
     }
 
     /// Refuses ports that another meterd instance (other pins) meters.
@@ -691,6 +754,17 @@ fn unpin_link(path: &Path) -> Result<(), KernelError> {
     let link = link.unpin().map_err(|e| pin_err(path)(e.to_string()))?;
     drop(link);
     Ok(())
+}
+
+/// A cgroup's id: the inode number of its cgroup2 directory.
+fn cgroup_inode(path: &Path) -> Result<u64, KernelError> {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| KernelError::Cgroup {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn pinned_version(pin_dir: &Path) -> Option<String> {

@@ -227,3 +227,64 @@ impl<K: Copy + Default, V: Copy + Default> BatchReader<K, V> {
         }
     }
 }
+
+/// `BPF_OBJ_GET`.
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// The `obj` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// The fields of `struct bpf_link_info` for a cgroup link.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    /// `cgroup.cgroup_id` (the union member of cgroup links).
+    cgroup_id: u64,
+    attach_type: u32,
+    _rest: [u32; 9],
+}
+
+/// The id of the cgroup the link pinned at `pin` is attached to (the
+/// inode number of that cgroup's directory on cgroup2).
+///
+/// Minimum kernel version: 5.8 (`BPF_OBJ_GET_INFO_BY_FD` for links).
+pub fn link_cgroup_id(pin: &std::path::Path) -> io::Result<u64> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        ..ObjAttr::default()
+    };
+    // SAFETY: as in `bpf`; BPF_OBJ_GET returns a new fd, owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            std::ptr::from_mut(&mut attr),
+            size_of::<ObjAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel, owned from here on.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd().cast_unsigned(),
+        info_len: size_of::<LinkInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.cgroup_id)
+}
