@@ -571,6 +571,8 @@ impl Agent {
         &mut self,
         ring: &mut RingBuf<MapData>,
     ) -> Result<HashMap<Arc<str>, LiveTotals>, AgentError> {
+        // systemd recreates a service's cgroup on every restart of it.
+        self.kernel.check_cgroup(&self.config)?;
         let now_ns = clock::boot_ns();
         let stats = self.kernel.stats()?;
         let ring_full = Stat::RingFull as usize;
