@@ -7,8 +7,13 @@
 //! the test's directory, and can stop it (SIGTERM), kill it (SIGKILL) and
 //! start it again over the same pins. It reads what the agent offers: the
 //! ready file (API and metrics addresses), `/metrics`, the log, and
-//! `meterd ledger export`. On drop it kills the agent and runs
+//! `meterd ledger export` at both levels (viewing sessions, and
+//! `--connections`). On drop it kills the agent and runs
 //! `meterd unload --config F`.
+//!
+//! Every service gets a short `session_idle` ([`AgentConfig::session_idle`],
+//! 2 s unless a test says otherwise) instead of meterd's default 30 s, so a
+//! test's sessions settle within seconds of their last byte.
 //!
 //! Does not own: judging the records (`records`, `ledger`).
 
@@ -23,7 +28,7 @@ use std::{
 
 use crate::{
     http,
-    ledger::{self, LedgerRecord},
+    ledger::{self, ConnectionRecord, Ledger, SessionRecord},
     metrics::Exposition,
     process::{Proc, read_lossy, tail, wait_until},
     records::{self, ClosedRecord},
@@ -62,11 +67,17 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// `agent.udp_idle_timeout`.
     pub udp_idle_timeout: Duration,
+    /// `session_idle` of the `web` service, and of every service of
+    /// `services` whose table does not set its own.
+    pub session_idle: Duration,
     /// The services; empty: the harness's one `web` service on `tcp_ports`
     /// and `udp_ports` at one minor unit per byte (both directions).
     pub services: Vec<Service>,
     /// `[[account]]`s: id and `prepaid_minor`.
     pub accounts: Vec<(String, u64)>,
+    /// `on_limit` of every account (`notify`, `deny`, `cut`); `None`
+    /// leaves it out (the agent's default, `cut`).
+    pub on_limit: Option<String>,
     /// `billing.limit_hook`.
     pub limit_hook: Option<PathBuf>,
     /// Appended to the config as is (e.g. a `[governor]` table).
@@ -80,8 +91,10 @@ impl Default for AgentConfig {
             udp_ports: Vec::new(),
             interval: Duration::from_secs(1),
             udp_idle_timeout: Duration::from_secs(2),
+            session_idle: Duration::from_secs(2),
             services: Vec::new(),
             accounts: Vec::new(),
+            on_limit: None,
             limit_hook: None,
             extra_toml: String::new(),
         }
@@ -128,6 +141,7 @@ ledger = "{ledger}"
 name = "{name}"
 tcp_ports = [{tcp}]
 udp_ports = [{udp}]
+session_idle = "{session_idle}"
 [service.tariff]
 kind = "volume"
 price_minor = 1
@@ -138,10 +152,11 @@ rounding = "floor"
                 name = records::SERVICE,
                 tcp = list(&self.tcp_ports),
                 udp = list(&self.udp_ports),
+                session_idle = duration(self.session_idle),
             );
         }
         for service in &self.services {
-            toml.push_str(&service.toml());
+            toml.push_str(&with_session_idle(&service.toml(), self.session_idle));
             toml.push('\n');
         }
         for (id, prepaid) in &self.accounts {
@@ -149,6 +164,9 @@ rounding = "floor"
                 toml,
                 "\n[[account]]\nid = \"{id}\"\nprepaid_minor = {prepaid}\n"
             );
+            if let Some(policy) = &self.on_limit {
+                let _ = writeln!(toml, "on_limit = \"{policy}\"");
+            }
         }
         if !self.extra_toml.is_empty() {
             toml.push('\n');
@@ -157,6 +175,26 @@ rounding = "floor"
         }
         toml
     }
+}
+
+/// A `[[service]]` table with `session_idle = "<idle>"` added before its
+/// tariff, unless it sets its own.
+fn with_session_idle(table: &str, idle: Duration) -> String {
+    if table
+        .lines()
+        .any(|l| l.trim_start().starts_with("session_idle"))
+    {
+        return table.to_owned();
+    }
+    let at = table
+        .find("[service.tariff]")
+        .unwrap_or_else(|| panic!("a [[service]] table without its tariff: {table}"));
+    format!(
+        "{}session_idle = \"{}\"\n{}",
+        &table[..at],
+        duration(idle),
+        &table[at..]
+    )
 }
 
 /// What the agent's ready file says.
@@ -379,34 +417,88 @@ impl Agent {
         Exposition::parse(&text).unwrap_or_else(|e| panic!("/metrics is malformed: {e}\n{text}"))
     }
 
-    /// `meterd ledger export --config F --format <format>`: its stdout,
-    /// after checking it succeeded and said on stderr how many sessions it
-    /// exported.
+    /// `meterd ledger export --config F --format <format>`: the settled
+    /// viewing sessions; its stdout, after checking it succeeded and said on
+    /// stderr how many sessions it exported, as many as it wrote.
     pub fn export(&self, format: &str) -> String {
-        let out = Command::new(&self.bin)
-            .args(["ledger", "export", "--config"])
+        self.run_export(format, false)
+    }
+
+    /// `meterd ledger export --connections --config F --format <format>`:
+    /// the connection records, checked the same way.
+    pub fn export_connections(&self, format: &str) -> String {
+        self.run_export(format, true)
+    }
+
+    fn run_export(&self, format: &str, connections: bool) -> String {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["ledger", "export", "--config"])
             .arg(&self.config_path)
-            .args(["--format", format])
+            .args(["--format", format]);
+        if connections {
+            cmd.arg("--connections");
+        }
+        let out = cmd
             .output()
-            .unwrap_or_else(|e| panic!("cannot run meterd ledger export: {e}"));
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.success(),
-            "meterd ledger export --format {format} failed ({}): {stderr}",
+            "{cmd:?} failed ({}): {stderr}",
             out.status
         );
-        assert!(
-            stderr.contains("meterd: exported ") && stderr.contains(" sessions from "),
-            "meterd ledger export did not report what it exported: {stderr:?}"
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let what = if connections {
+            "connections"
+        } else {
+            "sessions"
+        };
+        let reported = stderr
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("meterd: exported ")?
+                    .split_once(&format!(" {what} from "))?
+                    .0
+                    .parse::<usize>()
+                    .ok()
+            })
+            .unwrap_or_else(|| {
+                panic!("{cmd:?} did not report on stderr how many {what} it exported: {stderr:?}")
+            });
+        let written = stdout.lines().filter(|l| !l.trim().is_empty()).count()
+            - usize::from(format == "csv" && !stdout.is_empty());
+        assert_eq!(
+            reported, written,
+            "{cmd:?} says it exported {reported} {what} but wrote {written} records:\n{stdout}"
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout
     }
 
-    /// The settled sessions, from `meterd ledger export --format jsonl`.
-    pub fn ledger_records(&self) -> Vec<LedgerRecord> {
+    /// The settled viewing sessions, from `meterd ledger export --format
+    /// jsonl`.
+    pub fn ledger_records(&self) -> Vec<SessionRecord> {
         let text = self.export("jsonl");
         ledger::parse_jsonl(&text)
             .unwrap_or_else(|e| panic!("meterd ledger export --format jsonl is malformed: {e}"))
+    }
+
+    /// The connection records, from `meterd ledger export --connections
+    /// --format jsonl`.
+    pub fn ledger_connections(&self) -> Vec<ConnectionRecord> {
+        let text = self.export_connections("jsonl");
+        ledger::parse_jsonl(&text).unwrap_or_else(|e| {
+            panic!("meterd ledger export --connections --format jsonl is malformed: {e}")
+        })
+    }
+
+    /// Both levels of the ledger. Sessions are read first: a session that
+    /// settles between the two exports then shows as connection records of
+    /// a session not exported yet, which the comparison waits out.
+    pub fn ledger(&self) -> Ledger {
+        Ledger {
+            sessions: self.ledger_records(),
+            connections: self.ledger_connections(),
+        }
     }
 
     /// `meterd unload --config F`; returns (success, output).
@@ -434,6 +526,9 @@ impl Drop for Agent {
     fn drop(&mut self) {
         // Dropping the Proc kills and reaps it without panicking.
         drop(self.proc.take());
+        // Named before the unload removes the pin dir, while a symlinked
+        // pin dir still resolves as it did for the agent.
+        let lock = instance_lock_path(&self.pin_dir);
         // Never attached (or already unloaded): nothing to detach.
         if self.pin_dir.exists() {
             let (ok, output) = self.unload();
@@ -455,14 +550,90 @@ impl Drop for Agent {
             let _ = fs::remove_dir_all(&self.pin_dir);
         }
         // The agent (and `meterd unload`) keep the instance lock and, by
-        // default, the API socket in /run/meterd, named after the pin dir,
-        // and leave both there when they exit, for a later agent to reuse.
-        // The name is this test's own, so none will: remove them.
+        // default, the API socket in /run/meterd, and leave both there when
+        // they exit, for a later agent to reuse. The names are this test's
+        // own, so none will: remove them.
+        let _ = fs::remove_file(lock);
         if let Some(name) = self.pin_dir.file_name() {
-            let name = name.to_string_lossy();
-            for suffix in ["sock", "lock"] {
-                let _ = fs::remove_file(format!("/run/meterd/{name}.{suffix}"));
-            }
+            let _ = fs::remove_file(format!("/run/meterd/{}.sock", name.to_string_lossy()));
         }
+    }
+}
+
+/// The instance lock meterd takes for `pin_dir`: its canonical path with
+/// `/` as `-` and no leading `-`, in /run/meterd
+/// (`/sys/fs/bpf/meterd-x` -> `/run/meterd/sys-fs-bpf-meterd-x.lock`).
+/// Canonical as the agent makes it: the parent resolved, then the whole
+/// path if it exists.
+fn instance_lock_path(pin_dir: &Path) -> PathBuf {
+    let canonical = match (pin_dir.parent(), pin_dir.file_name()) {
+        (Some(parent), Some(name)) => {
+            fs::canonicalize(parent).map_or_else(|_| pin_dir.to_owned(), |p| p.join(name))
+        }
+        _ => pin_dir.to_owned(),
+    };
+    let canonical = fs::canonicalize(&canonical).unwrap_or(canonical);
+    let name = canonical
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .replace('/', "-");
+    PathBuf::from(format!("/run/meterd/{name}.lock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tariff::{Rounding, Tariff};
+
+    #[test]
+    fn the_instance_lock_is_named_after_the_canonical_pin_dir() {
+        let dir = std::env::temp_dir().join(format!("meterd-lock-name-{}", std::process::id()));
+        fs::create_dir_all(dir.join("real")).unwrap();
+        let link = dir.join("link");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(dir.join("real"), &link).unwrap();
+        let expected = |tail: &str| {
+            let base = fs::canonicalize(&dir).unwrap();
+            let name = base
+                .to_string_lossy()
+                .trim_start_matches('/')
+                .replace('/', "-");
+            PathBuf::from(format!("/run/meterd/{name}-{tail}.lock"))
+        };
+        // A pin dir that does not exist (yet, or any more) under a real parent.
+        assert_eq!(instance_lock_path(&dir.join("pins")), expected("pins"));
+        // `..` and a symlinked pin dir name the same instance as the target.
+        assert_eq!(
+            instance_lock_path(&dir.join("real/../pins")),
+            expected("pins")
+        );
+        assert_eq!(instance_lock_path(&link), expected("real"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_service_gets_a_session_idle() {
+        let mut own = Service::tcp("own", &[2], Tariff::time(1, 1, Rounding::Floor));
+        own.session_idle = Some(Duration::from_millis(1500));
+        let config = AgentConfig {
+            services: vec![
+                Service::tcp("short", &[1], Tariff::time(1, 1, Rounding::Floor)),
+                own,
+            ],
+            ..AgentConfig::default()
+        };
+        let toml = config.to_toml(Path::new("/cg"), Path::new("/pin"), Path::new("/l"));
+        assert!(
+            toml.contains("udp_ports = []\nsession_idle = \"2s\"\n[service.tariff]"),
+            "{toml}"
+        );
+        assert!(toml.contains("session_idle = \"1500ms\"\n"), "{toml}");
+        assert_eq!(toml.matches("session_idle").count(), 2, "{toml}");
+        let web =
+            AgentConfig::default().to_toml(Path::new("/cg"), Path::new("/pin"), Path::new("/l"));
+        assert!(
+            web.contains("session_idle = \"2s\"\n[service.tariff]"),
+            "{web}"
+        );
     }
 }

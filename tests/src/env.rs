@@ -8,6 +8,14 @@
 //! namespace. Everything is torn down on drop, also when the test panics;
 //! the directory is kept after a panic, for its logs.
 //!
+//! meterd bills a viewing session per (service, client address): every
+//! connection from 127.0.0.1 to one service is one session while traffic
+//! goes on. A test that wants one connection to be one session gives it a
+//! client address of its own ([`Source::Distinct`]): each connection binds
+//! to a fresh address of 127.1.0.0/16 (all of 127.0.0.0/8 is local on `lo`,
+//! also in a namespace, with no configuration), handed out by the
+//! [`TestEnv`] so no two clients of a test share one by accident.
+//!
 //! Does not own: the comparison rules (`records`) or the agent's lifecycle
 //! details (`agent`).
 
@@ -15,10 +23,10 @@ use std::{
     collections::HashMap,
     ffi::OsStr,
     fs,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::atomic::{AtomicU32, AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -26,11 +34,11 @@ use std::{
 use crate::{
     agent::{Agent, AgentConfig},
     cgroup::Cgroup,
-    ledger::{self, LedgerRecord},
+    ledger::Ledger,
     netns::NetNs,
     privilege::{self, Needs},
     process::{Proc, read_lossy, touch, wait_until},
-    records::{self, ClosedRecord, parse_conn_log},
+    records::{self, ClosedRecord, Key, parse_conn_log},
     wire::{ClientSummary, ConnLog, Protocol, UdpClientSummary},
 };
 
@@ -67,6 +75,27 @@ pub struct Setup {
     pub nft: bool,
 }
 
+/// The first of the client addresses a [`TestEnv`] hands out; the rest
+/// follow it.
+const FIRST_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 1, 0, 1);
+
+/// Client addresses a [`TestEnv`] can hand out.
+const SOURCES: u32 = 65_000;
+
+/// Which local address a client's connections come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The kernel picks: 127.0.0.1 (or ::1). All such connections of a test
+    /// to one service are one viewer.
+    Kernel,
+    /// Every connection from this address: one viewer, whatever the client
+    /// run (see [`TestEnv::fresh_source`]).
+    Addr(IpAddr),
+    /// Each connection from a fresh address of its own: one viewer per
+    /// connection. IPv4 only (IPv6 loopback is only ::1).
+    Distinct,
+}
+
 /// Who closes first, per `tcp-client` run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseOrder {
@@ -101,8 +130,11 @@ pub struct TcpClient {
     /// closes: connections of a known duration, for time tariffs.
     pub hold_ms: u64,
     /// Created once the first bytes have arrived (or the request is sent,
-    /// without a download); holds that connection's client port.
+    /// without a download); holds that connection's client address and
+    /// port (`127.1.0.5:40312`, see [`read_started`]).
     pub started_file: Option<PathBuf>,
+    /// Where its connections come from.
+    pub source: Source,
 }
 
 impl TcpClient {
@@ -119,10 +151,13 @@ impl TcpClient {
             chunk: 65536,
             hold_ms: 0,
             started_file: None,
+            source: Source::Kernel,
         }
     }
 
-    fn args(&self) -> Vec<String> {
+    /// `distinct`: the first of `count` fresh addresses, for
+    /// [`Source::Distinct`].
+    fn args(&self, distinct: Option<Ipv4Addr>) -> Vec<String> {
         let mut args = vec![
             "tcp-client".to_owned(),
             format!("--connect={}", self.connect),
@@ -145,8 +180,25 @@ impl TcpClient {
         if let Some(path) = &self.started_file {
             args.push(format!("--started-file={}", path.display()));
         }
+        match (self.source, distinct) {
+            (Source::Kernel, _) => {}
+            (Source::Addr(addr), _) => args.push(format!("--source={addr}")),
+            (Source::Distinct, Some(base)) => {
+                args.push(format!("--source={base}"));
+                args.push("--distinct-sources".to_owned());
+            }
+            (Source::Distinct, None) => unreachable!("TestEnv hands out distinct sources"),
+        }
         args
     }
+}
+
+/// The client address and port a `started_file` holds.
+pub fn read_started(path: &Path) -> SocketAddr {
+    let text = read_lossy(path);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {text:?} is no address and port: {e}", path.display()))
 }
 
 /// Arguments of one `meterd-traffic udp-client` run.
@@ -164,12 +216,22 @@ pub struct UdpClient {
     pub get_size: usize,
     /// `GET` rounds.
     pub get_rounds: usize,
+    /// Where its flow comes from: [`Source::Kernel`] binds the wildcard
+    /// address; [`Source::Distinct`] is one fresh address, like
+    /// [`Source::Addr`] of [`TestEnv::fresh_source`].
+    pub source: Source,
 }
 
 impl UdpClient {
-    fn args(&self) -> Vec<String> {
+    fn args(&self, distinct: Option<Ipv4Addr>) -> Vec<String> {
         let sizes: Vec<String> = self.sizes.iter().map(usize::to_string).collect();
-        vec![
+        let source = match (self.source, distinct) {
+            (Source::Kernel, _) => None,
+            (Source::Addr(addr), _) => Some(addr),
+            (Source::Distinct, Some(base)) => Some(IpAddr::V4(base)),
+            (Source::Distinct, None) => unreachable!("TestEnv hands out distinct sources"),
+        };
+        let mut args = vec![
             "udp-client".to_owned(),
             format!("--connect={}", self.connect),
             format!("--sizes={}", sizes.join(",")),
@@ -177,7 +239,9 @@ impl UdpClient {
             format!("--get={}", self.get),
             format!("--get-size={}", self.get_size),
             format!("--get-rounds={}", self.get_rounds),
-        ]
+        ];
+        args.extend(source.map(|s| format!("--source={s}")));
+        args
     }
 }
 
@@ -238,6 +302,8 @@ pub struct TestEnv {
     servers: Vec<Proc>,
     /// Background clients started, to name their output files.
     clients_started: AtomicUsize,
+    /// Client addresses handed out so far (from [`FIRST_SOURCE`]).
+    sources_used: AtomicU32,
     agent: Option<Agent>,
     cgroup: Option<Cgroup>,
     netns: Option<NetNs>,
@@ -270,6 +336,7 @@ impl TestEnv {
             traffic: PathBuf::from(traffic),
             servers: Vec::new(),
             clients_started: AtomicUsize::new(0),
+            sources_used: AtomicU32::new(0),
             agent: None,
         })
     }
@@ -283,6 +350,31 @@ impl TestEnv {
     /// anything else the test creates on the machine (another cgroup).
     pub fn unique(&self) -> &str {
         &self.unique
+    }
+
+    /// The first of `n` client addresses no client of this test has used:
+    /// 127.1.0.1, 127.1.0.2, ... in the order they are asked for.
+    pub fn fresh_sources(&self, n: usize) -> Ipv4Addr {
+        let n = u32::try_from(n.max(1)).expect("a sane number of addresses");
+        let first = self.sources_used.fetch_add(n, Ordering::Relaxed);
+        assert!(
+            first + n <= SOURCES,
+            "{}: more than {SOURCES} client addresses",
+            self.name
+        );
+        Ipv4Addr::from(u32::from(FIRST_SOURCE) + first)
+    }
+
+    /// One client address no client of this test has used, for clients
+    /// that are to be one viewer ([`Source::Addr`]).
+    pub fn fresh_source(&self) -> IpAddr {
+        IpAddr::V4(self.fresh_sources(1))
+    }
+
+    fn tcp_args(&self, client: &TcpClient) -> Vec<String> {
+        let distinct =
+            (client.source == Source::Distinct).then(|| self.fresh_sources(client.count));
+        client.args(distinct)
     }
 
     /// The test's cgroup.
@@ -318,6 +410,16 @@ impl TestEnv {
     /// The agent started by [`TestEnv::start_agent`].
     pub fn agent(&mut self) -> &mut Agent {
         self.agent.as_mut().expect("agent not started")
+    }
+
+    /// The agent started by [`TestEnv::start_agent`], to read from.
+    pub fn agent_ref(&self) -> &Agent {
+        self.agent.as_ref().expect("agent not started")
+    }
+
+    /// The config the agent runs with (e.g. its `session_idle`).
+    pub fn agent_config(&self) -> &AgentConfig {
+        self.agent_ref().config()
     }
 
     /// Starts `meterd-traffic tcp-server` listening on `listen`, in the
@@ -402,7 +504,7 @@ impl TestEnv {
     /// cgroup) and returns its summary; panics unless every connection got
     /// exactly what it asked for.
     pub fn run_tcp_client(&self, client: &TcpClient) -> ClientSummary {
-        parse_summary(&self.run_traffic(&client.args()))
+        parse_summary(&self.run_traffic(&self.tcp_args(client)))
     }
 
     /// Runs the traffic tool to completion (in the namespace, outside the
@@ -426,7 +528,7 @@ impl TestEnv {
         let n = self.clients_started.fetch_add(1, Ordering::Relaxed);
         let stdout = self.dir.join(format!("tcp-client-{n}.json"));
         let stderr = self.dir.join(format!("tcp-client-{n}.err"));
-        let mut cmd = self.command(&self.traffic, &client.args());
+        let mut cmd = self.command(&self.traffic, &self.tcp_args(client));
         let proc = Proc::spawn_split("tcp-client", &mut cmd, Some(&stdout), &stderr);
         RunningClient { proc, stdout }
     }
@@ -446,7 +548,8 @@ impl TestEnv {
 
     /// Runs a `udp-client` to completion and returns its totals.
     pub fn run_udp_client(&self, client: &UdpClient) -> UdpClientSummary {
-        let stdout = self.run_traffic(&client.args());
+        let distinct = (client.source == Source::Distinct).then(|| self.fresh_sources(1));
+        let stdout = self.run_traffic(&client.args(distinct));
         serde_json::from_str(stdout.trim())
             .unwrap_or_else(|e| panic!("udp-client printed no summary ({e}): {stdout}"))
     }
@@ -456,18 +559,21 @@ impl TestEnv {
     /// on every byte (the truth must be consistent before meterd is judged
     /// against it) and the server saw no protocol error.
     pub fn tcp_truth(&self, server: &Server, summaries: &[&ClientSummary]) -> Vec<ConnLog> {
-        let mut want: HashMap<(u16, u16), Vec<(u64, u64)>> = HashMap::new();
+        let mut want: HashMap<Key, Vec<(u64, u64)>> = HashMap::new();
         for conn in summaries.iter().flat_map(|s| &s.connections) {
-            want.entry((conn.client_port, conn.server_port))
+            let key = Key {
+                protocol: Protocol::Tcp,
+                client_addr: conn.client_addr.to_canonical(),
+                client_port: conn.client_port,
+                server_port: conn.server_port,
+            };
+            want.entry(key)
                 .or_default()
                 .push((conn.bytes_received, conn.bytes_sent));
         }
         let select = |log: Vec<ConnLog>| -> Vec<ConnLog> {
             log.into_iter()
-                .filter(|c| {
-                    c.protocol == Protocol::Tcp
-                        && want.contains_key(&(c.client_port, c.server_port))
-                })
+                .filter(|c| want.contains_key(&Key::of_truth(c)))
                 .collect()
         };
         let expected: usize = want.values().map(Vec::len).sum();
@@ -481,10 +587,10 @@ impl TestEnv {
             "server logged {} of the {expected} connections its clients finished",
             logged.len()
         );
-        let mut have: HashMap<(u16, u16), Vec<(u64, u64)>> = HashMap::new();
+        let mut have: HashMap<Key, Vec<(u64, u64)>> = HashMap::new();
         for c in &logged {
             assert!(c.error.is_none(), "server-side error: {c:?}");
-            have.entry((c.client_port, c.server_port))
+            have.entry(Key::of_truth(c))
                 .or_default()
                 .push((c.bytes_sent, c.bytes_received));
         }
@@ -515,6 +621,9 @@ impl TestEnv {
                         c.protocol == Protocol::Udp
                             && c.client_port == client.client_port
                             && c.server_port == client.server_port
+                            && (client.client_addr.is_unspecified()
+                                || c.client_addr.to_canonical()
+                                    == client.client_addr.to_canonical())
                     })
                     .collect();
                 assert_eq!(
@@ -581,26 +690,31 @@ impl TestEnv {
 }
 
 impl TestEnv {
-    /// Waits until `meterd ledger export` holds exactly one record per
-    /// connection of `truth`, bytes exact, each of the service `service_of`
-    /// names, and nothing else; then waits two more intervals and checks
-    /// again (a late duplicate is a failure too). Panics with the
-    /// difference and the agent's log otherwise. Returns the records.
+    /// Waits until the ledger is exact for `truth` ([`Ledger::compare`]):
+    /// the connection records of each connection, summed, have its bytes
+    /// exact and the service `service_of` names, there is no other
+    /// connection record, and every connection record is in an exported
+    /// session whose bytes and connection count are those of its records.
+    /// Then waits two more intervals and checks again (a late duplicate is
+    /// a failure too). Panics with the difference and the agent's log
+    /// otherwise. Returns both levels; how the connections group into
+    /// sessions is for the test to judge ([`crate::ledger::expected_sessions`]).
     pub fn wait_for_exact_ledger(
         &self,
         truth: &[ConnLog],
         service_of: &dyn Fn(&ConnLog) -> String,
-    ) -> Vec<LedgerRecord> {
+    ) -> Ledger {
         let agent = self.agent.as_ref().expect("agent not started");
         let interval = agent.config().interval;
-        let timeout = RECORD_TIMEOUT.max(interval * 4);
+        // Sessions settle `session_idle` after their last byte.
+        let timeout = RECORD_TIMEOUT.max(interval * 4) + agent.config().session_idle;
         let started = Instant::now();
         loop {
-            let cmp = ledger::compare(truth, &agent.ledger_records(), service_of);
+            let cmp = agent.ledger().compare(truth, service_of);
             if cmp.is_exact() {
                 thread::sleep(interval * 2 + Duration::from_secs(1));
-                let again = agent.ledger_records();
-                let cmp = ledger::compare(truth, &again, service_of);
+                let again = agent.ledger();
+                let cmp = again.compare(truth, service_of);
                 assert!(
                     cmp.is_exact(),
                     "{}: the ledger changed after it matched:\n{}\nagent log:\n{}",
@@ -612,7 +726,7 @@ impl TestEnv {
             }
             if cmp.is_final() || started.elapsed() >= timeout {
                 thread::sleep(Duration::from_millis(500));
-                let last = ledger::compare(truth, &agent.ledger_records(), service_of);
+                let last = agent.ledger().compare(truth, service_of);
                 if last.is_exact() {
                     continue;
                 }

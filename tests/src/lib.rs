@@ -9,7 +9,10 @@
 //! ([`prometheus`]), CPU saturation ([`stress`]), and a per-test environment
 //! that puts all of these together and tears them down on drop, panics
 //! included ([`env`]). The truth the tests compare against comes from the
-//! `meterd-traffic` binary of this crate, whose wire format is [`wire`].
+//! `meterd-traffic` binary of this crate, whose wire format is [`wire`],
+//! or, for viewing sessions, from Debian's nginx ([`nginx`]) serving an HLS
+//! stream to ffmpeg players ([`hls`]), whose access log [`viewing`] turns
+//! into the sessions meterd must bill.
 //!
 //! Does not own: the agent or its eBPF programs; nothing here works around
 //! their behaviour.
@@ -17,20 +20,26 @@
 pub mod agent;
 pub mod cgroup;
 pub mod env;
+pub mod hls;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod netns;
+pub mod nginx;
 pub mod privilege;
 pub mod process;
 pub mod prometheus;
 pub mod records;
 pub mod stress;
 pub mod tariff;
+pub mod viewing;
 pub mod wire;
 
 pub use agent::{Agent, AgentConfig, Ready};
-pub use env::{CloseOrder, RunningClient, Server, Setup, TcpClient, TestEnv, UdpClient, port};
+pub use env::{
+    CloseOrder, RunningClient, Server, Setup, Source, TcpClient, TestEnv, UdpClient, port,
+    read_started,
+};
 pub use records::ClosedRecord;
 
 /// Path of this crate's `meterd-traffic` binary. Only integration tests of

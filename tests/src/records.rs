@@ -3,9 +3,13 @@
 //! The truth is what the server application's own socket calls returned
 //! ([`ConnLog`], written by `meterd-traffic`). Each connection must have
 //! exactly one record in meterd's closed log, matched by protocol, client
-//! port and server port, with `bytes_out == bytes_sent` and
-//! `bytes_in == bytes_received` exact to the byte, the same addresses, and
-//! the log may hold nothing else.
+//! address, client port and server port (tests give connections client
+//! addresses of their own, so a port alone no longer names one), with
+//! `bytes_out == bytes_sent` and `bytes_in == bytes_received` exact to the
+//! byte, the same server address, times in order
+//! (`start_ns <= last_ns <= end_ns`), and the log may hold nothing else.
+//! The closed log stays per connection under viewer-session billing: a
+//! payload gap is not a close and writes no line.
 //!
 //! Does not own: producing either log.
 
@@ -51,6 +55,8 @@ pub struct ClosedRecord {
     pub start_ns: Option<u64>,
     /// End, boot-time ns.
     pub end_ns: Option<u64>,
+    /// Last payload change, boot-time ns (0 or absent: none).
+    pub last_ns: Option<u64>,
     /// meterd's `CONN_*` flags.
     pub flags: Option<u64>,
 }
@@ -79,11 +85,15 @@ fn complete_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
         .filter(|(_, l)| !l.trim().is_empty())
 }
 
-/// What identifies a connection in both logs.
+/// What identifies a connection in both logs. The client address is
+/// canonical: an IPv4-mapped IPv6 client is its IPv4 address, as meterd
+/// bills it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
     /// TCP or UDP.
     pub protocol: Protocol,
+    /// Client address.
+    pub client_addr: IpAddr,
     /// Client port.
     pub client_port: u16,
     /// Server port.
@@ -91,17 +101,21 @@ pub struct Key {
 }
 
 impl Key {
-    fn of_truth(c: &ConnLog) -> Key {
+    /// The key of a connection of the truth.
+    pub fn of_truth(c: &ConnLog) -> Key {
         Key {
             protocol: c.protocol,
+            client_addr: c.client_addr.to_canonical(),
             client_port: c.client_port,
             server_port: c.server_port,
         }
     }
 
-    fn of_record(r: &ClosedRecord) -> Key {
+    /// The key of a record of meterd's.
+    pub fn of_record(r: &ClosedRecord) -> Key {
         Key {
             protocol: r.protocol,
+            client_addr: r.client_addr.to_canonical(),
             client_port: r.client_port,
             server_port: r.server_port,
         }
@@ -120,7 +134,7 @@ pub struct Comparison {
     /// Connections with no record (yet).
     pub missing: Vec<String>,
     /// Connections whose records have other numbers or addresses, or more
-    /// than one record.
+    /// than one record; records whose times are out of order.
     pub wrong: Vec<String>,
     /// Records of no connection of the truth.
     pub unexpected: Vec<String>,
@@ -261,7 +275,23 @@ pub fn compare_services(
             }
         }
     }
+    for r in records {
+        if let Some(problem) = times_out_of_order(r) {
+            cmp.wrong.push(format!("{problem}: {}", describe_record(r)));
+        }
+    }
     cmp
+}
+
+/// `start_ns <= last_ns <= end_ns` for a record with payload, where the
+/// record has all three (ledger records converted to this shape have none).
+fn times_out_of_order(r: &ClosedRecord) -> Option<String> {
+    let (start, last, end) = (r.start_ns?, r.last_ns?, r.end_ns?);
+    if r.bytes_out + r.bytes_in == 0 {
+        return None;
+    }
+    (last == 0 || last < start || last > end)
+        .then(|| format!("last_ns {last} not within start_ns {start} ..= end_ns {end}"))
 }
 
 /// What must agree between a connection and its record: bytes out, bytes
@@ -300,8 +330,8 @@ fn matches_one(
 
 fn describe_key(k: Key) -> String {
     format!(
-        "{:?} client port {} -> server port {}",
-        k.protocol, k.client_port, k.server_port
+        "{:?} client {} port {} -> server port {}",
+        k.protocol, k.client_addr, k.client_port, k.server_port
     )
 }
 
@@ -321,7 +351,8 @@ fn describe_truth(c: &ConnLog) -> String {
 
 fn describe_record(r: &ClosedRecord) -> String {
     format!(
-        "[meterd id {}: {}:{} -> {}:{} service {} bytes_out {} bytes_in {} flags {:?}]",
+        "[meterd id {}: {}:{} -> {}:{} service {} bytes_out {} bytes_in {} flags {:?} ns {:?}..{:?} \
+         last {:?}]",
         r.id,
         r.client_addr,
         r.client_port,
@@ -330,7 +361,10 @@ fn describe_record(r: &ClosedRecord) -> String {
         r.service,
         r.bytes_out,
         r.bytes_in,
-        r.flags
+        r.flags,
+        r.start_ns,
+        r.end_ns,
+        r.last_ns
     )
 }
 
@@ -353,12 +387,14 @@ mod tests {
             accepted_unix_us: None,
             closed_unix_us: None,
             duration_us: None,
+            first_payload_unix_us: None,
+            last_payload_unix_us: None,
         }
     }
 
     fn record(id: &str, port: u16, out: u64, inb: u64) -> ClosedRecord {
         let line = format!(
-            r#"{{"id":"{id}","cookie":1,"protocol":"tcp","service":"web","client_addr":"127.0.0.1","client_port":{port},"server_addr":"127.0.0.1","server_port":8080,"bytes_out":{out},"bytes_in":{inb},"start_ns":1,"end_ns":2,"flags":0}}"#
+            r#"{{"id":"{id}","cookie":1,"protocol":"tcp","service":"web","client_addr":"127.0.0.1","client_port":{port},"server_addr":"127.0.0.1","server_port":8080,"bytes_out":{out},"bytes_in":{inb},"start_ns":1,"end_ns":3,"last_ns":2,"flags":0}}"#
         );
         serde_json::from_str(&line).unwrap()
     }
@@ -405,6 +441,27 @@ mod tests {
         assert_eq!(cmp.missing.len(), 1, "{}", cmp.diff());
         let cmp = compare(&truth, &[record("a", 1000, 9, 9), record("b", 1000, 5, 7)]);
         assert!(cmp.is_exact(), "{}", cmp.diff());
+    }
+
+    #[test]
+    fn the_client_address_is_part_of_the_key() {
+        let mut other = conn(1000, 5, 7);
+        other.client_addr = "127.1.0.9".parse().unwrap();
+        let cmp = compare(&[other], &[record("a", 1000, 5, 7)]);
+        assert_eq!(
+            (cmp.missing.len(), cmp.unexpected.len()),
+            (1, 1),
+            "{}",
+            cmp.diff()
+        );
+    }
+
+    #[test]
+    fn last_payload_after_the_end_is_wrong() {
+        let mut late = record("a", 1000, 5, 7);
+        late.last_ns = Some(4);
+        let cmp = compare(&[conn(1000, 5, 7)], &[late]);
+        assert_eq!(cmp.wrong.len(), 1, "{}", cmp.diff());
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!
 //! Does not own: comparing records (`ledger`, `records`).
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, time::Duration};
 
 /// Millionths of a minor unit per minor unit.
 pub const MICRO: u128 = 1_000_000;
@@ -228,6 +228,9 @@ pub struct Service {
     pub tcp_ports: Vec<u16>,
     /// Metered UDP ports.
     pub udp_ports: Vec<u16>,
+    /// `session_idle`: silence that ends a viewing session; `None` leaves
+    /// it out of the config (the agent's default).
+    pub session_idle: Option<Duration>,
     /// How it charges.
     pub tariff: Tariff,
 }
@@ -239,6 +242,7 @@ impl Service {
             name: name.to_owned(),
             tcp_ports: ports.to_vec(),
             udp_ports: Vec::new(),
+            session_idle: None,
             tariff,
         }
     }
@@ -252,8 +256,16 @@ impl Service {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let idle = self.session_idle.map_or_else(String::new, |d| {
+            let ms = d.as_millis();
+            if ms.is_multiple_of(1000) {
+                format!("session_idle = \"{}s\"\n", ms / 1000)
+            } else {
+                format!("session_idle = \"{ms}ms\"\n")
+            }
+        });
         format!(
-            "[[service]]\nname = \"{}\"\ntcp_ports = [{}]\nudp_ports = [{}]\n{}",
+            "[[service]]\nname = \"{}\"\ntcp_ports = [{}]\nudp_ports = [{}]\n{idle}{}",
             self.name,
             list(&self.tcp_ports),
             list(&self.udp_ports),
@@ -308,8 +320,16 @@ mod tests {
         let mut t = Tariff::time(2_500_000, 1, Rounding::ProRata);
         t.minimum_minor = 7;
         assert_eq!(t.expected_charge(0, 0, 10), (7, 7));
-        let toml = Service::tcp("live", &[1, 2], t).toml();
+        let mut service = Service::tcp("live", &[1, 2], t);
+        let toml = service.toml();
         assert!(toml.contains("price_minor = \"2.5\"\n"), "{toml}");
         assert!(toml.contains("tcp_ports = [1, 2]\n"), "{toml}");
+        assert!(!toml.contains("session_idle"), "{toml}");
+        service.session_idle = Some(Duration::from_secs(5));
+        let toml = service.toml();
+        assert!(
+            toml.contains("udp_ports = []\nsession_idle = \"5s\"\n[service.tariff]\n"),
+            "{toml}"
+        );
     }
 }

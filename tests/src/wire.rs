@@ -142,11 +142,35 @@ pub struct ConnLog {
     /// clock, from `accept` returning to `close` returning, in µs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_us: Option<u64>,
+    /// Wall-clock µs since the Unix epoch of the first payload: when the
+    /// first `read`/`recv_from` returned bytes (TCP: the request line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_payload_unix_us: Option<u64>,
+    /// Wall-clock µs since the Unix epoch of the last payload: the later of
+    /// the last `read`/`recv_from` that returned bytes and, after the last
+    /// `write`/`send_to`, the moment the client had acknowledged all of it
+    /// (TCP: the send queue, `SIOCOUTQ`, emptied). What a kernel counter
+    /// of acknowledged and received bytes last moved at; a `write`
+    /// returning only means the bytes are in the socket's buffer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_payload_unix_us: Option<u64>,
+}
+
+impl ConnLog {
+    /// Milliseconds from the first to the last payload (see the fields), as
+    /// the server's clock measured them; `None` without both timestamps.
+    pub fn payload_span_ms(&self) -> Option<i64> {
+        let (first, last) = (self.first_payload_unix_us?, self.last_payload_unix_us?);
+        Some(i64::try_from(last.saturating_sub(first) / 1000).unwrap_or(i64::MAX))
+    }
 }
 
 /// What a TCP client saw of one connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientConn {
+    /// Local address of the client's socket (its `--source`, or what the
+    /// kernel picked).
+    pub client_addr: IpAddr,
     /// Local port the kernel picked for the client.
     pub client_port: u16,
     /// Server port connected to.
@@ -170,6 +194,8 @@ pub struct ClientSummary {
 /// Printed by `meterd-traffic udp-client` on stdout: datagram payload totals.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UdpClientSummary {
+    /// Local address of the client's socket.
+    pub client_addr: IpAddr,
     /// Local port of the client's socket.
     pub client_port: u16,
     /// Server port.

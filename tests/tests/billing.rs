@@ -1,26 +1,35 @@
 //! Acceptance scenarios of the billing engine: what `meterd ledger export`
-//! says each session cost, against what the test computes itself from the
-//! bytes the server logged (volume tariffs) or the duration meterd exported
-//! (time tariffs), with the contract's rules as `meterd_tests::tariff`
-//! writes them out; attribution and account limits through the API and the
-//! limit hook; and exactly-once charging across kill -9 of the agent,
-//! checked in the SQLite ledger itself.
+//! says each viewing session cost, against what the test computes itself
+//! with the contract's rules as `meterd_tests::tariff` writes them out:
+//! from the bytes the server logged (volume tariffs), or from the exported
+//! watching time, which must be the servers' first-to-last payload span
+//! (time tariffs). Which connections make one session is worked out here
+//! too, from the client addresses and the servers' payload times
+//! (`ledger::expected_sessions`). Also: attribution and account limits
+//! through the API and the limit hook, and exactly-once charging across
+//! kill -9 of the agent, checked in the SQLite ledger itself.
+//!
+//! A connection that is to be billed on its own gets a client address of
+//! its own (`Source::Addr` of a fresh address, or `Source::Distinct`):
+//! meterd bills every connection of one client address to one service as
+//! one session while payload keeps moving.
 
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::Path,
     thread,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use meterd_tests::{
-    AgentConfig, CloseOrder, Setup, TcpClient, TestEnv, http,
-    ledger::{self, LedgerRecord, rfc3339_utc_ms, sqlite},
+    AgentConfig, CloseOrder, Setup, Source, TcpClient, TestEnv, http,
+    ledger::{self, CONNECTION_COLUMNS, Ledger, SESSION_COLUMNS, checked_sessions, sqlite},
     port,
     process::{read_lossy, wait_until},
+    read_started,
     tariff::{Direction, Rounding, Service, Tariff, service_of_port},
     traffic_bin,
     wire::{ClientSummary, ConnLog},
@@ -28,37 +37,6 @@ use meterd_tests::{
 
 /// The contract's "1MB": 10^6 bytes.
 const MB: (&str, u64) = ("1MB", 1_000_000);
-
-/// How far meterd's `duration_ms` may be from the server's own measure of
-/// the connection. meterd's runs from the kernel's passive-established
-/// callback (handshake done, just before `accept` returns) to the socket's
-/// move to CLOSE (at the FIN exchange, around the server's `close`); the
-/// server's from `accept` returning to `close` returning. What separates
-/// them is how long the server thread takes to be scheduled after the
-/// kernel event: microseconds on an idle host, tens of milliseconds while
-/// this 2-core machine runs four tests at once. 100 ms covers that and is
-/// still a tenth of the time tariffs' one-second unit.
-const DURATION_TOLERANCE_MS: i64 = 100;
-
-/// The contract's CSV columns, in order.
-const CSV_COLUMNS: [&str; 16] = [
-    "session_id",
-    "service",
-    "account",
-    "content",
-    "protocol",
-    "client_addr",
-    "client_port",
-    "server_addr",
-    "server_port",
-    "started_at",
-    "ended_at",
-    "bytes_out",
-    "bytes_in",
-    "duration_ms",
-    "charge_minor",
-    "currency",
-];
 
 fn loopback4(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
@@ -83,7 +61,7 @@ fn vod(ports: &[u16]) -> Service {
     )
 }
 
-/// `live`: 10 minor units per started second of connection time.
+/// `live`: 10 minor units per started second of watching time.
 fn live(ports: &[u16]) -> Service {
     Service::tcp(
         "live",
@@ -97,62 +75,58 @@ fn service_names(services: &[Service]) -> impl Fn(&ConnLog) -> String + '_ {
     move |c: &ConnLog| service_of_port(services, c.server_port).name.clone()
 }
 
-/// Checks one session's ledger record against its connection in the
-/// server's log: charge computed here from the exported bytes or duration,
-/// currency, times, and the duration against the server's own measure.
-fn check_session(rec: &LedgerRecord, conn: &ConnLog, services: &[Service]) {
-    let service = service_of_port(services, conn.server_port);
-    let (low, high) = service
-        .tariff
-        .expected_charge(rec.bytes_out, rec.bytes_in, rec.duration_ms);
-    assert!(
-        (low..=high).contains(&rec.charge_minor),
-        "{} session {} ({} bytes out, {} in, {} ms): meterd charged {}, the tariff says {}{}",
-        service.name,
-        rec.session_id,
-        rec.bytes_out,
-        rec.bytes_in,
-        rec.duration_ms,
-        rec.charge_minor,
-        low,
-        if high == low {
-            String::new()
-        } else {
-            format!(" to {high}")
-        }
-    );
-    assert_eq!(rec.currency, "EUR", "{rec:?}");
+/// The CSV exports: the contract's columns in order, the same records with
+/// the same values as the JSON lines, at both levels.
+fn check_csv(env: &TestEnv, ledger: &Ledger) {
+    let agent = env.agent_ref();
+    let csv = agent.export("csv");
+    let header: Vec<&str> = csv.lines().next().unwrap_or_default().split(',').collect();
+    assert_eq!(header, SESSION_COLUMNS, "session CSV header");
+    let rows = ledger::parse_csv(&csv).unwrap_or_else(|e| panic!("CSV export: {e}\n{csv}"));
+    let by_id: BTreeMap<String, BTreeMap<String, String>> = rows
+        .into_iter()
+        .map(|row| (row["session_id"].clone(), row))
+        .collect();
+    assert_eq!(by_id.len(), ledger.sessions.len(), "CSV rows:\n{csv}");
+    for rec in &ledger.sessions {
+        assert_eq!(
+            by_id.get(&rec.session_id),
+            Some(&rec.csv_fields()),
+            "CSV row of session {}",
+            rec.session_id
+        );
+    }
 
-    let started = rfc3339_utc_ms(&rec.started_at).unwrap_or_else(|e| panic!("{e}: {rec:?}"));
-    let ended = rfc3339_utc_ms(&rec.ended_at).unwrap_or_else(|e| panic!("{e}: {rec:?}"));
-    // Each time is the whole millisecond of an exact one, as is duration_ms.
-    let span = ended - started;
-    let duration = i64::try_from(rec.duration_ms).unwrap();
-    assert!(
-        (span - duration).abs() <= 2,
-        "ended_at - started_at = {span} ms but duration_ms = {duration}: {rec:?}"
-    );
-    let server_ms = i64::try_from(conn.duration_us.expect("server logs durations") / 1000).unwrap();
-    assert!(
-        (duration - server_ms).abs() <= DURATION_TOLERANCE_MS,
-        "session {}: meterd says {duration} ms, the server measured {server_ms} ms",
-        rec.session_id
-    );
-    let accepted = i64::try_from(conn.accepted_unix_us.unwrap() / 1000).unwrap();
-    let closed = i64::try_from(conn.closed_unix_us.unwrap() / 1000).unwrap();
-    assert!(
-        (started - accepted).abs() <= DURATION_TOLERANCE_MS
-            && (ended - closed).abs() <= DURATION_TOLERANCE_MS,
-        "session {}: meterd says {} .. {}, the server accepted at {accepted} and closed at \
-         {closed} (unix ms)",
-        rec.session_id,
-        rec.started_at,
-        rec.ended_at
-    );
+    let csv = agent.export_connections("csv");
+    let header: Vec<&str> = csv.lines().next().unwrap_or_default().split(',').collect();
+    assert_eq!(header, CONNECTION_COLUMNS, "connection CSV header");
+    let rows = ledger::parse_csv(&csv).unwrap_or_else(|e| panic!("CSV export: {e}\n{csv}"));
+    let mut got: Vec<BTreeMap<String, String>> = rows;
+    let mut want: Vec<BTreeMap<String, String>> = ledger
+        .connections
+        .iter()
+        .map(ledger::ConnectionRecord::csv_fields)
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "connection CSV rows against the JSON lines");
 }
 
-/// Volume and time tariffs end to end: three services, downloads of sizes
-/// on and off unit boundaries, connections held open for known times.
+/// One group of the tariffs test: its client address, what it runs, and
+/// what each of its sessions must cost, worked out by hand, in order.
+struct Case {
+    what: &'static str,
+    addr: IpAddr,
+    client: TcpClient,
+    charges: Vec<u64>,
+}
+
+/// Volume and time tariffs end to end, three services: downloads of sizes
+/// on and off unit boundaries, each its own viewer; two connections of one
+/// viewer billed as one session (rounded once); one viewer who comes back
+/// after more than `session_idle` (two sessions); watching time made by
+/// paced uploads, one with an idle tail that must not be billed, and two
+/// short connections of one viewer whose watching time adds up.
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn volume_and_time_tariffs_end_to_end() {
@@ -180,6 +154,19 @@ fn volume_and_time_tariffs_end_to_end() {
     });
     let server = env.tcp_server(&[vod_at, live_at, radio_at]);
 
+    let mut cases = Vec::new();
+    let mut case = |what, client: TcpClient, charges: Vec<u64>| {
+        let addr = env.fresh_source();
+        cases.push(Case {
+            what,
+            addr,
+            client: TcpClient {
+                source: Source::Addr(addr),
+                ..client
+            },
+            charges,
+        });
+    };
     // (bytes down, bytes up, what vod must charge, worked out by hand).
     let downloads: [(u64, u64, u64); 6] = [
         (2_500_000, 0, 15),
@@ -190,108 +177,124 @@ fn volume_and_time_tariffs_end_to_end() {
         (2_500_000, 3_000_000, 15),
         (0, 0, 0),
     ];
-    let mut clients: Vec<TcpClient> = downloads
-        .iter()
-        .enumerate()
-        .map(|(i, &(down, up, _))| TcpClient {
-            close: if i % 2 == 0 {
-                CloseOrder::Server
-            } else {
-                CloseOrder::Client
+    for (i, &(down, up, charge)) in downloads.iter().enumerate() {
+        case(
+            "a download of its own",
+            TcpClient {
+                close: if i % 2 == 0 {
+                    CloseOrder::Server
+                } else {
+                    CloseOrder::Client
+                },
+                ..TcpClient::new(vod_at, down, up)
             },
-            ..TcpClient::new(vod_at, down, up)
-        })
-        .collect();
-    // Held connections: (service address, hold ms, what it must charge).
-    // Durations are the hold plus a few ms, away from the boundaries of
-    // whole seconds (live) and of 0.2 s (radio: 2.5 per second, half-up).
-    let holds: [(SocketAddr, u64, u64); 4] = [
-        (live_at, 2_500, 30),
-        (live_at, 1_200, 20),
-        (radio_at, 1_700, 4), // 4.25 -> 4
-        (radio_at, 3_300, 8), // 8.25 -> 8
-    ];
-    for (i, &(at, hold, _)) in holds.iter().enumerate() {
-        clients.push(TcpClient {
-            hold_ms: hold,
-            close: if i % 2 == 0 {
-                CloseOrder::Client
-            } else {
-                CloseOrder::Server
-            },
-            ..TcpClient::new(at, 20_000, 100)
-        });
+            vec![charge],
+        );
     }
-    let summaries = env.run_tcp_clients(&clients);
-    let truth = env.tcp_truth(&server, &summaries.iter().collect::<Vec<_>>());
-    assert_eq!(truth.len(), downloads.len() + holds.len());
+    // One viewer, two connections one after the other: 0.8 MB in one
+    // session is one started MB, 5 (a session per connection would be 10).
+    case(
+        "two downloads of one viewer",
+        TcpClient {
+            count: 2,
+            ..TcpClient::new(vod_at, 400_000, 0)
+        },
+        vec![5],
+    );
+    // Watching time: uploads of 1000-byte chunks, n chunks `pause` apart
+    // make (n - 1) * pause of payload. Spans in the middle of their
+    // rounding steps: whole seconds (live), 0.4 s (radio: 2.5 per second,
+    // half-up).
+    let paced = |at, chunks: u64, pause_ms, hold_ms| TcpClient {
+        chunk: 1000,
+        pause_ms,
+        hold_ms,
+        close: CloseOrder::Client,
+        ..TcpClient::new(at, 20_000, chunks * 1000)
+    };
+    case("2.5 s of live", paced(live_at, 11, 250, 0), vec![30]);
+    // 1.5 s of payload, then 1.5 s open and idle: the idle tail is not
+    // watching time, 20 (30 if it were).
+    case(
+        "1.5 s of live and an idle tail",
+        paced(live_at, 16, 100, 1_500),
+        vec![20],
+    );
+    case("1.6 s of radio", paced(radio_at, 17, 100, 0), vec![4]); // 4.0 -> 4
+    case("3.2 s of radio", paced(radio_at, 17, 200, 0), vec![8]); // 8.0 -> 8
+    // One viewer, two 0.3 s connections one after the other: 0.6 s of
+    // watching time, one started second, 10 (20 per connection).
+    case(
+        "two short live connections of one viewer",
+        TcpClient {
+            count: 2,
+            ..paced(live_at, 4, 100, 0)
+        },
+        vec![10],
+    );
+    // A viewer who comes back after more than session_idle: two sessions,
+    // each rounded on its own (10 and 10; one session would be 15).
+    let comeback = env.fresh_source();
+    let comeback_client = TcpClient {
+        source: Source::Addr(comeback),
+        ..TcpClient::new(vod_at, 1_500_000, 0)
+    };
+    let idle = env.agent_config().session_idle;
 
-    let service_of = service_names(&services);
-    let records = env.wait_for_exact_ledger(&truth, &service_of);
-    for (summary, (i, client)) in summaries.iter().zip(clients.iter().enumerate()) {
-        let conn_port = summary.connections[0].client_port;
-        let conn = truth
+    let batch = Instant::now();
+    let mut clients: Vec<TcpClient> = cases.iter().map(|c| c.client.clone()).collect();
+    clients.push(comeback_client.clone());
+    let mut summaries = env.run_tcp_clients(&clients);
+    // The batch took over 3 s (the 3.2 s of radio); the viewer's first
+    // download was over within its first milliseconds.
+    thread::sleep((idle + Duration::from_millis(1_500)).saturating_sub(batch.elapsed()));
+    summaries.push(env.run_tcp_client(&comeback_client));
+    cases.push(Case {
+        what: "a viewer who comes back after session_idle",
+        addr: comeback,
+        client: comeback_client,
+        charges: vec![10, 10],
+    });
+
+    let truth = env.tcp_truth(&server, &summaries.iter().collect::<Vec<_>>());
+    // The downloads, two of one viewer, four paced, two short live ones,
+    // and the viewer who came back.
+    assert_eq!(truth.len(), downloads.len() + 2 + 4 + 2 + 2);
+    let ledger = env.wait_for_exact_ledger(&truth, &service_names(&services));
+    let sessions = checked_sessions(&ledger, &truth, &services, idle);
+    for case in &cases {
+        let charges: Vec<u64> = sessions
             .iter()
-            .find(|c| c.client_port == conn_port && c.server_port == client.connect.port())
-            .unwrap();
-        let rec = ledger::record_of(&records, conn);
-        check_session(rec, conn, &services);
+            .filter(|(want, _)| want.client_addr == case.addr)
+            .map(|(_, rec)| rec.charge_minor)
+            .collect();
         assert_eq!(
-            (rec.account.as_str(), rec.content.as_str()),
-            ("127.0.0.1", ""),
-            "an unattributed session is billed to its client address: {rec:?}"
-        );
-        // The hand-worked numbers agree with the rules.
-        let by_hand = if i < downloads.len() {
-            downloads[i].2
-        } else {
-            let (_, hold, by_hand) = holds[i - downloads.len()];
-            assert!(
-                rec.duration_ms >= hold,
-                "held {hold} ms, meterd says {} ms: {rec:?}",
-                rec.duration_ms
-            );
-            by_hand
-        };
-        assert_eq!(
-            rec.charge_minor, by_hand,
-            "{} session {rec:?} should cost {by_hand}",
-            rec.service
+            charges, case.charges,
+            "{} ({}): meterd's charges per session against the ones worked out by hand; \
+             sessions: {:#?}",
+            case.what, case.addr, sessions
         );
     }
+    assert_eq!(
+        sessions.len(),
+        cases.iter().map(|c| c.charges.len()).sum::<usize>()
+    );
     eprintln!(
-        "bill-tariffs: {} sessions, charges {:?}",
-        records.len(),
-        records
+        "bill-tariffs: {} sessions of {} connections, charges {:?}",
+        sessions.len(),
+        truth.len(),
+        sessions
             .iter()
-            .map(|r| (
+            .map(|(_, r)| (
                 r.service.as_str(),
+                r.connections,
                 r.bytes_out,
                 r.duration_ms,
                 r.charge_minor
             ))
             .collect::<Vec<_>>()
     );
-
-    // The CSV export: the contract's columns in order, the same sessions
-    // with the same values as the JSON lines.
-    let csv = env.agent().export("csv");
-    let header: Vec<&str> = csv.lines().next().unwrap_or_default().split(',').collect();
-    assert_eq!(header, CSV_COLUMNS, "CSV header");
-    let rows = ledger::parse_csv(&csv).unwrap_or_else(|e| panic!("CSV export: {e}\n{csv}"));
-    let by_id: BTreeMap<String, BTreeMap<String, String>> = rows
-        .into_iter()
-        .map(|row| (row["session_id"].clone(), row))
-        .collect();
-    assert_eq!(by_id.len(), records.len(), "CSV rows:\n{csv}");
-    for rec in &records {
-        assert_eq!(
-            by_id.get(&rec.session_id),
-            Some(&rec.csv_fields()),
-            "CSV row of {}",
-            rec.session_id
-        );
-    }
+    check_csv(&env, &ledger);
     env.agent().assert_running();
 }
 
@@ -324,9 +327,12 @@ fn hook_runs(log: &Path) -> Vec<HashMap<String, String>> {
         .collect()
 }
 
-/// Attribution through the API and a prepaid account running out: the
-/// attributed session is billed to the account with its content, the limit
-/// hook runs exactly once (also after a restart), and the agent logs it.
+/// Attribution through the API and a prepaid account running out. Alice's
+/// connection is attributed while it runs: its bytes from then on are
+/// billed to alice's session for its content, the ones before stay in the
+/// session of its client address. Another viewer's download is its own
+/// session. The limit hook runs exactly once (also after a restart), and
+/// the agent logs it.
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn attribution_and_prepaid_limit() {
@@ -335,11 +341,16 @@ fn attribution_and_prepaid_limit() {
     };
     let at = loopback4(port(1, 0));
     let services = vec![vod(&[at.port()])];
+    let tariff = services[0].tariff.clone();
     let hook_log = env.dir().join("hook.log");
     let hook = write_hook(env.dir(), &hook_log);
     env.start_agent(AgentConfig {
         services: services.clone(),
         accounts: vec![("alice".to_owned(), 10), ("bob".to_owned(), 1000)],
+        // What this test checks is the event and its hook; `cut` (the
+        // default) would also end alice's download, whose bytes the truth
+        // holds in full.
+        on_limit: Some("notify".to_owned()),
         limit_hook: Some(hook),
         ..AgentConfig::default()
     });
@@ -348,6 +359,7 @@ fn attribution_and_prepaid_limit() {
     // 12.5 MB in 1 MB steps 200 ms apart: ~2.5 s, several cycles, 65 minor
     // units in all, far beyond alice's 10.
     let started = env.dir().join("alice.started");
+    let (alice_addr, other_addr) = (env.fresh_source(), env.fresh_source());
     let paced = TcpClient {
         chunk: 1_000_000,
         pause_ms: 200,
@@ -355,16 +367,22 @@ fn attribution_and_prepaid_limit() {
     };
     let alice = env.spawn_tcp_client(&TcpClient {
         started_file: Some(started.clone()),
+        source: Source::Addr(alice_addr),
         ..paced.clone()
     });
-    let other = env.spawn_tcp_client(&paced);
+    let other = env.spawn_tcp_client(&TcpClient {
+        source: Source::Addr(other_addr),
+        ..paced.clone()
+    });
     assert!(
         wait_until(Duration::from_secs(15), || started.exists()),
         "alice's download did not start"
     );
-    let alice_port: u16 = read_lossy(&started).trim().parse().unwrap();
+    let alice_local = read_started(&started);
+    assert_eq!(alice_local.ip(), alice_addr);
     let body = format!(
-        r#"{{"client_addr":"127.0.0.1","client_port":{alice_port},"server_port":{},"account":"alice","content":"movie-1"}}"#,
+        r#"{{"client_addr":"{alice_addr}","client_port":{},"server_port":{},"account":"alice","content":"movie-1"}}"#,
+        alice_local.port(),
         at.port()
     );
     let api = env.agent().ready().api;
@@ -377,32 +395,81 @@ fn attribution_and_prepaid_limit() {
         "attribution reply: {}",
         response.body
     );
-    eprintln!(
-        "bill-limit: attributed port {alice_port}: {}",
-        response.body
-    );
+    eprintln!("bill-limit: attributed {alice_local}: {}", response.body);
 
     let alice = alice.finish(Duration::from_secs(60));
     let other = other.finish(Duration::from_secs(60));
-    assert_eq!(alice.connections[0].client_port, alice_port);
+    assert_eq!(alice.connections[0].client_port, alice_local.port());
     let truth = env.tcp_truth(&server, &[&alice, &other]);
     let service_of = service_names(&services);
-    let records = env.wait_for_exact_ledger(&truth, &service_of);
-    for conn in &truth {
-        let rec = ledger::record_of(&records, conn);
-        check_session(rec, conn, &services);
-        assert_eq!(rec.charge_minor, 65, "12.5 MB at 5 per started MB: {rec:?}");
-        let want = if conn.client_port == alice_port {
-            ("alice", "movie-1")
-        } else {
-            ("127.0.0.1", "")
-        };
+    let ledger = env.wait_for_exact_ledger(&truth, &service_of);
+
+    // The other viewer: one session of its own, the tariff once, 65.
+    let (alice_conn, other_conn): (Vec<&ConnLog>, Vec<&ConnLog>) =
+        truth.iter().partition(|c| c.client_addr == alice_addr);
+    let (alices, rest) = ledger.split_off(&alice_conn);
+    let other_truth: Vec<ConnLog> = other_conn.into_iter().cloned().collect();
+    let others = checked_sessions(
+        &rest,
+        &other_truth,
+        &services,
+        env.agent_config().session_idle,
+    );
+    assert_eq!(others.len(), 1, "{others:#?}");
+    assert_eq!(
+        others[0].1.charge_minor, 65,
+        "12.5 MB at 5 per started MB: {:?}",
+        others[0].1
+    );
+
+    // Alice's connection: the part before the attribution (if it moved
+    // any bytes) in the session of her address, the rest in alice's
+    // session for movie-1; each charged the tariff on its own bytes.
+    let alice_conn = alice_conn[0];
+    let sessions = alices.sessions_of(alice_conn);
+    assert_eq!(
+        alices.sessions.len(),
+        sessions.len(),
+        "sessions holding alice's connection hold only it: {alices:#?}"
+    );
+    let (attributed, before) = sessions.split_last().unwrap_or_else(|| {
+        panic!("alice's connection is in no session: {alices:#?}");
+    });
+    assert_eq!(
+        (attributed.account.as_str(), attributed.content.as_str()),
+        ("alice", "movie-1"),
+        "the last part of alice's connection is billed to her: {sessions:#?}"
+    );
+    assert!(
+        before.len() <= 1
+            && before
+                .iter()
+                .all(|s| s.is_unattributed() && s.client_addr == alice_addr),
+        "before the attribution, alice's bytes are billed to her address: {sessions:#?}"
+    );
+    for s in &sessions {
+        let (want, _) = tariff.expected_charge(s.bytes_out, s.bytes_in, 0);
         assert_eq!(
-            (rec.account.as_str(), rec.content.as_str()),
-            want,
-            "account and content of {rec:?}"
+            s.charge_minor, want,
+            "{} bytes out at 5 per started MB: {s:?}",
+            s.bytes_out
         );
+        assert_eq!(s.connections, 1, "{s:?}");
     }
+    assert!(
+        attributed.charge_minor > 10,
+        "the attribution came late: alice's session has only {} of her 12.5 MB, {} minor \
+         units, not beyond her limit of 10: {sessions:#?}",
+        attributed.bytes_out,
+        attributed.charge_minor
+    );
+    eprintln!(
+        "bill-limit: alice's 12.5 MB: {:?}",
+        sessions
+            .iter()
+            .map(|s| (s.account.as_str(), s.bytes_out, s.charge_minor))
+            .collect::<Vec<_>>()
+    );
 
     let runs = || hook_runs(&hook_log);
     assert!(
@@ -435,14 +502,17 @@ fn attribution_and_prepaid_limit() {
             panic!("METERD_SPENT_MINOR: {e}: {run:?}");
         });
     assert!(
-        (10..=65).contains(&spent),
-        "alice spent {spent}: at least her limit, at most her session's 65: {run:?}"
+        (10..=attributed.charge_minor).contains(&spent),
+        "alice spent {spent}: at least her limit, at most her session's {}: {run:?}",
+        attributed.charge_minor
     );
 
+    // The event's own line, `<level> <target>: limit_reached account=...`;
+    // its deliveries log `limit event delivered event_id=limit_reached:...`.
     let log = env.agent().log();
     let reached: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("limit_reached"))
+        .filter(|l| l.contains(": limit_reached "))
         .collect();
     assert_eq!(
         reached.len(),
@@ -450,7 +520,9 @@ fn attribution_and_prepaid_limit() {
         "want one limit_reached log line, found {reached:#?}"
     );
     assert!(
-        reached[0].contains("WARN") && reached[0].contains("account=alice"),
+        reached[0].contains("WARN")
+            && reached[0].contains("account=alice")
+            && reached[0].contains("policy=Notify"),
         "{}",
         reached[0]
     );
@@ -464,10 +536,11 @@ fn attribution_and_prepaid_limit() {
 
 /// kill -9 of the agent four times while long transfers run (charged by
 /// cycles before each kill) and short connections come and go, some of
-/// them while no agent runs. At the end every connection has exactly one
-/// ledger record, exact bytes, the right charge, and in the SQLite ledger
-/// each session's charges (cycles and settlement) add up to its charge,
-/// with no charge recorded twice or left over.
+/// them while no agent runs. Every connection is a viewer of its own. At
+/// the end every connection has exactly its bytes in the ledger, in a
+/// session of its own with the right charge, and in the SQLite ledger each
+/// session's charges (cycles and settlement) add up to its charge, with no
+/// charge recorded twice or left over.
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn kill9_during_traffic_charges_exactly_once() {
@@ -490,19 +563,24 @@ fn kill9_during_traffic_charges_exactly_once() {
             pause_ms: 300,
             close: CloseOrder::Client,
             started_file: Some(started.clone()),
+            source: Source::Distinct,
             ..TcpClient::new(vod_at, 30_500_000, 0)
         }),
         // ~8 s: 20.3 MB down and 2 MB up in 512 KiB steps.
         env.spawn_tcp_client(&TcpClient {
             chunk: 512 * 1024,
             pause_ms: 180,
+            source: Source::Distinct,
             ..TcpClient::new(vod_at, 20_300_000, 2_000_000)
         }),
-        // Time tariff across the kills: held 7.3 s.
+        // Time tariff across the kills: 7.25 s of watching time, 30
+        // 1000-byte chunks up, 250 ms apart.
         env.spawn_tcp_client(&TcpClient {
-            hold_ms: 7_300,
+            chunk: 1000,
+            pause_ms: 250,
             close: CloseOrder::Client,
-            ..TcpClient::new(live_at, 50_000, 0)
+            source: Source::Distinct,
+            ..TcpClient::new(live_at, 50_000, 30_000)
         }),
     ];
     assert!(
@@ -521,6 +599,7 @@ fn kill9_during_traffic_charges_exactly_once() {
             close: CloseOrder::Alternate,
             chunk: 256 * 1024,
             pause_ms: 15,
+            source: Source::Distinct,
             ..TcpClient::new(vod_at, size, 1000)
         }));
         thread::sleep(Duration::from_millis(run_ms));
@@ -531,6 +610,7 @@ fn kill9_during_traffic_charges_exactly_once() {
             count: 10,
             parallel: 2,
             close: CloseOrder::Alternate,
+            source: Source::Distinct,
             ..TcpClient::new(if k % 2 == 0 { vod_at } else { live_at }, 400_000, 0)
         }));
         thread::sleep(Duration::from_millis(down_ms));
@@ -553,11 +633,9 @@ fn kill9_during_traffic_charges_exactly_once() {
     );
     let truth = env.tcp_truth(&server, &summaries.iter().collect::<Vec<_>>());
     assert_eq!(truth.len(), 3 + 4 * 30 + 4 * 10);
-    let service_of = service_names(&services);
-    let records = env.wait_for_exact_ledger(&truth, &service_of);
-    for conn in &truth {
-        check_session(ledger::record_of(&records, conn), conn, &services);
-    }
+    let ledger = env.wait_for_exact_ledger(&truth, &service_names(&services));
+    let sessions = checked_sessions(&ledger, &truth, &services, env.agent_config().session_idle);
+    assert_eq!(sessions.len(), truth.len(), "a session per viewer");
     // The agent's last run stops the contract's way, so the SQLite file is
     // quiet while it is read.
     env.agent().stop();
@@ -566,16 +644,29 @@ fn kill9_during_traffic_charges_exactly_once() {
     let q = |sql: &str| sqlite(&db, sql);
     let ids = q("SELECT count(*), count(DISTINCT id) FROM charges");
     assert_eq!(ids[0][0], ids[0][1], "charge ids are not unique: {ids:?}");
-    let orphans =
-        q("SELECT id FROM charges WHERE session_id NOT IN (SELECT session_id FROM sessions)");
+    // Sessions, open and settled, are rows of `viewer_sessions` with a
+    // `state`; connection segments are rows of `connections`.
+    let orphans = q("SELECT id FROM charges WHERE session_id NOT IN \
+         (SELECT session_id FROM viewer_sessions WHERE state = 'settled')");
     assert!(
         orphans.is_empty(),
         "charges of no settled session: {orphans:?}"
     );
-    let open = q("SELECT session_id FROM open_sessions");
+    let open = q("SELECT session_id FROM viewer_sessions WHERE state <> 'settled'");
     assert!(
         open.is_empty(),
-        "accruals left open after every session settled: {open:?}"
+        "sessions left open after every session settled: {open:?}"
+    );
+    let open = q("SELECT connection_id FROM connections WHERE state <> 'ended'");
+    assert!(
+        open.is_empty(),
+        "connection segments left open after every connection closed: {open:?}"
+    );
+    let settled = q("SELECT count(*) FROM viewer_sessions WHERE state = 'settled'");
+    assert_eq!(
+        settled[0][0],
+        ledger.sessions.len().to_string(),
+        "settled sessions in the ledger file against the export"
     );
 
     let charges = q("SELECT session_id, id, kind, at_ms, amount_micro FROM charges");
@@ -584,7 +675,7 @@ fn kill9_during_traffic_charges_exactly_once() {
         per_session.entry(row[0].as_str()).or_default().push(row);
     }
     let mut spanning_kills = 0;
-    for rec in &records {
+    for rec in &ledger.sessions {
         let rows = per_session
             .get(rec.session_id.as_str())
             .map_or(&[][..], Vec::as_slice);
@@ -636,9 +727,9 @@ fn kill9_during_traffic_charges_exactly_once() {
     eprintln!(
         "bill-crash: {} sessions, {} charge rows, {spanning_kills} sessions with cycle charges \
          before a kill and settled after it, total {} minor",
-        records.len(),
+        ledger.sessions.len(),
         charges.len(),
-        records.iter().map(|r| r.charge_minor).sum::<u64>()
+        ledger.sessions.iter().map(|r| r.charge_minor).sum::<u64>()
     );
     assert!(
         spanning_kills >= 2,

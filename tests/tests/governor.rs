@@ -4,6 +4,13 @@
 //!
 //! One test in its own binary: cargo runs test binaries one after another,
 //! so the CPU hogs it starts slow down no other test of this crate.
+//!
+//! Every connection comes from a client address of its own, so each is a
+//! viewing session of its own and its charge can be compared size by size.
+//!
+//! Beside what meterd reports, the test reads the host's own CPU pressure
+//! (`/proc/pressure/cpu`), so that a slow widening says whether the host
+//! was not saturated or meterd misjudged a saturated host.
 
 use std::{
     collections::BTreeMap,
@@ -17,8 +24,8 @@ use std::{
 };
 
 use meterd_tests::{
-    AgentConfig, CloseOrder, Setup, TcpClient, TestEnv, http,
-    ledger::{self, LedgerRecord},
+    AgentConfig, CloseOrder, Setup, Source, TcpClient, TestEnv, http,
+    ledger::{SessionRecord, checked_sessions},
     metrics::{Exposition, whole},
     port,
     process::wait_until,
@@ -54,7 +61,11 @@ const PHASE: Duration = Duration::from_millis(650);
 /// last of the hogs.
 const NARROW_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One reading of `/metrics`.
+/// meterd's `governor.high_water` default: CPU pressure at which a cycle
+/// widens the interval.
+const HIGH_WATER: f64 = 0.5;
+
+/// One reading of `/metrics`, with the host's CPU stall total beside it.
 #[derive(Clone, Debug)]
 struct Reading {
     at: Instant,
@@ -64,6 +75,30 @@ struct Reading {
     cycles: u64,
     widen: u64,
     narrow: u64,
+    /// `meterd_cpu_pressure_ratio`: the pressure the last cycle decided on.
+    pressure: Option<f64>,
+    /// The host's PSI cpu `some` total (µs) when the reading was taken.
+    host_stall_us: Option<u64>,
+}
+
+/// The host's cumulative CPU stall time, µs: PSI cpu `some ... total=`.
+fn host_stall_us() -> Option<u64> {
+    let psi = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
+    psi.lines()
+        .find(|l| l.starts_with("some "))?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
+/// The host's CPU pressure between two readings: stalled share of the
+/// wall time between them.
+fn host_pressure(from: &Reading, to: &Reading) -> Option<f64> {
+    let stalled = to.host_stall_us?.checked_sub(from.host_stall_us?)?;
+    let wall = to.at.checked_duration_since(from.at)?.as_secs_f64();
+    #[expect(clippy::cast_precision_loss, reason = "a ratio, not an amount")]
+    (wall > 0.0).then(|| stalled as f64 / 1e6 / wall)
 }
 
 impl Reading {
@@ -79,6 +114,8 @@ impl Reading {
             cycles: whole(get("meterd_cycle_duration_seconds_count")),
             widen: whole(m.sum("meterd_interval_changes_total", &[("direction", "widen")])),
             narrow: whole(m.sum("meterd_interval_changes_total", &[("direction", "narrow")])),
+            pressure: m.value("meterd_cpu_pressure_ratio", &[]),
+            host_stall_us: host_stall_us(),
         }
     }
 }
@@ -159,20 +196,64 @@ fn loopback4(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-/// One group of connections; the loaded and the unloaded run use the same.
+/// One group of connections, each a viewer of its own; the loaded and the
+/// unloaded run use the same.
 fn group(at: SocketAddr) -> Vec<TcpClient> {
     let mut clients: Vec<TcpClient> = [2_500_000, 7_200_000, 1_000_001]
         .into_iter()
-        .map(|size| TcpClient::new(at, size, 0))
+        .map(|size| TcpClient {
+            source: Source::Distinct,
+            ..TcpClient::new(at, size, 0)
+        })
         .collect();
     // Spans several cycles: 12.5 MB in 1 MB steps 250 ms apart.
     clients.push(TcpClient {
         chunk: 1_000_000,
         pause_ms: 250,
         close: CloseOrder::Client,
+        source: Source::Distinct,
         ..TcpClient::new(at, 12_500_000, 0)
     });
     clients
+}
+
+/// Whose fault a slow widening is, from the readings between the
+/// saturation and the widening: the host's CPU pressure over that span
+/// against the pressure meterd's cycles decided on.
+fn pressure_verdict(readings: &[Reading]) -> String {
+    let (Some(first), Some(last)) = (readings.first(), readings.last()) else {
+        return "no readings to judge the pressure by".to_owned();
+    };
+    let Some(host) = host_pressure(first, last) else {
+        return "the host's /proc/pressure/cpu could not be read: no verdict on the load"
+            .to_owned();
+    };
+    // A cycle's pressure shows from the reading after it; the last reading
+    // is the widening cycle's own.
+    let judged: Vec<f64> = readings[..readings.len() - 1]
+        .iter()
+        .filter_map(|r| r.pressure)
+        .collect();
+    let highest = judged.iter().copied().fold(0.0_f64, f64::max);
+    if host < HIGH_WATER {
+        format!(
+            "the host itself was not saturated: its CPU pressure over the span was {host:.3}, \
+             below the high-water mark {HIGH_WATER}: the load, not meterd, is the problem"
+        )
+    } else if highest < HIGH_WATER {
+        format!(
+            "meterd misjudged the load: the host's CPU pressure over the span was {host:.3}, \
+             but no cycle before the widening decided on more than {highest:.3} \
+             (meterd_cpu_pressure_ratio). A cycle's pressure is measured since the load \
+             monitor's previous sample; when the periodic load sample runs just before the \
+             cycle, that window is a few ms, under one jiffy, where PSI reports no stall"
+        )
+    } else {
+        format!(
+            "the host's CPU pressure over the span was {host:.3} and a cycle decided on \
+             {highest:.3}, above the high-water mark {HIGH_WATER}, yet did not widen"
+        )
+    }
 }
 
 /// Server-logged connections of the summaries.
@@ -183,7 +264,11 @@ fn conns_of<'a>(truth: &'a [ConnLog], summaries: &[ClientSummary]) -> Vec<&'a Co
         .map(|c| {
             truth
                 .iter()
-                .find(|t| t.client_port == c.client_port && t.server_port == c.server_port)
+                .find(|t| {
+                    t.client_addr.to_canonical() == c.client_addr.to_canonical()
+                        && t.client_port == c.client_port
+                        && t.server_port == c.server_port
+                })
                 .unwrap()
         })
         .collect()
@@ -209,7 +294,7 @@ fn interval_widens_under_cpu_saturation_and_billing_is_unchanged() {
     );
     let services = vec![Service::tcp("vod", &[at.port()], tariff.clone())];
     env.start_agent(AgentConfig {
-        services,
+        services: services.clone(),
         interval: BASE,
         ..AgentConfig::default()
     });
@@ -238,6 +323,7 @@ fn interval_widens_under_cpu_saturation_and_billing_is_unchanged() {
     let steady = env.spawn_tcp_client(&TcpClient {
         chunk: 1_000_000,
         pause_ms: 600,
+        source: Source::Distinct,
         ..TcpClient::new(at, 40_500_000, 0)
     });
     let unloaded = env.run_tcp_clients(&group(at));
@@ -310,18 +396,26 @@ fn interval_widens_under_cpu_saturation_and_billing_is_unchanged() {
     // Judged at the end, so that a slow widening does not hide whether the
     // rest (narrowing, billing) works.
     let slow_widening = (cycles_to_widen > 2 || latency > 2 * BASE + POLL).then(|| {
+        let readings: Vec<Reading> = poller
+            .readings()
+            .into_iter()
+            .filter(|r| r.at + POLL >= saturated && r.at <= widened.at)
+            .collect();
         format!(
             "the interval widened at the {cycles_to_widen}. billing cycle after the CPUs were \
              saturated ({latency:.2?}, read every {POLL:?}; saturation began {phase:.2?} after a \
-             cycle): not within two base cycles; readings: {:?}\nagent log:\n{}",
-            poller
-                .readings()
-                .iter()
-                .filter(|r| r.at + POLL >= saturated && r.at <= widened.at)
-                .map(|r| (
-                    format!("{:.2?}", r.at.saturating_duration_since(saturated)),
-                    r.interval_ms,
-                    r.cycles
+             cycle): not within two base cycles.\n{}\nreadings (since saturation, interval ms, \
+             cycles, meterd_cpu_pressure_ratio, host PSI since the previous reading): {:?}\n\
+             agent log:\n{}",
+            pressure_verdict(&readings),
+            readings
+                .windows(2)
+                .map(|w| (
+                    format!("{:.2?}", w[1].at.saturating_duration_since(saturated)),
+                    w[1].interval_ms,
+                    w[1].cycles,
+                    w[1].pressure.map(|p| format!("{p:.3}")),
+                    host_pressure(&w[0], &w[1]).map(|p| format!("{p:.3}")),
                 ))
                 .collect::<Vec<_>>(),
             env.agent().log_tail(5)
@@ -379,18 +473,21 @@ fn interval_widens_under_cpu_saturation_and_billing_is_unchanged() {
         env.agent().log_tail(30)
     );
 
-    // Billing: exact records, and each charge is the tariff applied to the
-    // bytes the server sent; the same sizes cost the same, loaded or not.
+    // Billing: exact records, a session per connection, and each charge is
+    // the tariff applied to the bytes the server sent; the same sizes cost
+    // the same, loaded or not.
     let steady = steady.finish(Duration::from_secs(120));
     let mut all: Vec<&ClientSummary> = unloaded.iter().chain(&loaded).collect();
     all.push(&steady);
     let truth = env.tcp_truth(&server, &all);
-    let records = env.wait_for_exact_ledger(&truth, &|_| "vod".to_owned());
+    let ledger = env.wait_for_exact_ledger(&truth, &|_| "vod".to_owned());
+    let sessions = checked_sessions(&ledger, &truth, &services, env.agent_config().session_idle);
+    assert_eq!(sessions.len(), truth.len(), "a session per connection");
     let charges = |summaries: &[ClientSummary]| -> BTreeMap<u64, u64> {
         conns_of(&truth, summaries)
             .into_iter()
             .map(|conn| {
-                let rec: &LedgerRecord = ledger::record_of(&records, conn);
+                let rec: &SessionRecord = ledger.session_of(conn);
                 let (want, _) = tariff.expected_charge(conn.bytes_sent, conn.bytes_received, 0);
                 assert_eq!(
                     rec.charge_minor, want,

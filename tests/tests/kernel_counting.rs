@@ -13,7 +13,7 @@ use std::{
 };
 
 use meterd_tests::{
-    AgentConfig, CloseOrder, Setup, TcpClient, TestEnv, UdpClient, port, traffic_bin,
+    AgentConfig, CloseOrder, Setup, Source, TcpClient, TestEnv, UdpClient, port, traffic_bin,
     wire::{CloseBy, ConnLog},
 };
 
@@ -228,6 +228,7 @@ fn udp_flow_payload_is_exact() {
         get: 250_000,
         get_size: 1300,
         get_rounds: 2,
+        source: Source::Kernel,
     };
     let a = env.run_udp_client(&client(v4));
     let b = env.run_udp_client(&client(v6));

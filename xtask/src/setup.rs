@@ -55,6 +55,11 @@ const APT_PACKAGES: &[AptPackage] = &[
     apt("iperf3", "tests generate TCP and UDP traffic", Scope::Full),
     apt("nginx", "tests meter a real HTTP server", Scope::Full),
     apt(
+        "ffmpeg",
+        "tests make an HLS stream and play it with real players",
+        Scope::Full,
+    ),
+    apt(
         "prometheus",
         "promtool checks the /metrics output",
         Scope::Full,

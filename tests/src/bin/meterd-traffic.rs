@@ -13,8 +13,8 @@ use std::{
     collections::HashMap,
     fs::{self, File, OpenOptions},
     io::{self, ErrorKind, Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -90,9 +90,19 @@ enum Command {
         hold_ms: u64,
         /// Created once the first connection has received its first bytes
         /// (or, without a download, has sent its request); holds that
-        /// connection's local port, so a test can name it to meterd's API.
+        /// connection's local address and port (`127.1.0.5:40312`), so a
+        /// test can name it to meterd's API.
         #[arg(long)]
         started_file: Option<PathBuf>,
+        /// Bind every connection to this local address before connecting
+        /// (any of 127.0.0.0/8 works on `lo` without configuration).
+        #[arg(long)]
+        source: Option<IpAddr>,
+        /// Connection `i` (0-based, in the order they start) binds to
+        /// `--source` + `i` instead: one client address per connection.
+        /// IPv4 only, and the addresses must stay inside 127.0.0.0/8.
+        #[arg(long, requires = "source")]
+        distinct_sources: bool,
     },
     /// Count datagrams per client; answer `GET <bytes> <size>` datagrams.
     UdpServer {
@@ -126,6 +136,9 @@ enum Command {
         /// Number of `GET` rounds.
         #[arg(long, default_value_t = 1)]
         get_rounds: usize,
+        /// Local address to bind to (default: the wildcard address).
+        #[arg(long)]
+        source: Option<IpAddr>,
     },
 }
 
@@ -165,7 +178,10 @@ fn main() -> Result<()> {
             chunk,
             hold_ms,
             started_file,
+            source,
+            distinct_sources,
         } => {
+            let sources = Sources::new(source, distinct_sources, connect, count)?;
             let plan = ClientPlan {
                 connect,
                 down,
@@ -175,6 +191,7 @@ fn main() -> Result<()> {
                 chunk: chunk.max(1),
                 hold: Duration::from_millis(hold_ms),
                 started_file,
+                sources,
             };
             tcp_client(&plan, count, parallel.max(1))
         }
@@ -196,7 +213,18 @@ fn main() -> Result<()> {
             get,
             get_size,
             get_rounds,
-        } => udp_client(connect, &sizes, repeat, get, get_size.max(1), get_rounds),
+            source,
+        } => udp_client(
+            connect,
+            source,
+            &sizes,
+            &UdpPlan {
+                repeat,
+                get,
+                get_size: get_size.max(1),
+                get_rounds,
+            },
+        ),
     }
 }
 
@@ -273,19 +301,31 @@ fn accept_loop(listener: &TcpListener, log: &LogFile) {
     }
 }
 
-/// A stream that counts what its `read` and `write` calls returned.
+/// A stream that counts what its `read` and `write` calls returned, and
+/// when payload moved (see [`ConnLog::last_payload_unix_us`]).
 struct Counted {
     stream: TcpStream,
     sent: u64,
     received: u64,
+    first_payload: Option<SystemTime>,
+    last_payload: Option<SystemTime>,
 }
 
 impl Counted {
+    fn payload_moved(&mut self) {
+        let now = SystemTime::now();
+        self.first_payload.get_or_insert(now);
+        self.last_payload = Some(now);
+    }
+
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.stream.read(buf) {
                 Ok(n) => {
                     self.received += n as u64;
+                    if n > 0 {
+                        self.payload_moved();
+                    }
                     return Ok(n);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -304,6 +344,34 @@ impl Counted {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Waits until the peer has acknowledged everything written (the send
+    /// queue is empty), and dates the last payload then: that is when the
+    /// kernel's count of acknowledged bytes last moved.
+    fn wait_acked(&mut self) -> io::Result<()> {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: a valid TCP socket fd and a pointer to a c_int that
+            // lives for the call, which is what SIOCOUTQ writes.
+            let rc =
+                unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if queued == 0 {
+                self.payload_moved();
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("{queued} bytes still unacknowledged"),
+                ));
+            }
+            thread::sleep(Duration::from_micros(200));
         }
     }
 
@@ -336,6 +404,8 @@ fn serve(stream: TcpStream, log: &LogFile) {
         stream,
         sent: 0,
         received: 0,
+        first_payload: None,
+        last_payload: None,
     };
     let mut close = None;
     let outcome = serve_request(&mut conn, &mut close);
@@ -345,6 +415,8 @@ fn serve(stream: TcpStream, log: &LogFile) {
         stream,
         sent,
         received,
+        first_payload,
+        last_payload,
     } = conn;
     drop(stream);
     let duration = accepted.elapsed();
@@ -366,6 +438,8 @@ fn serve(stream: TcpStream, log: &LogFile) {
         accepted_unix_us: Some(unix_us(accepted_wall)),
         closed_unix_us: Some(unix_us(closed_wall)),
         duration_us: Some(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)),
+        first_payload_unix_us: first_payload.map(unix_us),
+        last_payload_unix_us: last_payload.map(unix_us),
     });
 }
 
@@ -382,6 +456,10 @@ fn serve_request(conn: &mut Counted, close: &mut Option<CloseBy>) -> Result<(), 
             .write(pattern_slice(&pattern, offset, len))
             .map_err(|e| format!("write at {offset} of {}: {e}", request.down))?;
         offset += n as u64;
+    }
+    if request.down > 0 {
+        conn.wait_acked()
+            .map_err(|e| format!("waiting for the download to be acknowledged: {e}"))?;
     }
 
     let mut buf = vec![0u8; 65536];
@@ -443,6 +521,142 @@ struct ClientPlan {
     chunk: u64,
     hold: Duration,
     started_file: Option<PathBuf>,
+    sources: Sources,
+}
+
+/// Which local address each connection binds to.
+enum Sources {
+    /// The kernel picks (127.0.0.1 or ::1 on loopback).
+    Any,
+    /// Every connection binds to this address.
+    One(IpAddr),
+    /// Connection `i` binds to the base address + `i`.
+    Distinct(Ipv4Addr),
+}
+
+impl Sources {
+    fn new(
+        source: Option<IpAddr>,
+        distinct: bool,
+        connect: SocketAddr,
+        count: usize,
+    ) -> Result<Sources> {
+        let Some(source) = source else {
+            return Ok(Sources::Any);
+        };
+        if source.is_ipv4() != connect.is_ipv4() {
+            bail!("--source {source} and --connect {connect} are of different families");
+        }
+        if !distinct {
+            return Ok(Sources::One(source));
+        }
+        let IpAddr::V4(base) = source else {
+            bail!("--distinct-sources needs an IPv4 --source: IPv6 loopback has only ::1");
+        };
+        let last = u32::from(base)
+            .checked_add(u32::try_from(count.saturating_sub(1))?)
+            .map(Ipv4Addr::from);
+        match last {
+            Some(last) if base.is_loopback() && last.is_loopback() => Ok(Sources::Distinct(base)),
+            _ => bail!("--distinct-sources from {base} for {count} connections leaves 127.0.0.0/8"),
+        }
+    }
+
+    fn of(&self, index: usize) -> Option<IpAddr> {
+        match *self {
+            Sources::Any => None,
+            Sources::One(addr) => Some(addr),
+            Sources::Distinct(base) => Some(IpAddr::V4(Ipv4Addr::from(
+                u32::from(base) + u32::try_from(index).expect("checked in Sources::new"),
+            ))),
+        }
+    }
+}
+
+/// `addr` as the `sockaddr` the socket calls take.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for
+            // sockaddr_in.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// Connects to `to`, first binding to `source` if given. For IPv4 the port
+/// is left to `connect` (`IP_BIND_ADDRESS_NO_PORT`), so a storm of
+/// connections from one address does not run out of ports at `bind`.
+fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(to);
+    };
+    let family = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the fd is owned at once below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    if to.is_ipv4() {
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket fd and a c_int option value with its size.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
+    let (local, local_len) = sockaddr(SocketAddr::new(source, 0));
+    // SAFETY: a valid socket fd and a sockaddr of the given length.
+    check(unsafe { libc::bind(fd.as_raw_fd(), (&raw const local).cast(), local_len) })
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {source}: {e}")))?;
+    let (remote, remote_len) = sockaddr(to);
+    // SAFETY: as above.
+    check(unsafe { libc::connect(fd.as_raw_fd(), (&raw const remote).cast(), remote_len) })?;
+    Ok(TcpStream::from(fd))
 }
 
 fn tcp_client(plan: &ClientPlan, count: usize, parallel: usize) -> Result<()> {
@@ -459,7 +673,7 @@ fn tcp_client(plan: &ClientPlan, count: usize, parallel: usize) -> Result<()> {
                         break;
                     }
                     let close = plan.close.for_connection(index);
-                    match client_connection(plan, close, &started) {
+                    match client_connection(plan, plan.sources.of(index), close, &started) {
                         Ok(conn) => done.lock().unwrap().push(conn),
                         Err(e) => failed
                             .lock()
@@ -486,18 +700,25 @@ fn tcp_client(plan: &ClientPlan, count: usize, parallel: usize) -> Result<()> {
 
 fn client_connection(
     plan: &ClientPlan,
+    source: Option<IpAddr>,
     close: CloseBy,
     started: &AtomicBool,
 ) -> Result<ClientConn, String> {
-    let mut stream =
-        TcpStream::connect(plan.connect).map_err(|e| format!("connect {}: {e}", plan.connect))?;
+    let mut stream = connect_from(source, plan.connect).map_err(|e| {
+        format!(
+            "connect {}{}: {e}",
+            plan.connect,
+            source.map_or(String::new(), |s| format!(" from {s}"))
+        )
+    })?;
     stream
         .set_read_timeout(Some(IO_TIMEOUT))
         .map_err(|e| e.to_string())?;
     stream
         .set_write_timeout(Some(IO_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    let client_port = stream.local_addr().map_err(|e| e.to_string())?.port();
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    let client_port = local.port();
     let ctx = |what: &str, e: io::Error| format!("port {client_port}: {what}: {e}");
     let request = Request {
         down: plan.down,
@@ -529,14 +750,14 @@ fn client_connection(
             ));
         }
         got += n as u64;
-        mark_started(plan, started, client_port);
+        mark_started(plan, started, local);
         since_pause += n as u64;
         if since_pause >= plan.chunk && got < plan.down {
             since_pause = 0;
             thread::sleep(plan.pause);
         }
     }
-    mark_started(plan, started, client_port);
+    mark_started(plan, started, local);
 
     let pattern = pattern_buffer();
     let mut offset = 0u64;
@@ -578,6 +799,7 @@ fn client_connection(
         ));
     }
     Ok(ClientConn {
+        client_addr: local.ip(),
         client_port,
         server_port: plan.connect.port(),
         bytes_received: got,
@@ -595,10 +817,10 @@ fn read_retrying(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-fn mark_started(plan: &ClientPlan, started: &AtomicBool, client_port: u16) {
+fn mark_started(plan: &ClientPlan, started: &AtomicBool, local: SocketAddr) {
     if let Some(path) = &plan.started_file
         && !started.swap(true, Ordering::Relaxed)
-        && let Err(e) = write_atomically(path, &client_port.to_string())
+        && let Err(e) = write_atomically(path, &local.to_string())
     {
         eprintln!("meterd-traffic: cannot create {}: {e}", path.display());
     }
@@ -655,6 +877,10 @@ struct UdpTotals {
     sent: u64,
     received: u64,
     last: Instant,
+    /// Wall clock of the first datagram received.
+    first_payload: SystemTime,
+    /// Wall clock of the latest datagram received or sent.
+    last_payload: SystemTime,
 }
 
 fn udp_server(
@@ -714,6 +940,8 @@ fn udp_serve(socket: &UdpSocket, log: &LogFile, idle: Duration) -> Result<()> {
             accepted_unix_us: None,
             closed_unix_us: None,
             duration_us: None,
+            first_payload_unix_us: Some(unix_us(totals.first_payload)),
+            last_payload_unix_us: Some(unix_us(totals.last_payload)),
         });
     };
     loop {
@@ -725,13 +953,17 @@ fn udp_serve(socket: &UdpSocket, log: &LogFile, idle: Duration) -> Result<()> {
         }
         match socket.recv_from(&mut buf) {
             Ok((n, peer)) => {
+                let now = SystemTime::now();
                 let totals = clients.entry(peer).or_insert(UdpTotals {
                     sent: 0,
                     received: 0,
                     last: Instant::now(),
+                    first_payload: now,
+                    last_payload: now,
                 });
                 totals.received += n as u64;
                 totals.last = Instant::now();
+                totals.last_payload = now;
                 if let Some((bytes, size)) = parse_udp_get(&buf[..n]) {
                     let mut left = bytes;
                     while left > 0 {
@@ -742,6 +974,9 @@ fn udp_serve(socket: &UdpSocket, log: &LogFile, idle: Duration) -> Result<()> {
                         totals.sent += sent as u64;
                         left -= sent as u64;
                     }
+                    // On loopback a datagram is through the stack (and the
+                    // meter) when send_to returns.
+                    totals.last_payload = SystemTime::now();
                 }
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
@@ -770,25 +1005,38 @@ fn pattern_bytes(pattern: &[u8], len: usize) -> Vec<u8> {
     }
 }
 
-fn udp_client(
-    connect: SocketAddr,
-    sizes: &[usize],
+/// What a `udp-client` run sends after its `--sizes` list.
+struct UdpPlan {
     repeat: usize,
     get: u64,
     get_size: usize,
     get_rounds: usize,
+}
+
+fn udp_client(
+    connect: SocketAddr,
+    source: Option<IpAddr>,
+    sizes: &[usize],
+    plan: &UdpPlan,
 ) -> Result<()> {
-    let any: SocketAddr = if connect.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
+    let &UdpPlan {
+        repeat,
+        get,
+        get_size,
+        get_rounds,
+    } = plan;
+    let local: SocketAddr = match source {
+        Some(source) => SocketAddr::new(source, 0),
+        None if connect.is_ipv4() => "0.0.0.0:0".parse()?,
+        None => "[::]:0".parse()?,
     };
-    let socket = UdpSocket::bind(any)?;
+    let socket = UdpSocket::bind(local).with_context(|| format!("bind udp {local}"))?;
     enlarge_buffers(&socket);
     socket.connect(connect)?;
     socket.set_read_timeout(Some(Duration::from_secs(5)))?;
     let pattern = pattern_buffer();
     let mut summary = UdpClientSummary {
+        client_addr: socket.local_addr()?.ip(),
         client_port: socket.local_addr()?.port(),
         server_port: connect.port(),
         bytes_sent: 0,
