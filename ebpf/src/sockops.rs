@@ -153,7 +153,10 @@ fn on_established(ctx: &SockOpsContext) {
     }
     // Ask for the close callback even if the maps are full below: the close
     // record then still carries exact totals (flagged CONN_UNTRACKED).
-    if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).is_err() {
+    // OR'd into what is set: another program on the socket may have asked
+    // for callbacks of its own, and replacing its flags would silence it.
+    let flags = ctx_field!(ctx, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG;
+    if ctx.set_cb_flags(flags as i32).is_err() {
         bump(Stat::LiveFull);
         return;
     }
@@ -241,10 +244,11 @@ fn on_close(
     una: u32,
     nxt: u32,
 ) {
-    // Without a LIVE entry there is no FIN_WAIT2 snapshot: assume no client
-    // FIN (the orphan case), at worst one byte low.
+    // Without a LIVE entry there is no FIN_WAIT2 snapshot: from FIN_WAIT2,
+    // assume the client's FIN arrived (as if bytes_received grew by it),
+    // so the count is at worst one byte low, never high.
     // SAFETY: valid map value pointer.
-    let in_at_fin_wait2 = live.map_or(received, |l| unsafe { (*l).bytes_in });
+    let in_at_fin_wait2 = live.map_or(received.saturating_sub(1), |l| unsafe { (*l).bytes_in });
     let now = Reading::now(
         final_bytes_out(acked, old_state, una, nxt),
         final_bytes_in(received, old_state, in_at_fin_wait2),
