@@ -9,6 +9,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     fs,
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
@@ -65,6 +66,12 @@ impl Prometheus {
     /// Starts Prometheus in `dir/prometheus`, scraping `target`'s `/metrics`
     /// every second (job `meterd`), and waits until it is ready.
     pub fn start(dir: &Path, target: SocketAddr) -> Prometheus {
+        Self::start_with_rules(dir, target, &[])
+    }
+
+    /// [`Prometheus::start`], also evaluating the rule files `rules` every
+    /// second (their alerts go nowhere: no Alertmanager).
+    pub fn start_with_rules(dir: &Path, target: SocketAddr, rules: &[&Path]) -> Prometheus {
         assert!(
             Path::new(PROMETHEUS_BIN).is_file(),
             "{PROMETHEUS_BIN} not found: install the Debian package prometheus"
@@ -72,11 +79,20 @@ impl Prometheus {
         let home = dir.join("prometheus");
         fs::create_dir_all(&home).unwrap();
         let config = home.join("prometheus.yml");
+        let rule_files = rules.iter().fold(String::new(), |mut out, path| {
+            let _ = writeln!(out, "  - '{}'", path.display());
+            out
+        });
+        let rule_files = if rule_files.is_empty() {
+            String::new()
+        } else {
+            format!("rule_files:\n{rule_files}")
+        };
         fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: meterd\n    static_configs:\n      \
+                 {rule_files}scrape_configs:\n  - job_name: meterd\n    static_configs:\n      \
                  - targets: ['{target}']\n"
             ),
         )
