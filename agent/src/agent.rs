@@ -116,6 +116,11 @@ pub async fn run(
     kernel::system::check_privileges().map_err(KernelError::from)?;
     let (_instance, instance_name) = lock_instance(&config.agent.pin_dir)?;
     let ledger = Ledger::open(&config.billing.ledger, &config.billing.currency)?;
+    // The API is bound before anything is attached: a start it refuses (a
+    // path that is not a socket, a socket in use) leaves nothing behind.
+    // Requests wait in the channel until the loop runs.
+    let (api_tx, api_rx) = mpsc::channel(1024);
+    let api_at = api::spawn(&config, api_tx.clone()).await?;
     let mut kernel = Kernel::open(&config)?;
     tracing::info!(
         startup = ?kernel.startup,
@@ -141,8 +146,7 @@ pub async fn run(
         .unwrap_or_default();
     let settled_totals = ledger.service_totals()?;
     let limit_events = ledger.event_count("limit_reached")?;
-    let (api_tx, api_rx) = mpsc::channel(1024);
-    let api_at = api::spawn(&config, api_tx.clone()).await?;
+
     tracing::info!(
         api = %api_at,
         open_sessions = core.viewers().count(),
@@ -940,19 +944,7 @@ impl Agent {
 pub fn lock_instance(pin_dir: &std::path::Path) -> Result<(std::fs::File, String), AgentError> {
     use std::io::{Read as _, Seek as _, Write as _};
     use std::os::fd::AsRawFd as _;
-    // Keyed by the canonical path: a symlink or `..` to the same pins is
-    // the same instance, another directory with the same name is not.
-    let canonical = match (pin_dir.parent(), pin_dir.file_name()) {
-        (Some(parent), Some(name)) => {
-            std::fs::canonicalize(parent).map_or_else(|_| pin_dir.to_owned(), |p| p.join(name))
-        }
-        _ => pin_dir.to_owned(),
-    };
-    let canonical = std::fs::canonicalize(&canonical).unwrap_or(canonical);
-    let name = canonical
-        .to_string_lossy()
-        .trim_start_matches('/')
-        .replace('/', "-");
+    let name = crate::config::instance_name(pin_dir);
     let path = PathBuf::from(format!("/run/meterd/{name}.lock"));
     std::fs::create_dir_all("/run/meterd").map_err(io("creating /run/meterd"))?;
     let mut file = std::fs::OpenOptions::new()

@@ -88,13 +88,34 @@ impl ApiConfig {
             return None;
         }
         Some(self.socket.clone().unwrap_or_else(|| {
-            let name = agent
-                .pin_dir
-                .file_name()
-                .map_or_else(|| "meterd".into(), |n| n.to_string_lossy().into_owned());
-            PathBuf::from(format!("/run/meterd/{name}.sock"))
+            PathBuf::from(format!(
+                "/run/meterd/{}.sock",
+                instance_name(&agent.pin_dir)
+            ))
         }))
     }
+}
+
+/// The name of the agent instance on `pin_dir`, for its lock, its default
+/// API socket and its record in `/run/meterd`: `meterd` for the default
+/// `/sys/fs/bpf/meterd`, else the canonical path with `/` as `-`. Keyed by
+/// the canonical path, a symlink or `..` to the same pins is the same
+/// instance, and another directory with the same name is not.
+pub fn instance_name(pin_dir: &Path) -> String {
+    let canonical = match (pin_dir.parent(), pin_dir.file_name()) {
+        (Some(parent), Some(name)) => {
+            std::fs::canonicalize(parent).map_or_else(|_| pin_dir.to_owned(), |p| p.join(name))
+        }
+        _ => pin_dir.to_owned(),
+    };
+    let canonical = std::fs::canonicalize(&canonical).unwrap_or(canonical);
+    if canonical == Path::new("/sys/fs/bpf/meterd") {
+        return "meterd".to_owned();
+    }
+    canonical
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .replace('/', "-")
 }
 
 /// `[[account]]`: a spending limit checked every cycle.
@@ -324,9 +345,9 @@ pub enum ConfigError {
     )]
     LimitHook { path: PathBuf, why: String },
     #[error(
-        "config: service name {0:?} must be 1 to 64 characters, without control characters (it is a metric label)"
+        "config: service name {start:?}... ({len} characters) must be 1 to 64 characters, without control characters (it is a metric label)"
     )]
-    ServiceName(String),
+    ServiceName { start: String, len: usize },
     #[error("config: set either api.socket or api.listen, not both")]
     ApiBoth,
     #[error(
@@ -454,7 +475,10 @@ impl Config {
                 return Err(ConfigError::EmptyName { index });
             }
             if s.name.chars().count() > 64 || s.name.chars().any(char::is_control) {
-                return Err(ConfigError::ServiceName(s.name.chars().take(64).collect()));
+                return Err(ConfigError::ServiceName {
+                    start: s.name.chars().take(32).collect(),
+                    len: s.name.chars().count(),
+                });
             }
             if !names.insert(s.name.as_str()) {
                 return Err(ConfigError::DuplicateName {

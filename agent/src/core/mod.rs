@@ -1364,7 +1364,10 @@ impl Core {
             }
             mark(&mut self.dirty, v);
         }
-        if has_payload || conn.seg.n == 0 {
+        // Kept for audit: every connection, and every part of one that moved
+        // payload; not a UDP flow the server never answered (spoofed
+        // sources would grow the ledger by a row each).
+        if (has_payload || conn.seg.n == 0) && conn.answered() {
             let mut row = segment_row(&self.boot, conn, false, end_ns.max(conn.seg.start_ns));
             row.counts = at;
             row.closes_conn = closes;

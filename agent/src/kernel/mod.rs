@@ -17,7 +17,13 @@
 //!
 //! The build is recorded as an empty directory `object-<sha256 prefix>` in
 //! `pin_dir` (bpffs holds only pins and directories).
+//!
+//! Cut-off ([`Kernel::cut`]): a connection of an account that ran out is
+//! put into the `CUT` map, whose mark the eBPF side copies into the
+//! socket's storage so that its packets are dropped, then its socket is
+//! destroyed with sock_diag ([`diag`]) where the kernel supports it.
 
+pub mod diag;
 mod record;
 mod ring;
 pub mod sys;
@@ -25,8 +31,10 @@ pub mod system;
 
 use std::{
     fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -38,7 +46,8 @@ use aya::{
     },
 };
 use meterd_common::{
-    Closed, ConnInfo, Counts, PORT_SLOTS, SERVICE_SLOTS, STAT_SLOTS, UdpFlow, UdpFlowKey, map_names,
+    AF_INET6, CONN_CLOSED, CUT_MARK, CUT_SLOTS, CUT_STAT_SLOTS, Closed, ConnInfo, Counts,
+    PORT_SLOTS, SERVICE_SLOTS, STAT_SLOTS, UdpFlow, UdpFlowKey, map_names,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -133,6 +142,12 @@ pub enum KernelError {
         port: u16,
         prog_id: u32,
     },
+    #[error(
+        "map {name} is full ({capacity} connections or flows cut off and still open): \
+         nothing more can be cut until some close, are removed (`uncut`) or the account is \
+         topped up"
+    )]
+    CutFull { name: &'static str, capacity: u32 },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> KernelError {
@@ -195,6 +210,15 @@ pub struct Kernel {
     ring_positions: Option<ring::Positions>,
     live_reader: BatchReader<u64, Counts>,
     udp_reader: BatchReader<UdpFlowKey, UdpFlow>,
+    /// `CUT`: cookies of cut TCP connections, written by [`Kernel::cut`].
+    cut: MapData,
+    /// `CUT_FLOWS`: keys of cut UDP flows, written by [`Kernel::cut_udp`].
+    cut_flows: MapData,
+    /// `CUT_STATS`: what the kernel dropped for the cut-off.
+    cut_stats: PerCpuArray<MapData, u64>,
+    /// `SOCK_DESTROY` for cut connections; `None` where the probe at open
+    /// found it missing (cut-off then only drops packets).
+    diag: Option<diag::Diag>,
     /// How this start found the pins.
     pub startup: Startup,
     /// The configured cgroup directory, and the cgroup (inode) that was
@@ -205,6 +229,96 @@ pub struct Kernel {
     /// Whether the cgroup was missing at the last check (logged once).
     cgroup_missing: bool,
 }
+/// A TCP connection to cut off: its cookie and 4-tuple, as `INFO` has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutTarget {
+    /// The socket cookie (the `LIVE`/`INFO` key).
+    pub cookie: u64,
+    /// The server socket's family ([`ConnInfo::family`]): `AF_INET6` for
+    /// an IPv4 client of a dual-stack server, whose addresses may be given
+    /// as IPv4 or IPv4-mapped.
+    pub family: u16,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+}
+
+impl CutTarget {
+    /// The target for a connection as `INFO` describes it.
+    pub fn from_info(cookie: u64, info: &ConnInfo) -> Self {
+        let addr = |words: [u32; 4], port: u16| {
+            let ip = if info.family == AF_INET6 {
+                let mut octets = [0u8; 16];
+                for (chunk, word) in octets.as_chunks_mut::<4>().0.iter_mut().zip(words) {
+                    // The words hold network-order bytes.
+                    chunk.copy_from_slice(&word.to_ne_bytes());
+                }
+                IpAddr::V6(Ipv6Addr::from(octets))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
+            };
+            SocketAddr::new(ip, port)
+        };
+        Self {
+            cookie,
+            family: info.family,
+            client: addr(info.remote_addr, info.remote_port),
+            server: addr(info.local_addr, info.local_port),
+        }
+    }
+
+    fn sock_id(&self) -> diag::SockId {
+        diag::SockId {
+            family: self.family,
+            local: self.server,
+            remote: self.client,
+            cookie: self.cookie,
+        }
+    }
+}
+
+/// What [`Kernel::cut`] did. Every target is either `marked` or `gone`;
+/// of the marked, `destroyed` sockets were aborted and `failed` ones could
+/// not be (their packets are dropped all the same). Without
+/// `SOCK_DESTROY` ([`Kernel::destroy_supported`]) both stay 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CutReport {
+    /// Open connections now in `CUT`: their packets are dropped (within
+    /// the egress refresh period, 100 ms, of a busy socket).
+    pub marked: usize,
+    /// Of `marked`, sockets destroyed with `SOCK_DESTROY`.
+    pub destroyed: usize,
+    /// Connections that had closed already: nothing was left in `CUT`.
+    pub gone: usize,
+    /// Of `marked`, sockets `SOCK_DESTROY` failed on or could not find
+    /// (logged): they stay cut in the kernel until they close.
+    pub failed: usize,
+    /// Of `destroyed`, sockets that still had data unacknowledged at
+    /// [`CUT_DRAIN`]: a segment lost before the cut (whose retransmissions
+    /// are dropped; the client's application has exactly what it
+    /// acknowledged, so the count is still exact), or an RTT longer than
+    /// the wait (what the client received and had not acknowledged yet is
+    /// not billed).
+    pub destroyed_in_flight: usize,
+    /// How long the call took (the wait for in-flight data included).
+    pub waited: Duration,
+}
+
+/// How long after the `CUT` mark [`Kernel::cut`] waits before it destroys
+/// a socket: from then on every packet of the socket is dropped. The
+/// egress fast path is taken only within 25 jiffies (100 ms at HZ=250,
+/// plus a jiffy of rounding) of the socket's last slow path, and every
+/// slow path after the mark sets the flag. On a kernel with HZ=100 the
+/// window is 250 ms: a segment sent in it after the destroy's check can be
+/// delivered and not billed.
+pub const CUT_SETTLE: Duration = Duration::from_millis(110);
+
+/// The longest [`Kernel::cut`] waits for a marked socket's in-flight data
+/// to be acknowledged before it destroys the socket anyway: [`CUT_SETTLE`]
+/// plus ~200 ms for the last ACKs.
+pub const CUT_DRAIN: Duration = Duration::from_millis(300);
+
+/// How often [`Kernel::cut`] asks sock_diag whether a socket has drained.
+const CUT_POLL: Duration = Duration::from_millis(2);
 
 impl Kernel {
     /// Checks the host, then attaches (or re-uses) the programs and opens the
@@ -269,7 +383,13 @@ impl Kernel {
                 None
             }
         };
+        let diag = open_diag(&cgroup_path);
         let mut kernel = Self {
+            cut: maps.data(map_names::CUT)?,
+            cut_flows: maps.data(map_names::CUT_FLOWS)?,
+            cut_stats: PerCpuArray::try_from(maps.map(map_names::CUT_STATS)?)
+                .map_err(map_err("CUT_STATS"))?,
+            diag,
             live: maps.data(map_names::LIVE)?,
             info: maps.data(map_names::INFO)?,
             udp_flows: maps.data(map_names::UDP_FLOWS)?,
@@ -489,7 +609,7 @@ impl Kernel {
 
     /// Run time and count of meterd's programs, when the kernel keeps them
     /// (`kernel.bpf_stats_enabled=1`).
-    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+    pub fn program_stats(&self) -> Vec<(String, Duration, u64)> {
         // Checked first: walking the loaded programs costs syscalls per
         // program, every cycle, and the numbers exist only with stats on.
         let enabled =
@@ -519,6 +639,259 @@ impl Kernel {
                 )
             })
             .collect()
+    }
+
+    /// Whether cut connections' sockets are destroyed (`SOCK_DESTROY`
+    /// worked when the kernel was opened); false: cut-off drops packets
+    /// only, and the server and player notice only by their timeouts.
+    pub fn destroy_supported(&self) -> bool {
+        self.diag.is_some()
+    }
+
+    /// Cuts off TCP connections, exactly billed: puts each into `CUT`, so
+    /// that its packets are dropped from its next egress slow path on (at
+    /// once for a quiet socket, within 100 ms for a busy one), then, where
+    /// `SOCK_DESTROY` works, destroys its socket (server: `ECONNABORTED`;
+    /// client: a RST after its buffered data) once the drop is certainly in
+    /// effect ([`CUT_SETTLE`]) and nothing the socket sent is still
+    /// unacknowledged, or at [`CUT_DRAIN`]. Blocks that long: 110 ms, up
+    /// to 300 ms for a socket whose last ACKs are slow to come.
+    ///
+    /// Why wait: the billed quantity is what the client acknowledged. A
+    /// socket destroyed with data in flight never sees the ACKs of what
+    /// the client did receive, so that part (up to a congestion window)
+    /// would be delivered but not billed. [`CUT_SETTLE`] after the mark,
+    /// every packet of the socket meets the flag (the fast path is taken
+    /// only within 100 ms of a slow path, and each slow path after the mark
+    /// sets the flag), so nothing new leaves; once the in-flight ACKs are
+    /// in, the close record is exactly what the client received. Without
+    /// `SOCK_DESTROY` nothing waits, and the count is exact too (a dropped
+    /// segment is never acknowledged).
+    ///
+    /// A connection that closes later deletes its own `CUT` entry
+    /// (sock_ops); one that had closed already is counted `gone` and left
+    /// out of `CUT`. Connections that open later for the same account are
+    /// not affected: cut them when they appear.
+    pub fn cut(&mut self, targets: &[CutTarget]) -> Result<CutReport, KernelError> {
+        let started = Instant::now();
+        let mut report = CutReport::default();
+        // Marked and found by sock_diag: (target, its namespace).
+        let mut pending = Vec::new();
+        for target in targets {
+            self.mark(target.cookie)?;
+            let marked_at = Instant::now();
+            if !self.still_open(target.cookie)? {
+                // Closed before the mark: sock_ops has already deleted
+                // whatever it would (INFO goes before CUT at a close), so
+                // the mark would stay forever.
+                sys::delete(self.cut.fd().as_fd(), &target.cookie).map_err(io_err("CUT"))?;
+                report.gone += 1;
+                continue;
+            }
+            report.marked += 1;
+            let Some(diag) = &mut self.diag else {
+                continue;
+            };
+            match diag.find(&target.sock_id()) {
+                Ok(Some((ns, _))) => pending.push((target, ns, marked_at)),
+                Ok(None) => self.not_found(target, &mut report)?,
+                Err(e) => {
+                    tracing::warn!(cookie = target.cookie, error = %e, "cut-off: sock_diag failed; the connection's packets are dropped");
+                    report.failed += 1;
+                }
+            }
+        }
+        while !pending.is_empty() {
+            let now = Instant::now();
+            let mut waiting = Vec::with_capacity(pending.len());
+            for (target, ns, marked_at) in pending {
+                let Some(diag) = &mut self.diag else { break };
+                if now < marked_at + CUT_SETTLE {
+                    waiting.push((target, ns, marked_at));
+                    continue;
+                }
+                let late = now >= marked_at + CUT_DRAIN;
+                let id = target.sock_id();
+                let outcome = match diag.unacked_in(ns, &id) {
+                    Ok(Some(0)) => diag.destroy_in(ns, &id),
+                    Ok(Some(_)) if late => {
+                        report.destroyed_in_flight += 1;
+                        diag.destroy_in(ns, &id)
+                    }
+                    Ok(Some(_)) => {
+                        waiting.push((target, ns, marked_at));
+                        continue;
+                    }
+                    Ok(None) => Ok(diag::Outcome::NotFound),
+                    Err(e) => Err(e),
+                };
+                match outcome {
+                    Ok(diag::Outcome::Destroyed) => report.destroyed += 1,
+                    Ok(diag::Outcome::NotFound) => self.not_found(target, &mut report)?,
+                    Err(e) => {
+                        tracing::warn!(cookie = target.cookie, error = %e, "cut-off: SOCK_DESTROY failed; the connection's packets are dropped");
+                        report.failed += 1;
+                    }
+                }
+            }
+            pending = waiting;
+            // Until the first socket settles, then at the poll interval.
+            if let Some(first) = pending.iter().map(|&(_, _, at)| at + CUT_SETTLE).min() {
+                std::thread::sleep(
+                    first
+                        .saturating_duration_since(Instant::now())
+                        .max(CUT_POLL),
+                );
+            }
+        }
+        report.waited = started.elapsed();
+        Ok(report)
+    }
+
+    /// Books a marked connection that sock_diag does not find: closed
+    /// meanwhile (its close took the `CUT` entry), or open where meterd
+    /// cannot look.
+    fn not_found(&self, target: &CutTarget, report: &mut CutReport) -> Result<(), KernelError> {
+        if self.still_open(target.cookie)? {
+            tracing::warn!(
+                cookie = target.cookie,
+                client = %target.client,
+                server = %target.server,
+                "cut-off: the socket is open but in no network namespace meterd can search; \
+                 its packets are dropped, the socket is not destroyed"
+            );
+            report.failed += 1;
+        } else {
+            report.marked -= 1;
+            report.gone += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes connections out of `CUT` (a topped-up account). A socket that
+    /// is still open (drop-only, or its destroy failed) sends again from
+    /// its next egress slow path; a destroyed one stays closed. In
+    /// drop-only mode TCP may have backed its retransmissions off by then
+    /// (up to 2 min). Absent cookies are not an error.
+    pub fn uncut(&mut self, cookies: &[u64]) -> Result<(), KernelError> {
+        for cookie in cookies {
+            sys::delete(self.cut.fd().as_fd(), cookie).map_err(io_err("CUT"))?;
+        }
+        Ok(())
+    }
+
+    /// Cuts off UDP flows: their datagrams are dropped both ways, and not
+    /// counted, within ~134 ms (`FLOW_CUT_CHECK_SHIFT`), and a datagram of a
+    /// key in `CUT_FLOWS` creates no new flow. The kernel never deletes
+    /// these entries (a UDP flow has no close): [`Kernel::uncut_udp`] them
+    /// at a top-up, and when the flow is taken with [`Kernel::take_udp`]
+    /// unless the 4-tuple should stay blocked. Returns how many were new.
+    pub fn cut_udp(&mut self, keys: &[UdpFlowKey]) -> Result<usize, KernelError> {
+        let mut new = 0;
+        for key in keys {
+            if sys::lookup::<UdpFlowKey, u32>(self.cut_flows.fd().as_fd(), key)
+                .map_err(io_err("CUT_FLOWS"))?
+                .is_none()
+            {
+                new += 1;
+            }
+            match sys::update(self.cut_flows.fd().as_fd(), key, &CUT_MARK) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
+                    return Err(KernelError::CutFull {
+                        name: map_names::CUT_FLOWS,
+                        capacity: CUT_SLOTS,
+                    });
+                }
+                Err(e) => return Err(io_err("CUT_FLOWS")(e)),
+            }
+        }
+        Ok(new)
+    }
+
+    /// Takes UDP flows out of `CUT_FLOWS`: their datagrams pass (and are
+    /// counted) again within ~134 ms.
+    pub fn uncut_udp(&mut self, keys: &[UdpFlowKey]) -> Result<(), KernelError> {
+        for key in keys {
+            sys::delete(self.cut_flows.fd().as_fd(), key).map_err(io_err("CUT_FLOWS"))?;
+        }
+        Ok(())
+    }
+
+    /// The cookies in `CUT` and the keys in `CUT_FLOWS`: what is cut off
+    /// now, also by an agent before a restart (the maps are pinned), so a
+    /// restarted agent can uncut accounts that were topped up meanwhile.
+    pub fn cut_entries(&self) -> Result<(Vec<u64>, Vec<UdpFlowKey>), KernelError> {
+        let mut tcp = Vec::new();
+        BatchReader::<u64, u32>::new(4096)
+            .read_all(self.cut.fd().as_fd(), &mut tcp)
+            .map_err(io_err("CUT"))?;
+        let mut udp = Vec::new();
+        BatchReader::<UdpFlowKey, u32>::new(4096)
+            .read_all(self.cut_flows.fd().as_fd(), &mut udp)
+            .map_err(io_err("CUT_FLOWS"))?;
+        Ok((
+            tcp.into_iter().map(|(k, _)| k).collect(),
+            udp.into_iter().map(|(k, _)| k).collect(),
+        ))
+    }
+
+    /// Sum over CPUs of each `CUT_STATS` slot (`meterd_common::CutStat`):
+    /// TCP packets and UDP datagrams dropped, RSTs let out.
+    pub fn cut_stats(&self) -> Result<[u64; CUT_STAT_SLOTS as usize], KernelError> {
+        let mut out = [0u64; CUT_STAT_SLOTS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = self
+                .cut_stats
+                .get(&(i as u32), 0)
+                .map_err(map_err("CUT_STATS"))?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Puts `cookie` into `CUT`. A full map is first swept of entries whose
+    /// connection closed (possible only if a close raced an earlier mark).
+    fn mark(&mut self, cookie: u64) -> Result<(), KernelError> {
+        for attempt in 0..2 {
+            match sys::update(self.cut.fd().as_fd(), &cookie, &CUT_MARK) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::E2BIG) && attempt == 0 => {
+                    let swept = self.sweep_cut()?;
+                    tracing::info!(
+                        swept,
+                        "cut-off: CUT was full; removed entries of closed connections"
+                    );
+                }
+                Err(e) if e.raw_os_error() == Some(libc::E2BIG) => break,
+                Err(e) => return Err(io_err("CUT")(e)),
+            }
+        }
+        Err(KernelError::CutFull {
+            name: map_names::CUT,
+            capacity: CUT_SLOTS,
+        })
+    }
+
+    /// Whether the connection is still open as far as the kernel side
+    /// knows: it has an `INFO` entry not marked closed.
+    fn still_open(&self, cookie: u64) -> Result<bool, KernelError> {
+        Ok(self
+            .info(cookie)?
+            .is_some_and(|info| info.flags & CONN_CLOSED == 0))
+    }
+
+    /// Removes `CUT` entries of connections that are not open.
+    fn sweep_cut(&mut self) -> Result<usize, KernelError> {
+        let (cookies, _) = self.cut_entries()?;
+        let mut swept = 0;
+        for cookie in cookies {
+            if !self.still_open(cookie)? {
+                sys::delete(self.cut.fd().as_fd(), &cookie).map_err(io_err("CUT"))?;
+                swept += 1;
+            }
+        }
+        Ok(swept)
     }
 
     /// Sum over CPUs of each `STATS` slot.
@@ -661,6 +1034,30 @@ impl MapSource<'_> {
         match self.map(name)? {
             Map::HashMap(data) => Ok(data),
             _ => Err(KernelError::MissingMap(name)),
+        }
+    }
+}
+
+/// Probes `SOCK_DESTROY` and says what cut-off will do; `None`: drop only.
+fn open_diag(cgroup: &Path) -> Option<diag::Diag> {
+    match diag::probe() {
+        diag::Probe::Supported => match diag::Diag::new(cgroup) {
+            Ok(d) => {
+                tracing::info!("cut-off: sockets are destroyed with SOCK_DESTROY");
+                Some(d)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cut-off drops packets only");
+                None
+            }
+        },
+        diag::Probe::Unsupported => {
+            tracing::warn!("CONFIG_INET_DIAG_DESTROY missing: cut-off drops packets only");
+            None
+        }
+        diag::Probe::Failed(e) => {
+            tracing::warn!(error = %e, "SOCK_DESTROY does not work here: cut-off drops packets only");
+            None
         }
     }
 }
