@@ -31,6 +31,19 @@ pub mod map_names {
     /// `Array<u64>`, [`crate::SERVICE_SLOTS`] slots indexed by service:
     /// the service's `session_idle` in ns (0: no gap detection).
     pub const SERVICE_IDLE: &str = "SERVICE_IDLE";
+    /// `HashMap<u64 cookie, u32>`, [`crate::CUT_SLOTS`] entries: TCP
+    /// connections cut off (value [`crate::CUT_MARK`]). Written by the
+    /// agent; the egress slow path and sock_ops state changes copy the mark
+    /// into the socket's storage, whose flag the egress fast path tests.
+    /// sock_ops deletes a connection's entry when it closes.
+    pub const CUT: &str = "CUT";
+    /// `HashMap<UdpFlowKey, u32>`, [`crate::CUT_SLOTS`] entries: UDP flows
+    /// cut off (value [`crate::CUT_MARK`]). Written and deleted by the
+    /// agent only (a UDP flow has no close).
+    pub const CUT_FLOWS: &str = "CUT_FLOWS";
+    /// `PerCpuArray<u64>` of [`crate::CutStat`] counters,
+    /// [`crate::CUT_STAT_SLOTS`] slots.
+    pub const CUT_STATS: &str = "CUT_STATS";
 }
 
 /// Number of slots of the `SERVICE_IDLE` map: the most services a config
@@ -39,6 +52,26 @@ pub const SERVICE_SLOTS: u32 = 1024;
 
 /// Number of slots of the port maps: one per possible port.
 pub const PORT_SLOTS: u32 = 65536;
+
+/// Entries of each of the `CUT` and `CUT_FLOWS` maps: connections and flows
+/// of accounts that ran out, cut off and not yet closed (TCP) or removed by
+/// the agent (UDP).
+pub const CUT_SLOTS: u32 = 65536;
+
+/// The value the agent writes into `CUT` and `CUT_FLOWS`: the kernel tests
+/// only that an entry exists.
+pub const CUT_MARK: u32 = 1;
+
+/// Set in a UDP flow's [`UdpFlow::pad`] by the kernel when the flow is in
+/// `CUT_FLOWS`: its datagrams are dropped, both ways, and not counted.
+pub const FLOW_CUT: u32 = 1 << 31;
+
+/// A UDP flow's [`UdpFlow::pad`] below [`FLOW_CUT`] is the kernel's
+/// `bpf_ktime_get_boot_ns() >> FLOW_CUT_CHECK_SHIFT` (units of ~134 ms,
+/// truncated to 31 bits) at the flow's last `CUT_FLOWS` lookup: a datagram
+/// in a later unit looks the flow up again. So a flow is cut within ~134 ms
+/// of its entry, and no datagram pays a second map lookup otherwise.
+pub const FLOW_CUT_CHECK_SHIFT: u32 = 27;
 
 /// Payload bytes of one connection or flow, and when they last moved. Live
 /// values never exceed the truth; the values in a [`Closed`] record are
@@ -159,7 +192,11 @@ pub struct UdpFlow {
     pub first_ns: u64,
     /// Index of the service in the agent's config.
     pub service: u32,
-    /// Explicit padding.
+    /// Written by the kernel only: [`FLOW_CUT`] and the time of the flow's
+    /// last `CUT_FLOWS` lookup ([`FLOW_CUT_CHECK_SHIFT`]). The agent never
+    /// writes a flow's value (a whole-value write would race with the
+    /// kernel's atomic adds and lose bytes); it cuts a flow through
+    /// `CUT_FLOWS`.
     pub pad: u32,
 }
 
@@ -189,6 +226,25 @@ pub enum Stat {
 
 /// Number of `STATS` slots.
 pub const STAT_SLOTS: u32 = 8;
+
+/// Slots of the `CUT_STATS` per-CPU counter array: what the cut-off did in
+/// the kernel. Kept apart from [`Stat`], whose pinned array's size an
+/// upgrade must not change.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutStat {
+    /// Egress TCP packets of cut connections dropped.
+    TcpDropped = 0,
+    /// UDP datagrams of cut flows dropped (both directions).
+    UdpDropped = 1,
+    /// RST segments of cut connections let out (the one SOCK_DESTROY
+    /// sends, or the server's own abort), so the client sees the end.
+    ResetPassed = 2,
+}
+
+/// Number of `CUT_STATS` slots (room for more kinds without resizing the
+/// pinned map).
+pub const CUT_STAT_SLOTS: u32 = 8;
 
 const _: () = {
     // The value sizes the agent's batch reader and the ring buffer rely on.

@@ -14,6 +14,21 @@
 //! ([`crate::activity::fold`]), which also dates the rise and notes a gap.
 //! Only that slow path reads the boot-time clock.
 //!
+//! # Cut-off
+//!
+//! A connection the agent put in `CUT` (its account ran out) has its
+//! packets dropped here: the slow path copies the `CUT` entry into the
+//! socket's [`SkMeter`] flags, and every packet, fast path included, tests
+//! that flag on the storage value it already has (one load and a test; no
+//! map lookup per packet). A busy socket reaches the slow path within
+//! [`REFRESH_JIFFIES`] (100 ms at HZ=250) of the agent's write, a quiet one
+//! at its next packet, so that is the longest a cut connection still sends
+//! when its socket is not destroyed (drop-only mode). Its RSTs pass, so
+//! the client learns of a `SOCK_DESTROY` (or of the server's own abort).
+//! Counting stays exact: the counts are what the client acknowledged, and
+//! a dropped segment is never acknowledged. The slow path goes on folding
+//! a cut socket's counters (ACKs for what was sent before the cut).
+//!
 //! Minimum kernel version: 5.8 (`bpf_jiffies64`, sk_storage from
 //! cgroup_skb; `bpf_ktime_get_boot_ns` and ring buffers).
 
@@ -28,18 +43,21 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use meterd_common::{
-    AF_INET6, ConnInfo, IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET6, ConnInfo, CutStat, IPPROTO_TCP, IPPROTO_UDP,
     tcp::{live_bytes_in, live_bytes_out, state},
 };
 
 use crate::{
+    DROP, PASS,
     activity::{OnRingFull, REFRESH_JIFFIES, Reading, fold},
-    maps::{LIVE, SkMeter, sk_meter},
+    maps::{LIVE, SkMeter, bump_cut, sk_meter},
     udp::{Direction, count_udp},
 };
 
-/// Never drops a packet: meterd observes, it does not filter.
-const PASS: i32 = 1;
+/// The RST bit of the TCP header's flags byte.
+const TCP_RST: u8 = 0x04;
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_AT: usize = 13;
 
 #[cgroup_skb(egress)]
 pub fn meterd_egress(ctx: SkBuffContext) -> i32 {
@@ -59,18 +77,17 @@ pub fn meterd_egress(ctx: SkBuffContext) -> i32 {
     match unsafe { (*sk).protocol } as u16 {
         IPPROTO_TCP => tcp(&ctx, sk),
         IPPROTO_UDP => count_udp(&ctx, sk, Direction::Out),
-        _ => {}
+        _ => PASS,
     }
-    PASS
 }
 
 #[inline(always)]
-fn tcp(ctx: &SkBuffContext, sk: *mut bpf_sock) {
+fn tcp(ctx: &SkBuffContext, sk: *mut bpf_sock) -> i32 {
     // Only sockets sock_ops registered have this storage (listeners and
     // unmetered connections do not).
     let meter = sk_meter(sk.cast(), None);
     if meter.is_null() {
-        return;
+        return PASS;
     }
     // SAFETY: non-NULL full socket.
     let tcp_state = unsafe { (*sk).state };
@@ -78,17 +95,51 @@ fn tcp(ctx: &SkBuffContext, sk: *mut bpf_sock) {
     let now = unsafe { bpf_jiffies64() };
     // SAFETY: valid storage pointer, written only under the socket's lock.
     let meter = unsafe { &mut *meter };
-    if tcp_state == state::ESTABLISHED && now.wrapping_sub(meter.synced_jiffies) < REFRESH_JIFFIES {
-        return;
+    if tcp_state != state::ESTABLISHED || now.wrapping_sub(meter.synced_jiffies) >= REFRESH_JIFFIES
+    {
+        slow_path(ctx, sk, meter, now);
     }
-    slow_path(ctx, sk, meter, now);
+    // The fast path's one addition: a test of the flag in the value at hand.
+    if meter.is_cut() {
+        cut_verdict(ctx)
+    } else {
+        PASS
+    }
 }
 
-/// Folds a snapshot of the socket's counters into `LIVE`.
+/// A packet of a cut connection: dropped, unless it is a RST (the one
+/// `SOCK_DESTROY` or the server's abort sends), which tells the client the
+/// stream ended. A packet whose TCP header cannot be found (IPv6 extension
+/// headers) is dropped.
+#[inline(always)]
+fn cut_verdict(ctx: &SkBuffContext) -> i32 {
+    let tcp_at = match ctx.load::<u8>(0) {
+        Ok(vihl) if vihl >> 4 == 4 => usize::from(vihl & 0x0f) * 4,
+        Ok(vihl) if vihl >> 4 == 6 && ctx.load::<u8>(6).ok() == Some(IPPROTO_TCP as u8) => 40,
+        _ => {
+            bump_cut(CutStat::TcpDropped);
+            return DROP;
+        }
+    };
+    match ctx.load::<u8>(tcp_at + TCP_FLAGS_AT) {
+        Ok(flags) if flags & TCP_RST != 0 => {
+            bump_cut(CutStat::ResetPassed);
+            PASS
+        }
+        _ => {
+            bump_cut(CutStat::TcpDropped);
+            DROP
+        }
+    }
+}
+
+/// Folds a snapshot of the socket's counters into `LIVE`, and refreshes
+/// the socket's cut flag from `CUT`.
 #[inline(always)]
 fn slow_path(ctx: &SkBuffContext, sk: *mut bpf_sock, meter: &mut SkMeter, jiffies: u64) {
     // SAFETY: helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    meter.refresh_cut(cookie);
     // SAFETY: helper on a full socket.
     let tp = unsafe { bpf_tcp_sock(sk) };
     let live = LIVE.get_ptr_mut(&cookie);

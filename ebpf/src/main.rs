@@ -15,6 +15,13 @@
 //! UDP flows for both cgroup_skb hooks. The maps are in [`maps`]; their
 //! layouts live in `meterd-common`.
 //!
+//! Cut-off: the agent puts the connections and flows of an account that ran
+//! out into `CUT`/`CUT_FLOWS`; [`egress`] drops their packets (and
+//! [`ingress`] a cut UDP flow's datagrams) with no map lookup per packet,
+//! see [`egress`] and [`udp`]. The agent destroys the TCP sockets too
+//! (sock_diag `SOCK_DESTROY`); sock_ops deletes a closed connection's `CUT`
+//! entry.
+//!
 //! Minimum kernel version: 5.12 (`BPF_CMPXCHG` in [`udp`]); Debian 12's
 //! 6.1 is the oldest kernel meterd is tested on.
 #![no_std]
@@ -23,6 +30,13 @@
 // read-modify-write methods.
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic_xadd and atomic_cxchg, see udp.rs")]
+
+/// cgroup_skb verdict: let the packet through. meterd observes; it filters
+/// only what the agent cut off.
+const PASS: i32 = 1;
+/// cgroup_skb verdict: drop the packet (a cut connection or flow). The
+/// sender sees `EPERM`; TCP keeps the segment queued and retries it.
+const DROP: i32 = 0;
 
 mod activity;
 mod egress;

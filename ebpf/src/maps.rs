@@ -12,7 +12,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use meterd_common::{
-    ConnInfo, Counts, PORT_SLOTS, SERVICE_SLOTS, STAT_SLOTS, Stat, UdpFlow, UdpFlowKey,
+    CUT_SLOTS, CUT_STAT_SLOTS, ConnInfo, Counts, CutStat, PORT_SLOTS, SERVICE_SLOTS, STAT_SLOTS,
+    Stat, UdpFlow, UdpFlowKey,
 };
 
 /// Local TCP port -> service index + 1 (0: not metered). Written by the agent.
@@ -69,9 +70,17 @@ pub struct SkMeter {
     pub synced_ns: u64,
     /// Index of the service (port-map value - 1), for `SERVICE_IDLE`.
     pub service: u32,
-    /// Explicit padding.
-    pub pad: u32,
+    /// `METER_*` bits. Was explicit padding (always 0) before the cut-off,
+    /// so storage made by an older build reads as "no flags".
+    pub flags: u32,
 }
+
+/// [`SkMeter::flags`]: the connection is in [`CUT`]; the egress hook drops
+/// its packets (but its RSTs). Copied from `CUT` by every egress slow path
+/// and sock_ops state change, so it follows the agent's writes within one
+/// refresh period ([`crate::activity::REFRESH_JIFFIES`]) of a busy socket,
+/// and at the first packet of a quiet one.
+pub const METER_CUT: u32 = 1 << 0;
 
 impl SkMeter {
     /// Records a fold at `now`.
@@ -79,6 +88,24 @@ impl SkMeter {
     pub fn sync(&mut self, now_jiffies: u64, now_ns: u64) {
         self.synced_jiffies = now_jiffies;
         self.synced_ns = now_ns;
+    }
+
+    /// Copies the connection's `CUT` entry (present or not) into
+    /// [`METER_CUT`]: the only `CUT` lookup, made where the per-socket
+    /// state is refreshed anyway, never per packet.
+    #[inline(always)]
+    pub fn refresh_cut(&mut self, cookie: u64) {
+        if CUT.get_ptr(&cookie).is_some() {
+            self.flags |= METER_CUT;
+        } else {
+            self.flags &= !METER_CUT;
+        }
+    }
+
+    /// Whether the connection's packets are dropped.
+    #[inline(always)]
+    pub fn is_cut(&self) -> bool {
+        self.flags & METER_CUT != 0
     }
 }
 
@@ -112,6 +139,34 @@ pub fn sk_meter(sk: *mut core::ffi::c_void, init: Option<&mut SkMeter>) -> *mut 
         )
     }
     .cast::<SkMeter>()
+}
+
+/// Socket cookie -> [`meterd_common::CUT_MARK`]: TCP connections of
+/// accounts that ran out. The agent inserts; sock_ops deletes a
+/// connection's entry at its close (cookies are never reused, so a stale
+/// entry would only take room). Looked up only where [`SkMeter`] is
+/// refreshed ([`SkMeter::refresh_cut`]).
+#[map]
+pub static CUT: HashMap<u64, u32> = HashMap::pinned(CUT_SLOTS, 0);
+
+/// UDP 4-tuple -> [`meterd_common::CUT_MARK`]: UDP flows of accounts that
+/// ran out, written and deleted by the agent. Looked up when a flow is
+/// created and at most once per [`meterd_common::FLOW_CUT_CHECK_SHIFT`]
+/// period per flow (see [`crate::udp`]).
+#[map]
+pub static CUT_FLOWS: HashMap<UdpFlowKey, u32> = HashMap::pinned(CUT_SLOTS, 0);
+
+/// Per-CPU counters of the cut-off, indexed by `meterd_common::CutStat`.
+#[map]
+pub static CUT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(CUT_STAT_SLOTS, 0);
+
+/// Adds one to a `CUT_STATS` slot (only cut traffic pays it).
+#[inline(always)]
+pub fn bump_cut(stat: CutStat) {
+    if let Some(slot) = CUT_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, as in `bump`.
+        unsafe { *slot += 1 };
+    }
 }
 
 /// Per-CPU event counters, indexed by `meterd_common::Stat`.

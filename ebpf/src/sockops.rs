@@ -17,6 +17,10 @@
 //!   totals stay in `LIVE` marked closed, for the agent to collect: counted
 //!   in `STATS`, never silent.
 //!
+//! - Cut-off: each state change copies the connection's `CUT` entry into
+//!   its `SK_METER` flags (the egress hook drops a cut connection's
+//!   packets), and the close deletes the entry.
+//!
 //! No RTT or per-ACK callbacks: they cost ~150 ns per ACK on a download-heavy
 //! server, and the egress hook keeps live counts fresh more cheaply.
 //!
@@ -40,7 +44,7 @@ use meterd_common::{
 
 use crate::{
     activity::{OnRingFull, Reading, fold},
-    maps::{CLOSED, INFO, LIVE, SkMeter, TCP_PORTS, bump, service_of, sk_meter},
+    maps::{CLOSED, CUT, INFO, LIVE, SkMeter, TCP_PORTS, bump, service_of, sk_meter},
 };
 
 #[sock_ops]
@@ -142,7 +146,7 @@ fn fresh_meter(ctx: &SockOpsContext, now: &Reading) -> SkMeter {
         // An unmetered port now wraps to an index SERVICE_IDLE does not
         // have: no gap detection.
         service: service_of(&TCP_PORTS, ctx_field!(ctx, local_port)).wrapping_sub(1),
-        pad: 0,
+        flags: 0,
     }
 }
 
@@ -184,7 +188,7 @@ fn on_established(ctx: &SockOpsContext) {
             synced_jiffies: now.jiffies,
             synced_ns: now.ns,
             service: service - 1,
-            pad: 0,
+            flags: 0,
         };
         sk_meter(sk, Some(&mut init));
     }
@@ -218,6 +222,7 @@ fn on_state(ctx: &SockOpsContext) {
     let now = Reading::now(live_bytes_out(acked, new_state, una, nxt), bytes_in);
     let mut init = fresh_meter(ctx, &now);
     let meter = meter(ctx, &mut init, true);
+    meter.refresh_cut(cookie);
     let service = meter.service;
     fold(
         cookie,
@@ -308,6 +313,7 @@ fn on_close(
         entry.submit(0);
         let _ = LIVE.remove(&cookie);
         let _ = INFO.remove(&cookie);
+        forget_cut(cookie);
         bump(Stat::Closed);
         return;
     }
@@ -326,5 +332,19 @@ fn on_close(
             bump(Stat::RingFull);
         }
         _ => bump(Stat::Lost),
+    }
+    forget_cut(cookie);
+}
+
+/// Deletes a closing connection's `CUT` entry, if it has one: a closed
+/// socket sends nothing more, and its cookie is never reused. Called after
+/// `INFO` is updated, so the agent, which checks `INFO` after its own
+/// insert, never leaves an entry behind for a connection closing meanwhile
+/// (see `Kernel::cut`). Looked up first: a lookup is lock-free, a delete
+/// takes the bucket lock even for an absent key.
+#[inline(always)]
+fn forget_cut(cookie: u64) {
+    if CUT.get_ptr(&cookie).is_some() {
+        let _ = CUT.remove(&cookie);
     }
 }

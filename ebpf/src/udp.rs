@@ -12,6 +12,22 @@
 //! with the counts before the datagram. Counts are never reset: the agent
 //! splits the flow at the record's counts.
 //!
+//! # Cut-off
+//!
+//! The agent cuts a flow by putting its key in `CUT_FLOWS`; it never
+//! writes the flow's value, whose counts the kernel adds to atomically
+//! (a whole-value write from userspace would lose the bytes added
+//! meanwhile). The kernel keeps the cut state in the flow's own `pad`,
+//! which only it writes: [`FLOW_CUT`] and the 134 ms period
+//! ([`FLOW_CUT_CHECK_SHIFT`]) of its last `CUT_FLOWS` lookup. A datagram
+//! compares that period with the clock it reads anyway, and looks the flow
+//! up again only in a new period: at most ~8 lookups per second per flow,
+//! none per datagram, and a flow is cut within ~134 ms of its entry. A new
+//! flow is looked up before it is created (a blocked 4-tuple creates no
+//! flow). A cut flow's datagrams are dropped both ways and not counted,
+//! and they neither date the flow nor end a gap: it goes idle, and the
+//! agent collects it as usual.
+//!
 //! Minimum kernel version: 5.12 (`BPF_CMPXCHG`); ring buffers and
 //! `bpf_ktime_get_boot_ns`: 5.8.
 
@@ -25,11 +41,15 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_boot_ns,
     programs::SkBuffContext,
 };
-use meterd_common::{AF_INET, AF_INET6, ConnInfo, Counts, IPPROTO_UDP, Stat, UdpFlow, UdpFlowKey};
+use meterd_common::{
+    AF_INET, AF_INET6, ConnInfo, Counts, CutStat, FLOW_CUT, FLOW_CUT_CHECK_SHIFT, IPPROTO_UDP,
+    Stat, UdpFlow, UdpFlowKey,
+};
 
 use crate::{
+    DROP, PASS,
     activity::queue_gap,
-    maps::{UDP_FLOWS, UDP_PORTS, bump, service_of, session_idle},
+    maps::{CUT_FLOWS, UDP_FLOWS, UDP_PORTS, bump, bump_cut, service_of, session_idle},
 };
 
 const UDP_HEADER: u32 = 8;
@@ -75,24 +95,33 @@ fn parse(ctx: &SkBuffContext) -> Option<(u16, [u32; 4], [u32; 4], u32)> {
     }
 }
 
-/// Adds the datagram in `ctx` to its flow, if its local port is metered.
+/// The check period of `now` as kept in [`UdpFlow::pad`] (see the module
+/// docs): never has [`FLOW_CUT`] set.
 #[inline(always)]
-pub fn count_udp(ctx: &SkBuffContext, sk: *mut bpf_sock, dir: Direction) {
+fn check_period(now: u64) -> u32 {
+    (now >> FLOW_CUT_CHECK_SHIFT) as u32 & !FLOW_CUT
+}
+
+/// Adds the datagram in `ctx` to its flow, if its local port is metered,
+/// and returns the verdict: [`DROP`] for a datagram of a cut flow (not
+/// counted), [`PASS`] for every other.
+#[inline(always)]
+pub fn count_udp(ctx: &SkBuffContext, sk: *mut bpf_sock, dir: Direction) -> i32 {
     // SAFETY: non-NULL socket pointer from the context (checked by callers).
     let local_port = unsafe { (*sk).src_port };
     let service = service_of(&UDP_PORTS, local_port);
     if service == 0 {
-        return;
+        return PASS;
     }
     let Some((family, src, dst, ip_len)) = parse(ctx) else {
-        return;
+        return PASS;
     };
     let ports_at = ip_len as usize;
     let Ok(sport) = ctx.load::<u16>(ports_at) else {
-        return;
+        return PASS;
     };
     let Ok(dport) = ctx.load::<u16>(ports_at + 2) else {
-        return;
+        return PASS;
     };
     let (local_addr, remote_addr, remote_port) = match dir {
         Direction::Out => (src, dst, u16::from_be(dport)),
@@ -112,6 +141,10 @@ pub fn count_udp(ctx: &SkBuffContext, sk: *mut bpf_sock, dir: Direction) {
     let flow = match UDP_FLOWS.get_ptr_mut(&key) {
         Some(flow) => flow,
         None => {
+            if CUT_FLOWS.get_ptr(&key).is_some() {
+                bump_cut(CutStat::UdpDropped);
+                return DROP;
+            }
             let mut counts = Counts {
                 last_ns: now,
                 ..Counts::default()
@@ -124,23 +157,50 @@ pub fn count_udp(ctx: &SkBuffContext, sk: *mut bpf_sock, dir: Direction) {
                 counts,
                 first_ns: now,
                 service: service - 1,
-                pad: 0,
+                // Not cut: looked up just above.
+                pad: check_period(now),
             };
             if UDP_FLOWS
                 .insert(&key, &flow, u64::from(BPF_NOEXIST))
                 .is_ok()
             {
-                return;
+                return PASS;
             }
             // Another CPU created the flow meanwhile, or the map is full.
             let Some(flow) = UDP_FLOWS.get_ptr_mut(&key) else {
                 bump(Stat::UdpFull);
-                return;
+                return PASS;
             };
             flow
         }
     };
+    if is_cut(&key, flow, now) {
+        bump_cut(CutStat::UdpDropped);
+        return DROP;
+    }
     add(&key, flow, dir, payload, now);
+    PASS
+}
+
+/// Whether the flow is cut: [`FLOW_CUT`] in its `pad`, refreshed from
+/// `CUT_FLOWS` when `pad`'s check period is not `now`'s.
+#[inline(always)]
+fn is_cut(key: &UdpFlowKey, flow: *mut UdpFlow, now: u64) -> bool {
+    let period = check_period(now);
+    // SAFETY: valid map value pointer; `pad` is written by the kernel only,
+    // a 4-byte store apart from the counters. CPUs racing here all store
+    // what they found in `CUT_FLOWS`; the last store wins, and any is
+    // right within one period.
+    unsafe {
+        let pad = &raw mut (*flow).pad;
+        let seen = read_volatile(pad);
+        if seen & !FLOW_CUT == period {
+            return seen & FLOW_CUT != 0;
+        }
+        let cut = CUT_FLOWS.get_ptr(key).is_some();
+        write_volatile(pad, if cut { period | FLOW_CUT } else { period });
+        cut
+    }
 }
 
 /// Adds a datagram to an existing flow, after ending a gap if it ends one.
