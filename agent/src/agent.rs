@@ -32,7 +32,7 @@ use crate::{
     clock,
     closed_log::{ClosedLog, ClosedLogError},
     config::Config,
-    core::{Batch, ConnKey, Core, LiveTotals, ServiceDef},
+    core::{self, Batch, ConnKey, Core, LiveTotals, ServiceDef},
     exporter::{self, ExporterError},
     governor::{CycleSignals, Pacer},
     hooks,
@@ -203,6 +203,24 @@ pub async fn run(
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// Cut orders as the kernel takes them: TCP sockets and UDP flows.
+fn split_cuts(orders: &[core::CutOrder]) -> (Vec<kernel::CutTarget>, Vec<UdpFlowKey>) {
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    for o in orders {
+        match o.key {
+            ConnKey::Tcp(cookie) => tcp.push(kernel::CutTarget {
+                cookie,
+                family: o.peer.family,
+                client: o.peer.client(),
+                server: o.peer.server(),
+            }),
+            ConnKey::Udp { key, .. } => udp.push(key),
+        }
+    }
+    (tcp, udp)
 }
 
 /// The billing core, rebuilt from the ledger: limits with their spending
@@ -440,16 +458,33 @@ impl Agent {
     /// Ends in the kernel the connections the core ordered cut, and lifts
     /// the cuts of topped-up accounts. Runs after the commit of the limit
     /// event that ordered them.
-    #[expect(
-        clippy::unnecessary_wraps,
-        clippy::unused_self,
-        reason = "the kernel's cut-off lands next"
-    )]
     fn apply_cuts(&mut self, batch: &Batch) -> Result<(), AgentError> {
         if !batch.cuts.is_empty() {
+            let (tcp, udp) = split_cuts(&batch.cuts);
+            // Blocks up to ~300 ms: the sockets are destroyed once what
+            // the client already received is acknowledged, so the counts
+            // stay exact (see Kernel::cut).
+            let report = self.kernel.cut(&tcp)?;
+            let flows = self.kernel.cut_udp(&udp)?;
             tracing::warn!(
-                connections = batch.cuts.len(),
-                "cutting off connections of accounts over their limit"
+                connections = tcp.len(),
+                destroyed = report.destroyed,
+                gone = report.gone,
+                failed = report.failed,
+                udp_flows = flows,
+                waited_ms = report.waited.as_millis(),
+                "cut off connections of accounts over their limit"
+            );
+        }
+        if !batch.uncuts.is_empty() {
+            let (tcp, udp) = split_cuts(&batch.uncuts);
+            let cookies: Vec<u64> = tcp.iter().map(|t| t.cookie).collect();
+            self.kernel.uncut(&cookies)?;
+            self.kernel.uncut_udp(&udp)?;
+            tracing::info!(
+                connections = cookies.len(),
+                udp_flows = udp.len(),
+                "cut lifted: the account was topped up"
             );
         }
         Ok(())

@@ -224,8 +224,8 @@ pub struct Batch {
     /// Not for the ledger: connections for the kernel to end, after the
     /// commit (the limit event that orders them is committed first).
     pub cuts: Vec<CutOrder>,
-    /// Not for the ledger: cookies whose cut is lifted (a top-up).
-    pub uncuts: Vec<u64>,
+    /// Not for the ledger: connections whose cut is lifted (a top-up).
+    pub uncuts: Vec<CutOrder>,
 }
 
 impl Batch {
@@ -928,8 +928,11 @@ impl Core {
                 .collect();
             for key in lifted {
                 self.cut.remove(&key);
-                if let ConnKey::Tcp(cookie) = key {
-                    self.batch.uncuts.push(cookie);
+                if let Some(conn) = self.conns.get(&key) {
+                    self.batch.uncuts.push(CutOrder {
+                        key,
+                        peer: conn.peer,
+                    });
                 }
             }
             self.cut_tally.remove(account);
