@@ -176,6 +176,10 @@ pub struct AgentConfig {
     /// Capacity of the live-connection map. Connections beyond it are still
     /// billed at close, without a start time; the overflow is reported.
     pub max_connections: u32,
+    /// Capacity of the UDP flow map. A datagram of a new flow beyond it is
+    /// not counted (reported as `udp_map_full`); changing it needs
+    /// `meterd unload`, like `max_connections`.
+    pub max_udp_flows: u32,
 }
 
 impl Default for AgentConfig {
@@ -186,6 +190,7 @@ impl Default for AgentConfig {
             interval: Duration::from_secs(1),
             udp_idle_timeout: Duration::from_secs(30),
             max_connections: 262_144,
+            max_udp_flows: 65_536,
         }
     }
 }
@@ -324,6 +329,8 @@ pub enum ConfigError {
         "config: billing.currency {0:?} is not an ISO 4217 currency code (e.g. \"EUR\", \"USD\", \"JPY\")"
     )]
     Currency(String),
+    #[error("config: agent.max_udp_flows must be between 1024 and 16777216, not {0}")]
+    MaxUdpFlows(u32),
     #[error("config: agent.max_connections must be between 1024 and 16777216, not {0}")]
     MaxConnections(u32),
     #[error(
@@ -402,6 +409,9 @@ impl Config {
             Duration::from_secs(1),
             Duration::from_hours(24),
         )?;
+        if !(1024..=16_777_216).contains(&a.max_udp_flows) {
+            return Err(ConfigError::MaxUdpFlows(a.max_udp_flows));
+        }
         if !(1024..=16_777_216).contains(&a.max_connections) {
             return Err(ConfigError::MaxConnections(a.max_connections));
         }

@@ -1084,6 +1084,7 @@ fn load(config: &Config) -> Result<Ebpf, KernelError> {
         .default_map_pin_directory(&config.agent.pin_dir)
         .map_max_entries(map_names::LIVE, n)
         .map_max_entries(map_names::INFO, n)
+        .map_max_entries(map_names::UDP_FLOWS, config.agent.max_udp_flows)
         .load(OBJECT)
         .map_err(|e| KernelError::Load(Box::new(e)))
 }
