@@ -205,6 +205,15 @@ pub async fn run(
     result
 }
 
+/// A connection's counts in the kernel now (for an attribution: bytes up
+/// to here stay where they were).
+fn counts_now(kernel: &Kernel, key: &ConnKey) -> Option<Counts> {
+    match key {
+        ConnKey::Tcp(cookie) => kernel.live_counts(*cookie).ok().flatten(),
+        ConnKey::Udp { key, .. } => kernel.udp_flow(key).ok().flatten().map(|f| f.counts),
+    }
+}
+
 /// Cut orders as the kernel takes them: TCP sockets and UDP flows.
 fn split_cuts(orders: &[core::CutOrder]) -> (Vec<kernel::CutTarget>, Vec<UdpFlowKey>) {
     let mut tcp = Vec::new();
@@ -829,21 +838,13 @@ impl Agent {
                 let outcome = self.core.attribute(
                     conn,
                     attribution,
-                    &mut |key| match key {
-                        ConnKey::Tcp(cookie) => kernel.live_counts(*cookie).ok().flatten(),
-                        ConnKey::Udp { key, .. } => {
-                            kernel.udp_flow(key).ok().flatten().map(|f| f.counts)
-                        }
-                    },
+                    &mut |key| counts_now(kernel, key),
                     clock::boot_ns(),
                     Instant::now(),
                 );
                 // Committed before the answer: an applied attribution
                 // survives a crash.
-                let batch = self.core.take_batch();
-                if !batch.is_empty() {
-                    self.commit(&batch)?;
-                }
+                self.commit_staged()?;
                 let _ = reply.send(outcome);
             }
             Command::Authorize {
@@ -855,19 +856,11 @@ impl Agent {
                 let decision = self.core.authorize(
                     conn,
                     attribution,
-                    &mut |key| match key {
-                        ConnKey::Tcp(cookie) => kernel.live_counts(*cookie).ok().flatten(),
-                        ConnKey::Udp { key, .. } => {
-                            kernel.udp_flow(key).ok().flatten().map(|f| f.counts)
-                        }
-                    },
+                    &mut |key| counts_now(kernel, key),
                     clock::boot_ns(),
                     Instant::now(),
                 );
-                let batch = self.core.take_batch();
-                if !batch.is_empty() {
-                    self.commit(&batch)?;
-                }
+                self.commit_staged()?;
                 let _ = reply.send(decision);
             }
             Command::Credit {
@@ -881,6 +874,15 @@ impl Agent {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+        }
+        Ok(())
+    }
+
+    /// Commits what the core staged, if anything.
+    fn commit_staged(&mut self) -> Result<(), AgentError> {
+        let batch = self.core.take_batch();
+        if !batch.is_empty() {
+            self.commit(&batch)?;
         }
         Ok(())
     }
@@ -911,8 +913,7 @@ impl Agent {
                 readmitted = c.readmitted,
                 "credited"
             );
-            let batch = self.core.take_batch();
-            self.commit(&batch)?;
+            self.commit_staged()?;
         }
         let (limit_minor, spent_minor) = self.core.limits().figures(account).unwrap_or_default();
         Ok(Ok(CreditReply {
