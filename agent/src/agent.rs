@@ -412,7 +412,7 @@ impl Agent {
                 log.write(c)?;
             }
         }
-        for g in batch.segments.iter().filter(|g| !g.open) {
+        for g in batch.segments.iter().filter(|g| !g.open && !g.restaged) {
             let t = self.settled_totals.entry(g.service.clone()).or_default();
             let (o, i) = g.bytes();
             t.bytes_out += o;
@@ -557,9 +557,10 @@ impl Agent {
         let live_totals = self.bill(ring)?;
         let took = started.elapsed();
         let overrun = self.pacer.overrun(tokio::time::Instant::now());
-        // Decide on the load of the interval that just ended, not on the
-        // periodic sample, which can be almost an interval old by now.
-        self.load = self.load_monitor.sample();
+        // Decide on the load of the interval that just ended (since the
+        // last cycle), not on the periodic sample, which can be almost an
+        // interval old by now, or a few ms.
+        self.load = self.load_monitor.sample_window(crate::load::Window::Cycle);
         let change = self.pacer.cycle_finished(&CycleSignals {
             load: self.load,
             overrun,
@@ -573,16 +574,8 @@ impl Agent {
         Ok(())
     }
 
-    /// A load sample, taken every base interval (skipped right after a
-    /// cycle took one: a window of a few ms says little).
+    /// A load sample, taken every base interval, over its own window.
     fn sample_load(&mut self) {
-        if self
-            .load_monitor
-            .since_last_sample()
-            .is_some_and(|age| age < self.config.agent.interval / 2)
-        {
-            return;
-        }
         self.load = self.load_monitor.sample();
         let change = self.pacer.sampled(&self.load);
         self.interval_changed(change, Duration::ZERO);

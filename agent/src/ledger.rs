@@ -503,6 +503,7 @@ impl Ledger {
                 flags: r.get(18)?,
                 denied: r.get(19)?,
                 closes_conn: false,
+                restaged: false,
             })
         })
         .map_err(self.err())?

@@ -33,8 +33,22 @@ pub struct Load {
 #[derive(Debug)]
 pub struct LoadMonitor {
     cpus: f64,
+    /// PSI total and time of the last periodic sample.
     previous: Option<(u64, Instant)>,
+    /// The same at the end of the last billing cycle. The cycle measures
+    /// its own window: a periodic sample a few ms before it would leave it
+    /// a window shorter than PSI's accounting (a jiffy), which reads 0.
+    previous_cycle: Option<(u64, Instant)>,
     psi_missing_reported: bool,
+}
+
+/// Which window a sample closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// Since the last periodic sample (the governor's narrowing).
+    Periodic,
+    /// Since the end of the last cycle (its widening decision).
+    Cycle,
 }
 
 impl Default for LoadMonitor {
@@ -48,30 +62,40 @@ impl LoadMonitor {
     pub fn new() -> Self {
         // SAFETY: sysconf has no preconditions.
         let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        // Baselines from the start, so that the first cycle already judges
+        // on pressure rather than on runnable tasks.
+        let baseline = procfs::CpuPressure::current()
+            .ok()
+            .map(|psi| (psi.some.total, Instant::now()));
         Self {
             cpus: f64::from(u32::try_from(online).unwrap_or(1).max(1)),
-            previous: None,
+            previous: baseline,
+            previous_cycle: baseline,
             psi_missing_reported: false,
         }
     }
 
-    /// Time since the last sample that had PSI, if any.
-    pub fn since_last_sample(&self) -> Option<Duration> {
-        self.previous.map(|(_, at)| at.elapsed())
+    /// Reads the current load, with the pressure since the last sample.
+    pub fn sample(&mut self) -> Load {
+        self.sample_window(Window::Periodic)
     }
 
-    /// Reads the current load.
-    pub fn sample(&mut self) -> Load {
+    /// Reads the current load, with the pressure over `window`.
+    pub fn sample_window(&mut self, window: Window) -> Load {
         let now = Instant::now();
         let mut load = Load::default();
         match procfs::CpuPressure::current() {
             Ok(psi) => {
                 load.psi_some_avg10 = Some(f64::from(psi.some.avg10));
                 let total_us = psi.some.total;
-                if let Some((before, at)) = self.previous {
+                let previous = match window {
+                    Window::Periodic => &mut self.previous,
+                    Window::Cycle => &mut self.previous_cycle,
+                };
+                if let Some((before, at)) = *previous {
                     load.cpu_pressure = Some(pressure(before, total_us, now.duration_since(at)));
                 }
-                self.previous = Some((total_us, now));
+                *previous = Some((total_us, now));
             }
             Err(e) => {
                 if !self.psi_missing_reported {

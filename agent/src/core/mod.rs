@@ -108,6 +108,10 @@ pub struct SettledRow {
 /// One segment of a connection, as the ledger keeps it (open ones are
 /// what a restart picks up again; ended ones are the audit trail).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent facts of a ledger row, each its own column"
+)]
 pub struct SegmentRow {
     /// The connection's id, `/<n>` after its first segment.
     pub id: String,
@@ -136,6 +140,9 @@ pub struct SegmentRow {
     /// Whether its end is the connection's close (not a gap or an
     /// attribution).
     pub closes_conn: bool,
+    /// An ended row written again only to set its session (an orphan that
+    /// got one): its bytes were counted when it ended.
+    pub restaged: bool,
 }
 
 impl SegmentRow {
@@ -1322,6 +1329,7 @@ impl Core {
                 v.done.0 += w.bytes.0;
                 v.done.1 += w.bytes.1;
                 row.session_id = id.to_string();
+                row.restaged = true;
                 self.batch.segments.push(*row);
             }
         }
@@ -1458,6 +1466,7 @@ fn segment_row(boot: &str, conn: &Conn, open: bool, end_ns: u64) -> SegmentRow {
         counts: conn.counts,
         flags: conn.flags,
         closes_conn: false,
+        restaged: false,
     }
 }
 
