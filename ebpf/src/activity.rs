@@ -25,15 +25,21 @@
 //!   [`REFRESH_NS`] (or now, if earlier). Dated now, a keep-alive
 //!   connection whose viewer paused would look active until its next
 //!   packet or its close, and the pause would be missed;
-//! - bytes received now were sent by the client during the quiet period,
-//!   and the server's ACK or response (this packet) is the first sign of
-//!   them: dated now.
+//! - bytes received now, when nothing acknowledged rose with them, were
+//!   sent by the client during the quiet period, and the server's ACK or
+//!   response (this packet) is the first sign of them: dated now;
+//! - bytes received that rose together with acknowledged ones are part of
+//!   the tail too: the client's request came before the response whose
+//!   ACKs are only folded now (a response sent within the refresh period
+//!   of the previous fold, then an idle keep-alive connection until the
+//!   client's FIN).
 //!
-//! When both rose after a quiet period (the client's next request after a
-//! pause, with the previous response's last ACKs not folded yet), the fold
-//! is two rises in that order: the tail, then the received bytes. A gap
-//! found at the second one then carries the previous activity's full
-//! `bytes_out` and not the new request's `bytes_in`.
+//! So when the client's next request after a pause comes while the
+//! previous response's last ACKs are not folded yet, this fold dates both
+//! as the tail, and the gap is found at the next fold (the new response's
+//! ACKs, within the refresh period): its start is then up to ~100 ms late,
+//! and the new request's `bytes_in` is counted before the gap. Egress
+//! bytes are exact on both sides.
 //!
 //! # Gaps
 //!
@@ -158,17 +164,18 @@ pub fn fold(
             on_full,
         };
         let quiet = reading.jiffies.wrapping_sub(meter.synced_jiffies) > REFRESH_JIFFIES;
-        let tail = quiet && out_rose;
-        // The tail first, without the received bytes (they are the next
-        // rise); a gap record it could not queue ends the fold.
-        let tail_done = !tail || {
-            let tail_ns = meter.synced_ns.saturating_add(REFRESH_NS).min(reading.ns);
-            let bytes_in = live.bytes_in;
-            gaps.rise(live, reading.bytes_out, bytes_in, tail_ns)
+        // After a quiet period, acknowledged bytes are the tail of the
+        // activity before it, and so are received bytes that rose with
+        // them: the request came before the response being acknowledged.
+        // Dating those at now billed an idle tail as watching time and, at
+        // a close after more than session_idle, made a session of the
+        // request alone.
+        let at = if quiet && out_rose {
+            meter.synced_ns.saturating_add(REFRESH_NS).min(reading.ns)
+        } else {
+            reading.ns
         };
-        if tail_done && (!tail || in_rose) {
-            gaps.rise(live, reading.bytes_out, reading.bytes_in, reading.ns);
-        }
+        gaps.rise(live, reading.bytes_out, reading.bytes_in, at);
     }
     meter.sync(reading.jiffies, reading.ns);
 }

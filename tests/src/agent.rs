@@ -528,7 +528,7 @@ impl Drop for Agent {
         drop(self.proc.take());
         // Named before the unload removes the pin dir, while a symlinked
         // pin dir still resolves as it did for the agent.
-        let lock = instance_lock_path(&self.pin_dir);
+        let instance = instance_name(&self.pin_dir);
         // Never attached (or already unloaded): nothing to detach.
         if self.pin_dir.exists() {
             let (ok, output) = self.unload();
@@ -551,21 +551,26 @@ impl Drop for Agent {
         }
         // The agent (and `meterd unload`) keep the instance lock and, by
         // default, the API socket in /run/meterd, and leave both there when
-        // they exit, for a later agent to reuse. The names are this test's
-        // own, so none will: remove them.
-        let _ = fs::remove_file(lock);
+        // they exit, for a later agent to reuse; an agent killed with -9
+        // also leaves its record in /run/meterd/agents. The names are this
+        // test's own, so none will: remove them. (Agents before the
+        // instance name named the socket after the pin dir's last part.)
+        let _ = fs::remove_file(format!("/run/meterd/{instance}.lock"));
+        let _ = fs::remove_file(format!("/run/meterd/{instance}.sock"));
+        let _ = fs::remove_file(format!("/run/meterd/agents/{instance}.json"));
         if let Some(name) = self.pin_dir.file_name() {
             let _ = fs::remove_file(format!("/run/meterd/{}.sock", name.to_string_lossy()));
         }
     }
 }
 
-/// The instance lock meterd takes for `pin_dir`: its canonical path with
-/// `/` as `-` and no leading `-`, in /run/meterd
-/// (`/sys/fs/bpf/meterd-x` -> `/run/meterd/sys-fs-bpf-meterd-x.lock`).
+/// The name meterd gives its instance on `pin_dir`, for its lock, default
+/// API socket and runtime record in /run/meterd: the canonical path with
+/// `/` as `-` and no leading `-` (`/sys/fs/bpf/meterd-x` ->
+/// `sys-fs-bpf-meterd-x`), `meterd` for the default `/sys/fs/bpf/meterd`.
 /// Canonical as the agent makes it: the parent resolved, then the whole
 /// path if it exists.
-fn instance_lock_path(pin_dir: &Path) -> PathBuf {
+fn instance_name(pin_dir: &Path) -> String {
     let canonical = match (pin_dir.parent(), pin_dir.file_name()) {
         (Some(parent), Some(name)) => {
             fs::canonicalize(parent).map_or_else(|_| pin_dir.to_owned(), |p| p.join(name))
@@ -573,11 +578,13 @@ fn instance_lock_path(pin_dir: &Path) -> PathBuf {
         _ => pin_dir.to_owned(),
     };
     let canonical = fs::canonicalize(&canonical).unwrap_or(canonical);
-    let name = canonical
+    if canonical == Path::new("/sys/fs/bpf/meterd") {
+        return "meterd".to_owned();
+    }
+    canonical
         .to_string_lossy()
         .trim_start_matches('/')
-        .replace('/', "-");
-    PathBuf::from(format!("/run/meterd/{name}.lock"))
+        .replace('/', "-")
 }
 
 #[cfg(test)]
@@ -586,7 +593,7 @@ mod tests {
     use crate::tariff::{Rounding, Tariff};
 
     #[test]
-    fn the_instance_lock_is_named_after_the_canonical_pin_dir() {
+    fn the_instance_is_named_after_the_canonical_pin_dir() {
         let dir = std::env::temp_dir().join(format!("meterd-lock-name-{}", std::process::id()));
         fs::create_dir_all(dir.join("real")).unwrap();
         let link = dir.join("link");
@@ -598,17 +605,19 @@ mod tests {
                 .to_string_lossy()
                 .trim_start_matches('/')
                 .replace('/', "-");
-            PathBuf::from(format!("/run/meterd/{name}-{tail}.lock"))
+            format!("{name}-{tail}")
         };
         // A pin dir that does not exist (yet, or any more) under a real parent.
-        assert_eq!(instance_lock_path(&dir.join("pins")), expected("pins"));
+        assert_eq!(instance_name(&dir.join("pins")), expected("pins"));
         // `..` and a symlinked pin dir name the same instance as the target.
-        assert_eq!(
-            instance_lock_path(&dir.join("real/../pins")),
-            expected("pins")
-        );
-        assert_eq!(instance_lock_path(&link), expected("real"));
+        assert_eq!(instance_name(&dir.join("real/../pins")), expected("pins"));
+        assert_eq!(instance_name(&link), expected("real"));
         fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(instance_name(Path::new("/sys/fs/bpf/meterd")), "meterd");
+        assert_eq!(
+            instance_name(Path::new("/sys/fs/bpf/meterd-test-x")),
+            "sys-fs-bpf-meterd-test-x"
+        );
     }
 
     #[test]

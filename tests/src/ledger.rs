@@ -739,7 +739,7 @@ pub fn expected_sessions_by<'a>(
     session_idle_of: &dyn Fn(&str) -> Duration,
 ) -> Vec<ExpectedSession<'a>> {
     let margin = i128::try_from(GAP_MARGIN.as_micros()).unwrap_or(i128::MAX);
-    let times = |c: &ConnLog| match (c.first_payload_unix_us, c.last_payload_unix_us) {
+    let times = |c: &ConnLog| match (c.kernel_first_payload_unix_us(), c.last_payload_unix_us) {
         (Some(first), Some(last)) => (first, last),
         _ => panic!(
             "the server logged no payload times for {}: cannot group it into sessions",
@@ -1112,6 +1112,7 @@ mod tests {
             duration_us: None,
             first_payload_unix_us: Some(first_ms * 1000),
             last_payload_unix_us: Some(last_ms * 1000),
+            request_arrived_unix_us: None,
         }
     }
 

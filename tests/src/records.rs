@@ -389,6 +389,7 @@ mod tests {
             duration_us: None,
             first_payload_unix_us: None,
             last_payload_unix_us: None,
+            request_arrived_unix_us: None,
         }
     }
 

@@ -154,9 +154,25 @@ pub struct ConnLog {
     /// returning only means the bytes are in the socket's buffer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_payload_unix_us: Option<u64>,
+    /// TCP: wall-clock µs since the Unix epoch when the kernel received the
+    /// request line, if it had already waited at least a jiffy when the
+    /// server began to serve the connection (a busy server's accept
+    /// backlog); from `TCP_INFO`, at jiffy resolution. The kernel counted
+    /// the bytes then, not when the server got round to reading them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_arrived_unix_us: Option<u64>,
 }
 
 impl ConnLog {
+    /// When the first payload reached the server's kernel: the request
+    /// line's arrival if it waited for the server, else the first `read`.
+    pub fn kernel_first_payload_unix_us(&self) -> Option<u64> {
+        match (self.request_arrived_unix_us, self.first_payload_unix_us) {
+            (Some(arrived), Some(read)) => Some(arrived.min(read)),
+            (arrived, read) => read.or(arrived),
+        }
+    }
+
     /// Milliseconds from the first to the last payload (see the fields), as
     /// the server's clock measured them; `None` without both timestamps.
     pub fn payload_span_ms(&self) -> Option<i64> {

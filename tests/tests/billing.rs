@@ -298,6 +298,62 @@ fn volume_and_time_tariffs_end_to_end() {
     env.agent().assert_running();
 }
 
+/// A response sent whole within the kernel's first 100 ms refresh window
+/// after the handshake (20 kB: the socket buffers take it at once), then
+/// a connection left open and idle until the client closes it (a
+/// keep-alive player between segments). The idle tail is not watching
+/// time, and nothing moved after the response: on the time tariff a few
+/// ms of payload are one started second, 10 (20 if the 1.5 s tail
+/// counted); on the volume tariff, a tail longer than `session_idle` is
+/// still one session of the 20 kB, 5 (a second session would hold the
+/// request line, dated at the close).
+#[test]
+fn a_quick_response_and_an_idle_tail_is_one_short_session() {
+    let Some(mut env) = TestEnv::new("bill-tail", traffic_bin!(), Setup::default()) else {
+        return;
+    };
+    let (vod_at, live_at) = (loopback4(port(3, 0)), loopback4(port(3, 1)));
+    let services = vec![vod(&[vod_at.port()]), live(&[live_at.port()])];
+    env.start_agent(AgentConfig {
+        services: services.clone(),
+        ..AgentConfig::default()
+    });
+    let idle = env.agent_config().session_idle;
+    let server = env.tcp_server(&[vod_at, live_at]);
+    let quick = |at, hold: Duration| TcpClient {
+        close: CloseOrder::Client,
+        hold_ms: u64::try_from(hold.as_millis()).unwrap(),
+        source: Source::Addr(env.fresh_source()),
+        ..TcpClient::new(at, 20_000, 0)
+    };
+    let clients = [
+        quick(live_at, idle * 3 / 4),
+        quick(vod_at, idle + ledger::GAP_MARGIN * 2),
+    ];
+    let summaries = env.run_tcp_clients(&clients);
+    let truth = env.tcp_truth(&server, &summaries.iter().collect::<Vec<_>>());
+    assert_eq!(truth.len(), 2);
+    for c in &truth {
+        assert!(
+            c.payload_span_ms().is_some_and(|ms| ms < 100),
+            "the response took 100 ms or more: the test needs it within the kernel's first \
+             refresh window: {c:?}"
+        );
+    }
+    let ledger = env.wait_for_exact_ledger(&truth, &service_names(&services));
+    let sessions = checked_sessions(&ledger, &truth, &services, idle);
+    let charges: Vec<(&str, u64)> = sessions
+        .iter()
+        .map(|(want, rec)| (want.service.as_str(), rec.charge_minor))
+        .collect();
+    assert_eq!(
+        charges,
+        [("live", 10), ("vod", 5)],
+        "one session each, charged for what moved: {sessions:#?}"
+    );
+    env.agent().assert_running();
+}
+
 /// A limit hook that appends its METERD_* environment to `log`.
 fn write_hook(dir: &Path, log: &Path) -> std::path::PathBuf {
     let hook = dir.join("limit-hook.sh");

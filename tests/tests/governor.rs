@@ -431,9 +431,28 @@ fn interval_widens_under_cpu_saturation_and_billing_is_unchanged() {
     let back = poller
         .wait_for(load_ended, NARROW_TIMEOUT, |r| r.interval_ms == BASE_MS)
         .unwrap_or_else(|| {
+            // Narrowing needs calm samples: say whether the host was calm.
+            let after: Vec<Reading> = poller
+                .readings()
+                .into_iter()
+                .filter(|r| r.at >= load_ended)
+                .collect();
+            let last_10s: Vec<&Reading> = after
+                .iter()
+                .filter(|r| r.at.elapsed() <= Duration::from_secs(10))
+                .collect();
+            let host = |from: Option<&Reading>, to: Option<&Reading>| {
+                from.zip(to)
+                    .and_then(|(a, b)| host_pressure(a, b))
+                    .map_or_else(|| "unknown".to_owned(), |p| format!("{p:.3}"))
+            };
             panic!(
                 "the interval did not return to {BASE:?} within {NARROW_TIMEOUT:?} of the end of \
-                 the load; last reading {:?}; agent log:\n{}",
+                 the load; the host's own CPU pressure since the load ended was {}, over the \
+                 last 10 s {} (meterd narrows only after samples below 0.2: above that, \
+                 another process kept the host busy); last reading {:?}; agent log:\n{}",
+                host(after.first(), after.last()),
+                host(last_10s.first().copied(), last_10s.last().copied()),
                 poller.last(),
                 env.agent().log_tail(30)
             )

@@ -23,7 +23,9 @@ fn loopback6(port: u16) -> SocketAddr {
 }
 
 /// The server's times of one TCP connection are in order: accepted, first
-/// payload, last payload, closed.
+/// payload, last payload, closed; a request line that waited for the server
+/// arrived before the server's first read returned it, and the kernel's
+/// first payload is the earlier of the two.
 fn assert_times_in_order(c: &ConnLog) {
     let times = [
         c.accepted_unix_us,
@@ -34,6 +36,18 @@ fn assert_times_in_order(c: &ConnLog) {
     assert!(
         times.iter().all(Option::is_some) && times.is_sorted(),
         "accepted, first payload, last payload, closed out of order or missing: {c:?}"
+    );
+    if let Some(arrived) = c.request_arrived_unix_us {
+        assert!(
+            Some(arrived) <= c.first_payload_unix_us,
+            "the request line arrived after the server read it: {c:?}"
+        );
+    }
+    let kernel_first = c.kernel_first_payload_unix_us();
+    assert_eq!(
+        kernel_first,
+        c.request_arrived_unix_us.or(c.first_payload_unix_us),
+        "{c:?}"
     );
 }
 

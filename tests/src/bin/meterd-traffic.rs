@@ -394,12 +394,46 @@ fn unix_us(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// When the bytes already waiting on a just-accepted connection arrived,
+/// if they have waited at least a jiffy: the client sends its request line
+/// on connect, and a busy server may accept (or start serving) it only
+/// later, while the kernel counted it on arrival. `TCP_INFO`'s
+/// `tcpi_last_data_recv` says how long ago the last data segment came, in
+/// ms at jiffy resolution (0: within this jiffy, and the first `read` dates
+/// it better); before the server answers, the request line is all the
+/// client has sent, so that is its arrival.
+fn queued_since(stream: &TcpStream, now: SystemTime) -> Option<SystemTime> {
+    let fd = stream.as_raw_fd();
+    let mut queued: libc::c_int = 0;
+    // SAFETY: a valid TCP socket fd and a pointer to a c_int that lives for
+    // the call, which is what SIOCINQ (FIONREAD) writes.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &raw mut queued) } != 0 || queued == 0 {
+        return None;
+    }
+    // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).ok()?;
+    // SAFETY: `info` and `len` live for the call and `len` is its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    (rc == 0 && info.tcpi_last_data_recv > 0)
+        .then(|| now - Duration::from_millis(u64::from(info.tcpi_last_data_recv)))
+}
+
 fn serve(stream: TcpStream, log: &LogFile) {
     let (accepted, accepted_wall) = (Instant::now(), SystemTime::now());
     let peer = stream.peer_addr();
     let local = stream.local_addr();
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let request_arrived = queued_since(&stream, accepted_wall);
     let mut conn = Counted {
         stream,
         sent: 0,
@@ -440,6 +474,7 @@ fn serve(stream: TcpStream, log: &LogFile) {
         duration_us: Some(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)),
         first_payload_unix_us: first_payload.map(unix_us),
         last_payload_unix_us: last_payload.map(unix_us),
+        request_arrived_unix_us: request_arrived.map(unix_us),
     });
 }
 
@@ -942,6 +977,7 @@ fn udp_serve(socket: &UdpSocket, log: &LogFile, idle: Duration) -> Result<()> {
             duration_us: None,
             first_payload_unix_us: Some(unix_us(totals.first_payload)),
             last_payload_unix_us: Some(unix_us(totals.last_payload)),
+            request_arrived_unix_us: None,
         });
     };
     loop {
