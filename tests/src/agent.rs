@@ -43,9 +43,12 @@ pub const METERD_BIN_ENV: &str = "METERD_BIN";
 
 /// The agent binary: `$METERD_BIN`, else `<workspace>/target/debug/meterd`.
 pub fn meterd_bin() -> PathBuf {
+    // Cargo runs tests from the crate's directory: a relative path is the
+    // workspace's, as typed at the top of the tree.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = std::env::var_os(METERD_BIN_ENV).map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/meterd"),
-        PathBuf::from,
+        || workspace.join("target/debug/meterd"),
+        |b| workspace.join(PathBuf::from(b)),
     );
     assert!(
         bin.is_file(),
