@@ -101,6 +101,7 @@ pub fn service_defs(config: &Config) -> Vec<ServiceDef> {
             tcp_ports: s.tcp_ports.clone(),
             udp_ports: s.udp_ports.clone(),
             on_limit: s.on_limit,
+            bill_unattributed: s.bill_unattributed,
         })
         .collect()
 }
@@ -144,6 +145,7 @@ pub async fn run(
         .load_meta(PERSISTED_KEY)?
         .and_then(|json| serde_json::from_str(&json).ok())
         .unwrap_or_default();
+    let refused_base = persisted.attributions_refused;
     let settled_totals = ledger.service_totals()?;
     let limit_events = ledger.event_count("limit_reached")?;
 
@@ -182,6 +184,7 @@ pub async fn run(
         persisted,
         settled_totals,
         limit_events,
+        refused_base,
         metrics: Arc::clone(&metrics),
     };
     agent.cycle(ring.get_mut())?;
@@ -344,6 +347,8 @@ struct Agent {
     /// What the ledger holds per service (kept up to date at each commit).
     settled_totals: HashMap<String, SettledTotals>,
     limit_events: u64,
+    /// Refused attributions before this start (the counter goes on).
+    refused_base: u64,
     metrics: SharedMetrics,
 }
 
@@ -567,6 +572,15 @@ impl Agent {
         });
         self.interval_changed(change, overrun);
         self.persisted.observe_cycle(took, overrun);
+        let refused = self.refused_base + self.core.refused_count();
+        if refused > self.persisted.attributions_refused {
+            tracing::warn!(
+                refused = refused - self.persisted.attributions_refused,
+                max_pending = self.config.api.max_pending,
+                "attributions refused: api.max_pending are waiting for connections that did not appear"
+            );
+            self.persisted.attributions_refused = refused;
+        }
         if let Ok(json) = serde_json::to_string(&self.persisted) {
             self.ledger.save_meta(PERSISTED_KEY, &json)?;
         }

@@ -261,8 +261,18 @@ pub struct ServiceConfig {
     /// setting wins); default `cut`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_limit: Option<OnLimit>,
+    /// Whether traffic the streaming server did not attribute is billed to
+    /// its client address (default true). Set false where every request
+    /// is admitted through `/v1/authorize`: the error pages the server
+    /// sends on its own (e.g. secure_link's 403) then bill nobody.
+    #[serde(default = "default_true")]
+    pub bill_unattributed: bool,
     /// How its sessions are charged.
     pub tariff: Tariff,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_session_idle() -> Duration {

@@ -66,6 +66,9 @@ pub struct Persisted {
     pub overrun_seconds: f64,
     /// `(direction, reason)` -> count.
     pub interval_changes: BTreeMap<String, u64>,
+    /// Attributions refused because `api.max_pending` were waiting.
+    #[serde(default)]
+    pub attributions_refused: u64,
 }
 
 impl Persisted {
@@ -436,6 +439,14 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
             GAUGE,
         )
         .sample(&none, f(m.attributions_pending)),
+    );
+    push(
+        Family::new(
+            "meterd_attributions_refused_total",
+            "Attributions refused (HTTP 503) because api.max_pending were already waiting for their connection.",
+            COUNTER,
+        )
+        .sample(&none, f(m.persisted.attributions_refused)),
     );
     push(
         Family::new(

@@ -58,6 +58,8 @@ pub struct ServiceDef {
     pub udp_ports: Vec<u16>,
     /// Default `on_limit` of the accounts it serves.
     pub on_limit: Option<OnLimit>,
+    /// Whether traffic nobody attributed is billed to its client address.
+    pub bill_unattributed: bool,
 }
 
 /// What became of an attribution.
@@ -297,6 +299,8 @@ pub struct Core {
     cut: HashMap<ConnKey, (Arc<str>, Counts, u64)>,
     /// Per cut account: what its cut connections got after the order.
     cut_tally: HashMap<Arc<str>, CutOffEvent>,
+    /// Attributions refused since start: too many were pending.
+    refused: u64,
     /// Sessions changed since the last batch: every batch carries them, so
     /// a segment's end and its session's new totals commit together.
     dirty: Vec<Arc<str>>,
@@ -347,6 +351,7 @@ impl Core {
             generation: 0,
             cut: HashMap::new(),
             cut_tally: HashMap::new(),
+            refused: 0,
             dirty: Vec::new(),
             orphans: Vec::new(),
             batch: Batch::default(),
@@ -397,6 +402,11 @@ impl Core {
         self.pending.len()
     }
 
+    /// Attributions refused because `api.max_pending` were waiting.
+    pub fn refused_count(&self) -> u64 {
+        self.refused
+    }
+
     /// The spending limits.
     pub fn limits(&self) -> &Limits {
         &self.limits
@@ -435,6 +445,7 @@ impl Core {
                 tcp_ports: Vec::new(),
                 udp_ports: Vec::new(),
                 on_limit: None,
+                bill_unattributed: true,
             });
             let who = if row.attributed {
                 Who::Account {
@@ -840,6 +851,7 @@ impl Core {
             return if self.pending.add(conn, attribution, now) {
                 Outcome::Pending
             } else {
+                self.refused += 1;
                 Outcome::Refused
             };
         };
@@ -896,12 +908,16 @@ impl Core {
         };
         if let Some(reason) = refusal {
             // The refusal nginx sends now is billed to nobody (its bytes
-            // stay in the connection's audit rows).
-            let denied = Attribution {
-                denied: true,
-                ..attribution
-            };
-            self.attribute(conn, denied, fresh, now_ns, now);
+            // stay in the connection's audit rows). Only for a connection
+            // named exactly: by address alone (nginx-rtmp), a refusal kept
+            // pending would fall on the next connection from there.
+            if !matches!(conn, ConnectionRef::Client(_)) {
+                let denied = Attribution {
+                    denied: true,
+                    ..attribution
+                };
+                self.attribute(conn, denied, fresh, now_ns, now);
+            }
             return Decision::Deny(reason);
         }
         match self.attribute(conn, attribution, fresh, now_ns, now) {
@@ -1226,6 +1242,7 @@ impl Core {
     fn waiting_of(&self, key: ConnKey) -> Option<Waiting> {
         let conn = self.conns.get(&key)?;
         if conn.attribution.as_ref().is_some_and(|a| a.denied)
+            || (conn.attribution.is_none() && !conn.service.bill_unattributed)
             || !conn.answered()
             || !conn.seg.has_payload(&conn.counts)
         {
