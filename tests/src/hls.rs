@@ -274,6 +274,19 @@ impl FfmpegPlayer {
     }
 }
 
+/// A process of [`Audience::spawn`]; killed on drop.
+#[derive(Debug)]
+pub struct SourcedProcess {
+    /// The process.
+    pub proc: Proc,
+    /// The address its connections come from.
+    pub source: Ipv4Addr,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+    /// Kept until the process is gone: it lives there.
+    _cgroup: Cgroup,
+}
+
 /// Players of one test: ffmpeg players from their own source addresses,
 /// and the nftables table in the test's namespace that gives them those.
 #[derive(Debug)]
@@ -358,6 +371,66 @@ impl Audience {
     /// Starts an ffmpeg player of `url` (inside the namespace) that nginx
     /// sees coming from `source` (127.0.0.1: no rewriting).
     pub fn ffmpeg(&mut self, name: &str, source: Ipv4Addr, url: &str, role: Role) -> FfmpegPlayer {
+        let cgroup = self.sourced_cgroup(name, source);
+        let mut cmd = Self::in_cgroup(&cgroup, &self.netns, "ffmpeg");
+        cmd.args(["-hide_banner", "-nostdin", "-nostats", "-loglevel", "info"]);
+        if role == Role::PerSegment {
+            cmd.args(["-http_persistent", "0"]);
+        }
+        cmd.args(["-re", "-i", url, "-c", "copy", "-f", "null", "-"]);
+        let proc = Proc::spawn(
+            &format!("ffmpeg {name}"),
+            &mut cmd,
+            &self.dir.join(format!("ffmpeg-{name}.log")),
+        );
+        FfmpegPlayer {
+            name: name.to_owned(),
+            source,
+            role,
+            proc,
+            stage: Stage::Playing,
+            started: Instant::now(),
+            _cgroup: cgroup,
+        }
+    }
+
+    /// Starts `program args...` (inside the namespace, in a cgroup of its
+    /// own) whose connections come from `source`, as a player's do: any
+    /// client the test wants from an address of its own (an RTMP publisher
+    /// or player). Its output goes to `<test dir>/<name>.log`.
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        source: Ipv4Addr,
+        program: &str,
+        args: &[impl AsRef<std::ffi::OsStr>],
+    ) -> SourcedProcess {
+        let cgroup = self.sourced_cgroup(name, source);
+        let mut cmd = Self::in_cgroup(&cgroup, &self.netns, program);
+        cmd.args(args);
+        let log = self.dir.join(format!("{name}.log"));
+        let proc = Proc::spawn(name, &mut cmd, &log);
+        SourcedProcess {
+            proc,
+            source,
+            log,
+            _cgroup: cgroup,
+        }
+    }
+
+    /// `program`, started in `cgroup` and then in network namespace `netns`.
+    fn in_cgroup(cgroup: &Cgroup, netns: &str, program: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"echo $$ > "$0" && exec "$@""#)
+            .arg(cgroup.procs_file())
+            .args(["ip", "netns", "exec", netns, program]);
+        cmd
+    }
+
+    /// A new cgroup whose sockets' connections the namespace rewrites to
+    /// come from `source` (127.0.0.1: no rewriting).
+    fn sourced_cgroup(&mut self, name: &str, source: Ipv4Addr) -> Cgroup {
         assert!(source.is_loopback(), "{source} is not a loopback address");
         self.players += 1;
         let cgroup = Cgroup::create(&format!("{}-p{}", self.unique, self.players));
@@ -380,30 +453,7 @@ impl Audience {
                 ),
             );
         }
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(r#"echo $$ > "$0" && exec "$@""#)
-            .arg(cgroup.procs_file())
-            .args(["ip", "netns", "exec", &self.netns, "ffmpeg"])
-            .args(["-hide_banner", "-nostdin", "-nostats", "-loglevel", "info"]);
-        if role == Role::PerSegment {
-            cmd.args(["-http_persistent", "0"]);
-        }
-        cmd.args(["-re", "-i", url, "-c", "copy", "-f", "null", "-"]);
-        let proc = Proc::spawn(
-            &format!("ffmpeg {name}"),
-            &mut cmd,
-            &self.dir.join(format!("ffmpeg-{name}.log")),
-        );
-        FfmpegPlayer {
-            name: name.to_owned(),
-            source,
-            role,
-            proc,
-            stage: Stage::Playing,
-            started: Instant::now(),
-            _cgroup: cgroup,
-        }
+        cgroup
     }
 
     /// Plays every role out: watches nginx's access log every 50 ms and
@@ -619,7 +669,7 @@ impl ScriptedViewer {
 }
 
 /// Moves the calling thread into network namespace `name` (`ip netns`).
-fn enter_netns(name: &str) {
+pub fn enter_netns(name: &str) {
     let path = format!("/var/run/netns/{name}");
     let ns = File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
     // SAFETY: setns(2) with a namespace fd that stays open for the call;

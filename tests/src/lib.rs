@@ -17,6 +17,7 @@
 //! Does not own: the agent or its eBPF programs; nothing here works around
 //! their behaviour.
 
+pub mod admission;
 pub mod agent;
 pub mod cgroup;
 pub mod env;

@@ -17,6 +17,12 @@
 //! `$msec` is when the request ended and `$request_time` how long it took
 //! since nginx read its first byte, both in milliseconds.
 //!
+//! [`Nginx::start_with`] adds what a test needs beyond that ([`NginxExtra`]):
+//! the workers' `user`, top-level directives (`load_module`, an `rtmp {}`
+//! block) and more of `http {}` (servers of its own, such as the shipped
+//! examples of `packaging/nginx/`); with no `listen` of its own, the
+//! harness's server is left out.
+//!
 //! Does not own: what is served (`hls`), or judging meterd (`viewing`).
 
 use std::{
@@ -51,6 +57,20 @@ pub struct NginxConfig {
     /// `keepalive_timeout`: how long nginx keeps an idle keep-alive
     /// connection open before it closes it.
     pub keepalive_timeout: Duration,
+}
+
+/// What a test adds to nginx's config ([`Nginx::start_with`]); all empty by
+/// default.
+#[derive(Clone, Debug, Default)]
+pub struct NginxExtra {
+    /// `user` of the worker processes (e.g. `www-data`, as Debian's nginx
+    /// runs them); `None`: root.
+    pub user: Option<String>,
+    /// Top-level directives, before `events` (`load_module`, `rtmp {}`).
+    pub main: String,
+    /// Directives inside `http {}`, after the harness's own (`log_format`,
+    /// `server` blocks).
+    pub http: String,
 }
 
 /// One line of the access log: one request.
@@ -110,6 +130,17 @@ impl Nginx {
     /// and one worker) in the test's cgroup and namespace; returns once its
     /// ports are bound and its worker runs, both in the cgroup.
     pub fn start(env: &TestEnv, name: &str, config: &NginxConfig) -> Nginx {
+        Nginx::start_with(env, name, config, &NginxExtra::default())
+    }
+
+    /// [`Nginx::start`] with more config ([`NginxExtra`]). An empty
+    /// `config.listen` leaves out the harness's own server.
+    pub fn start_with(
+        env: &TestEnv,
+        name: &str,
+        config: &NginxConfig,
+        extra: &NginxExtra,
+    ) -> Nginx {
         let dir = env.dir().join(name);
         fs::create_dir_all(dir.join("tmp"))
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
@@ -119,7 +150,7 @@ impl Nginx {
         let error_log = dir.join("error.log");
         fs::write(
             &conf,
-            render_config(config, &dir, &pid_file, &access_log, &error_log),
+            render_config(config, extra, &dir, &pid_file, &access_log, &error_log),
         )
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
 
@@ -219,6 +250,7 @@ impl Drop for Nginx {
 
 fn render_config(
     config: &NginxConfig,
+    extra: &NginxExtra,
     dir: &Path,
     pid_file: &Path,
     access_log: &Path,
@@ -229,16 +261,24 @@ fn render_config(
     for addr in &config.listen {
         let _ = writeln!(listen, "        listen {addr};");
     }
-    // Root reads the test's files wherever they are; nothing else about
-    // the worker's user matters here.
+    let server = if config.listen.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "    server {{\n{listen}        root {root};\n    }}\n",
+            root = config.root.display()
+        )
+    };
+    // Root reads the test's files wherever they are; a test that means
+    // the workers to run as another user says so.
     format!(
         r"daemon off;
 master_process on;
 worker_processes 1;
-user root;
+user {user};
 pid {pid};
 error_log {error} notice;
-
+{main}
 events {{
     worker_connections 512;
 }}
@@ -259,18 +299,18 @@ http {{
     keepalive_timeout {keepalive}s;
     sendfile on;
 
-    server {{
-{listen}        root {root};
-    }}
+{server}{http}
 }}
 ",
+        user = extra.user.as_deref().unwrap_or("root"),
+        main = extra.main,
+        http = extra.http,
         pid = pid_file.display(),
         error = error_log.display(),
         tmp = tmp.display(),
         format = LOG_FORMAT,
         access = access_log.display(),
         keepalive = config.keepalive_timeout.as_secs(),
-        root = config.root.display(),
     )
 }
 

@@ -231,6 +231,8 @@ pub struct Service {
     /// `session_idle`: silence that ends a viewing session; `None` leaves
     /// it out of the config (the agent's default).
     pub session_idle: Option<Duration>,
+    /// `bill_unattributed`; `None` leaves it out (the agent's default, true).
+    pub bill_unattributed: Option<bool>,
     /// How it charges.
     pub tariff: Tariff,
 }
@@ -243,6 +245,7 @@ impl Service {
             tcp_ports: ports.to_vec(),
             udp_ports: Vec::new(),
             session_idle: None,
+            bill_unattributed: None,
             tariff,
         }
     }
@@ -264,8 +267,11 @@ impl Service {
                 format!("session_idle = \"{ms}ms\"\n")
             }
         });
+        let unattributed = self
+            .bill_unattributed
+            .map_or_else(String::new, |b| format!("bill_unattributed = {b}\n"));
         format!(
-            "[[service]]\nname = \"{}\"\ntcp_ports = [{}]\nudp_ports = [{}]\n{idle}{}",
+            "[[service]]\nname = \"{}\"\ntcp_ports = [{}]\nudp_ports = [{}]\n{idle}{unattributed}{}",
             self.name,
             list(&self.tcp_ports),
             list(&self.udp_ports),
