@@ -204,6 +204,12 @@ fn on_state(ctx: &SockOpsContext) {
     let nxt = ctx_field!(ctx, snd_nxt);
     let live = LIVE.get_ptr_mut(&cookie);
     if new_state == state::CLOSE {
+        // Another program on the socket (another meterd's, on another
+        // port) may have asked for these callbacks: a socket on none of
+        // our ports, with no entry of ours, is not ours to report.
+        if live.is_none() && service_of(&TCP_PORTS, ctx_field!(ctx, local_port)) == 0 {
+            return;
+        }
         on_close(ctx, cookie, live, ctx.arg(0), acked, received, una, nxt);
         return;
     }
