@@ -359,8 +359,14 @@ impl Scrape {
         self.sum("meterd_cycle_overruns_total")
     }
 
+    /// Open TCP connections and UDP flows the agent meters.
     pub fn live(&self) -> f64 {
-        self.sum("meterd_sessions_live")
+        self.sum("meterd_connections_live")
+    }
+
+    /// Open viewing sessions (connections that moved payload, by viewer).
+    pub fn viewer_sessions(&self) -> f64 {
+        self.sum("meterd_viewer_sessions_live")
     }
 
     pub fn interval(&self) -> f64 {
@@ -435,15 +441,17 @@ mod tests {
     #[test]
     fn scrape_sums_labelled_samples_and_skips_comments() {
         let s = Scrape::parse(
-            "# HELP meterd_sessions_live x\n\
-             meterd_sessions_live{service=\"a\"} 3\n\
-             meterd_sessions_live{service=\"b\"} 4\n\
-             meterd_sessions_live_other 100\n\
+            "# HELP meterd_connections_live x\n\
+             meterd_connections_live{service=\"a\"} 3\n\
+             meterd_connections_live{service=\"b\"} 4\n\
+             meterd_connections_live_other 100\n\
+             meterd_viewer_sessions_live{service=\"a\"} 2\n\
              meterd_payload_bytes_total{service=\"a\",direction=\"egress\"} 10\n\
              meterd_payload_bytes_total{service=\"a\",direction=\"ingress\"} 1\n\
              meterd_cycle_duration_seconds_count 7\n",
         );
         assert_eq!(s.live(), 7.0);
+        assert_eq!(s.viewer_sessions(), 2.0);
         assert_eq!(s.cycles(), 7.0);
         assert_eq!(s.with_label("meterd_payload_bytes_total", "egress"), 10.0);
         assert_eq!(s.pressure(), None);

@@ -7,8 +7,12 @@
 //!   it accepts), listens on `0.0.0.0:PORT` and holds every accepted socket;
 //! - the client runs outside it, opens connections on command (a line `N` on
 //!   its stdin: "have N open"), answers `open N` when done, and spreads them
-//!   over destinations 127.0.0.1..127.0.0.8, so a shard is never short of
-//!   ephemeral ports.
+//!   over destinations 127.0.0.1..127.0.0.8. Each connection has a source
+//!   address of its own (127.<1 + shard>.x.y), so that once it moves payload
+//!   it is a viewing session of its own (meterd keys unattributed sessions
+//!   by client address), and no shard is ever short of ephemeral ports. A
+//!   line `send B` writes B bytes on every open connection (answered `sent
+//!   N`): the connections stay open but are then viewing sessions.
 //!
 //! Both raise their own open-file limit to the hard limit, and exit when their stdin
 //! closes (so they die with the bench); the client's sockets linger 0, so
@@ -45,6 +49,9 @@ pub enum Helper {
     Connect {
         #[arg(long)]
         port: u16,
+        /// This client's shard: its source addresses are 127.<1 + shard>.x.y.
+        #[arg(long, default_value_t = 0)]
+        shard: u8,
     },
 }
 
@@ -56,7 +63,7 @@ pub fn helper(cmd: &Helper) -> Result<()> {
             serve(*port)
         }
         // Reads its commands from stdin and returns at EOF.
-        Helper::Connect { port } => connect(*port),
+        Helper::Connect { port, shard } => connect(*port, *shard),
     }
 }
 
@@ -124,24 +131,39 @@ fn listen(port: u16) -> Result<TcpListener> {
     }
 }
 
-fn connect(port: u16) -> Result<()> {
+fn connect(port: u16, shard: u8) -> Result<()> {
     let mut held: Vec<TcpStream> = Vec::new();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     for line in stdin.lock().lines() {
-        let want: usize = line?
-            .trim()
-            .parse()
-            .context("expected a connection count")?;
+        let line = line?;
+        if let Some(bytes) = line.trim().strip_prefix("send ") {
+            let bytes: usize = bytes.parse().context("expected a byte count")?;
+            let payload = vec![b'x'; bytes];
+            // A few bytes into an empty send buffer: never blocks.
+            let mut sent = 0;
+            for stream in &mut held {
+                if stream.write_all(&payload).is_ok() {
+                    sent += 1;
+                }
+            }
+            writeln!(out, "sent {sent}")?;
+            out.flush()?;
+            continue;
+        }
+        let want: usize = line.trim().parse().context("expected a connection count")?;
         let mut error = None;
         while held.len() < want {
-            let dest = Ipv4Addr::new(
+            let i = held.len();
+            let dest = Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(DESTINATIONS)) as u8);
+            // 250 per /24, from .1: PER_SHARD fits in 127.<1 + shard>.0-59.
+            let source = Ipv4Addr::new(
                 127,
-                0,
-                0,
-                1 + (held.len() % usize::from(DESTINATIONS)) as u8,
+                shard.saturating_add(1),
+                (i / 250) as u8,
+                1 + (i % 250) as u8,
             );
-            match TcpStream::connect(SocketAddrV4::new(dest, port)) {
+            match connect_from(source, SocketAddrV4::new(dest, port)) {
                 Ok(stream) => {
                     linger_zero(&stream);
                     held.push(stream);
@@ -159,6 +181,38 @@ fn connect(port: u16) -> Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// A TCP connection to `dest` from `source` (any port): every 127/8
+/// address is local, so each connection can have its own.
+fn connect_from(source: Ipv4Addr, dest: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket syscalls on an fd owned by the TcpStream from
+    // from_raw_fd on (which closes it on every error path below).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let from = sockaddr(SocketAddrV4::new(source, 0));
+        if libc::bind(fd, (&raw const from).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let to = sockaddr(dest);
+        if libc::connect(fd, (&raw const to).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
 }
 
 /// Close with RST: no TIME_WAIT left holding ports after the bench.
@@ -193,7 +247,7 @@ struct Shard {
 }
 
 impl Shard {
-    fn start(exe: &Path, cgroup: &Cgroup, port: u16) -> Result<Shard> {
+    fn start(exe: &Path, cgroup: &Cgroup, port: u16, shard: u8) -> Result<Shard> {
         let mut server = Proc::spawn(
             format!("bench-helper serve --port {port}"),
             cgroup
@@ -212,6 +266,7 @@ impl Shard {
             format!("bench-helper connect --port {port}"),
             Command::new(exe)
                 .args(["bench-helper", "connect", "--port", &port.to_string()])
+                .args(["--shard", &shard.to_string()])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped()),
         )?;
@@ -250,10 +305,11 @@ impl Fleet {
         let count = capacity.div_ceil(per_process).max(1);
         let mut ports: Vec<u16> = Vec::new();
         let mut shards = Vec::new();
-        for _ in 0..count {
+        for i in 0..count {
             let port = host::free_port(&ports)?;
             ports.push(port);
-            shards.push(Shard::start(&exe, cgroup, port)?);
+            let shard = u8::try_from(i).context("more than 255 connection shards")?;
+            shards.push(Shard::start(&exe, cgroup, port, shard)?);
         }
         Ok(Fleet {
             shards,
@@ -316,5 +372,27 @@ impl Fleet {
         ));
         let error = (!errors.is_empty()).then(|| errors.join("; "));
         Ok((self.open, error))
+    }
+
+    /// Writes `bytes` bytes on every open connection (client to server), so
+    /// that each becomes a viewing session; returns on how many it wrote.
+    pub fn send(&mut self, bytes: usize) -> Result<usize> {
+        for shard in &mut self.shards {
+            host::send_line(&mut shard.client_in, &format!("send {bytes}"))?;
+        }
+        let mut sent = 0;
+        for shard in &mut self.shards {
+            let line = host::read_line(&mut shard.client_out, Duration::from_secs(60))?;
+            sent += line
+                .strip_prefix("sent ")
+                .and_then(|n| n.parse::<usize>().ok())
+                .with_context(|| {
+                    format!(
+                        "the connection client for port {} said {line:?}",
+                        shard.port
+                    )
+                })?;
+        }
+        Ok(sent)
     }
 }

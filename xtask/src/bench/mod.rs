@@ -4,9 +4,10 @@
 //! in the same run: data-path overhead and BPF CPU per GB (`datapath`), the
 //! full read of the live map (`mapread`), cycle cost against `ss -tin`,
 //! agent CPU and memory with many open connections (`connections`), the
-//! governor under overload (`overload`) and its timeline during a load ramp
-//! (`governor`). Writes `results.json`, `results.md` and SVG plots to
-//! `target/bench/`, and prints progress as it goes.
+//! governor under overload (`overload`), its timeline during a load ramp
+//! (`governor`) and admission latency (`authorize`). Writes `results.json`,
+//! `results.md` and SVG plots to `target/bench/`, and prints progress as it
+//! goes.
 //!
 //! Performance is measured here only, never in tests. Every bench uses real
 //! processes on loopback: iperf3, stress-ng and `ss` from Debian, and this
@@ -23,6 +24,7 @@
 )]
 
 mod agent;
+mod authorize;
 mod datapath;
 mod fleet;
 mod governor;
@@ -61,6 +63,8 @@ pub enum Bench {
     Overload,
     /// Timeline of load, interval and cycle time during a load ramp.
     Governor,
+    /// `/v1/authorize` latency at 1k requests/s with 10k live sessions.
+    Authorize,
 }
 
 impl Bench {
@@ -71,6 +75,18 @@ impl Bench {
             Self::Connections => "connections",
             Self::Overload => "overload",
             Self::Governor => "governor",
+            Self::Authorize => "authorize",
+        }
+    }
+
+    fn run(self, ctx: &mut Ctx) -> Result<()> {
+        match self {
+            Self::Mapread => mapread::run(ctx),
+            Self::Datapath => datapath::run(ctx),
+            Self::Connections => scale::run(ctx),
+            Self::Overload => governor::overload(ctx),
+            Self::Governor => governor::timeline(ctx),
+            Self::Authorize => authorize::run(ctx),
         }
     }
 }
@@ -177,13 +193,7 @@ pub fn run(opts: &Options) -> Result<()> {
     for bench in &benches {
         progress(format!("== {} ==", bench.name()));
         let t = Instant::now();
-        let result = match bench {
-            Bench::Mapread => mapread::run(&mut ctx),
-            Bench::Datapath => datapath::run(&mut ctx),
-            Bench::Connections => scale::run(&mut ctx),
-            Bench::Overload => governor::overload(&mut ctx),
-            Bench::Governor => governor::timeline(&mut ctx),
-        };
+        let result = bench.run(&mut ctx);
         match result {
             Ok(()) => progress(format!(
                 "{} done in {:.0} s",
