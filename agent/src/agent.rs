@@ -785,7 +785,9 @@ impl Agent {
                     bytes_in,
                     duration_ms: v.duration_ns() / 1_000_000,
                     idle_ms: idle_ns / 1_000_000,
-                    state: if idle_ns >= 1_000_000_000 {
+                    // A player fetches a segment every few seconds: idle
+                    // only after half of session_idle without payload.
+                    state: if idle_ns >= v.service.idle_ns / 2 {
                         "idle"
                     } else {
                         "playing"

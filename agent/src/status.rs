@@ -130,7 +130,7 @@ pub struct LiveSession {
     pub duration_ms: u64,
     /// Since its last payload.
     pub idle_ms: u64,
-    /// `playing`, or `idle` (no payload for a second or more).
+    /// `playing`, or `idle` (no payload for half its `session_idle`).
     pub state: String,
     /// Charged by cycles so far, minor units, exact decimal.
     pub accrued_minor: String,
@@ -160,7 +160,7 @@ fn balance(report: &StatusReport, account: &str) -> String {
             || "-".to_owned(),
             |a| {
                 let left = i128::from(a.limit_minor) - i128::from(a.spent_minor);
-                format!("{left} {}", report.currency)
+                format!("{left} {} minor", report.currency)
             },
         )
 }
@@ -196,7 +196,7 @@ fn render_sessions(
     for a in &report.accounts {
         let _ = writeln!(
             out,
-            "account {}: {} of {} {} spent, {}",
+            "account {}: spent {} of {} ({} minor units), {}",
             a.account, a.spent_minor, a.limit_minor, report.currency, a.standing
         );
     }
@@ -234,7 +234,7 @@ fn render_sessions(
                     "{:.1}",
                     f64::from(u32::try_from(s.duration_ms / 100).unwrap_or(u32::MAX)) / 10.0
                 ),
-                format!("{} {}", s.accrued_minor, report.currency),
+                format!("{} {} minor", s.accrued_minor, report.currency),
                 balance(report, &s.account),
             ]
         })
@@ -303,6 +303,6 @@ mod tests {
         assert!(text.contains("alice"), "{text}");
         assert!(text.contains("123456"), "{text}");
         assert!(text.contains("61.2"), "{text}");
-        assert!(text.contains("7.5 EUR"), "{text}");
+        assert!(text.contains("7.5 EUR minor"), "{text}");
     }
 }

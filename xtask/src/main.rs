@@ -7,12 +7,14 @@
 
 mod bench;
 mod deb;
+mod demo;
 mod ebpf;
 mod run;
 mod setup;
 mod test;
 mod toolchain;
 mod util;
+mod vmtest;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -54,13 +56,29 @@ enum Cmd {
         #[arg(last = true)]
         extra: Vec<OsString>,
     },
-    /// Run the whole suite CI runs: fmt, clippy, unit and end-to-end tests.
+    /// Run the whole suite CI runs: fmt, clippy, unit and end-to-end tests,
+    /// then the VM tests on Debian 12's kernels (see `vmtest`).
     Test {
         /// Without root, run the end-to-end tests anyway and let them report
         /// SKIPPED instead of failing the suite.
         #[arg(long)]
         allow_skip: bool,
         /// Only run unit and end-to-end tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Run the kernel-counting and billing crash tests inside VMs that boot
+    /// Debian 12's kernels (6.1, 6.12) with virtme-ng under qemu (root;
+    /// installs qemu, virtme-ng and the kernels first, under target/vmtest).
+    Vmtest {
+        /// Which kernel to boot.
+        #[arg(long, value_enum, default_value = "all")]
+        kernel: vmtest::KernelChoice,
+        /// Where a VM cannot boot on this machine, report SKIPPED instead of
+        /// failing; tests that fail inside a VM fail regardless.
+        #[arg(long)]
+        allow_skip: bool,
+        /// Only run VM tests whose name contains this.
         #[arg(long)]
         filter: Option<String>,
     },
@@ -77,6 +95,11 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// See meterd bill a live HLS stream to eight real players in about two
+    /// minutes (root): nginx, ffmpeg and meterd in a network namespace and
+    /// cgroups of their own, `meterd status --watch` live, then a report
+    /// and a timeline in target/demo/. Leaves nothing behind.
+    Demo,
     /// Build a Debian package (binary, systemd unit, sample config) into
     /// target/debian/ with cargo-deb.
     Deb,
@@ -108,8 +131,18 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         }
         Cmd::Run { config, extra } => run::run(config, &extra),
         Cmd::Test { allow_skip, filter } => test::run(&test::Options { allow_skip, filter }),
+        Cmd::Vmtest {
+            kernel,
+            allow_skip,
+            filter,
+        } => vmtest::command(&vmtest::Options {
+            kernels: kernel,
+            allow_skip,
+            filter,
+        }),
         Cmd::Bench { only, quick, out } => bench::run(&bench::Options { only, quick, out }),
         Cmd::BenchHelper { helper } => bench::helper(&helper),
+        Cmd::Demo => demo::run(),
         Cmd::Deb => deb::run(),
     }
 }

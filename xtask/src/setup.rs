@@ -17,14 +17,19 @@ use anyhow::{Result, bail};
 use crate::toolchain::{self, Toolchain};
 use crate::util;
 
-/// How much of the machine a command needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How much of the machine a command needs; each scope includes the
+/// packages of the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scope {
     /// Compiling only: toolchains, bpf-linker and the LLVM it links against.
     Build,
     /// Also running the agent and the privileged tests: the test tools from
     /// apt, a bpffs to pin to and a cgroup v2 hierarchy to attach to.
     Full,
+    /// The privileged tests inside VMs (`cargo xtask vmtest`): Full's test
+    /// tools (the VM runs them from the host's root fs) and qemu, without
+    /// the host's bpffs and cgroup v2, since the VM mounts its own.
+    Vm,
 }
 
 /// An apt package xtask needs, and why.
@@ -71,7 +76,44 @@ const APT_PACKAGES: &[AptPackage] = &[
     ),
     apt("wrk", "tests generate HTTP load", Scope::Full),
     apt("sqlite3", "tests read the SQLite ledger", Scope::Full),
+    apt(
+        "libnginx-mod-rtmp",
+        "tests meter nginx-rtmp with the shipped rtmp.conf",
+        Scope::Full,
+    ),
+    apt(
+        "curl",
+        "tests fetch from nginx and call the API socket as other users",
+        Scope::Full,
+    ),
+    apt(
+        "qemu-system-x86",
+        "vmtest boots Debian's kernels under qemu",
+        Scope::Vm,
+    ),
+    apt(
+        "busybox-static",
+        "virtme-ng builds the VM's initramfs with it",
+        Scope::Vm,
+    ),
+    apt(
+        "python3-venv",
+        "virtme-ng comes from PyPI into a venv under target/",
+        Scope::Vm,
+    ),
+    apt(
+        "kmod",
+        "virtme-ng indexes the extracted kernels' modules with depmod",
+        Scope::Vm,
+    ),
 ];
+
+/// Debian 12's qemu-system-x86 (7.2) and a qemu-utils of 8.0 or later (this
+/// machine kind ships 10.0 from backports) break each other, and apt would
+/// resolve that by removing qemu-utils. Installing the qemu-utils of
+/// qemu-system-x86's own version instead keeps `qemu-img` and `qemu-nbd`.
+const QEMU_SYSTEM: &str = "qemu-system-x86";
+const QEMU_UTILS: &str = "qemu-utils";
 
 /// bpf-linker's version, pinned so a fresh machine gets the one whose
 /// `llvm-22` feature and `Cargo.lock` (for `--locked`) were checked here.
@@ -129,10 +171,7 @@ pub fn run(scope: Scope) -> Result<()> {
 
 /// The apt packages `scope` needs that dpkg does not report installed.
 fn missing_apt_packages(scope: Scope) -> Vec<&'static AptPackage> {
-    let wanted: Vec<&AptPackage> = APT_PACKAGES
-        .iter()
-        .filter(|p| scope == Scope::Full || p.scope == Scope::Build)
-        .collect();
+    let wanted: Vec<&AptPackage> = APT_PACKAGES.iter().filter(|p| p.scope <= scope).collect();
     let installed = installed_apt_packages(wanted.iter().map(|p| p.name));
     wanted
         .into_iter()
@@ -162,12 +201,57 @@ fn apt_install(missing: &[&AptPackage]) -> Result<()> {
             .arg("update")
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    util::run(
-        Command::new("apt-get")
-            .args(["install", "-y"])
-            .args(&names)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    let (vm, host): (Vec<&AptPackage>, Vec<&AptPackage>) =
+        missing.iter().partition(|p| p.scope == Scope::Vm);
+    let host: Vec<&str> = host.iter().map(|p| p.name).collect();
+    let vm: Vec<&str> = vm.iter().map(|p| p.name).collect();
+    if !host.is_empty() {
+        util::run(
+            Command::new("apt-get")
+                .args(["install", "-y"])
+                .args(&host)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if vm.is_empty() {
+        return Ok(());
+    }
+    // Without recommends: qemu-system-x86's would bring a GUI and firmware
+    // that a headless TCG guest never uses.
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y", "--no-install-recommends"]);
+    if let Some(pinned) = vm.contains(&QEMU_SYSTEM).then(qemu_utils_pin).flatten() {
+        install.args(["--allow-downgrades", &pinned]);
+    }
+    util::run(install.args(&vm).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// `qemu-utils=<version>` when the installed qemu-utils is not of the
+/// version of qemu-system-x86 that apt is about to install (see
+/// [`QEMU_UTILS`]); announced, since it replaces a package the machine has.
+fn qemu_utils_pin() -> Option<String> {
+    let installed = util::probe(
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Status} ${Version}"])
+            .arg(QEMU_UTILS),
+    )?;
+    let installed = installed.strip_prefix("install ok installed ")?.trim();
+    let policy = util::probe(Command::new("apt-cache").args(["policy", QEMU_SYSTEM]))?;
+    let candidate = policy
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Candidate: "))?
+        .trim();
+    if candidate == installed || candidate == "(none)" {
+        return None;
+    }
+    util::step(
+        format!("installing {QEMU_UTILS} {candidate} in place of {installed}"),
+        format!(
+            "{QEMU_SYSTEM} {candidate} cannot be installed beside {QEMU_UTILS} {installed}, and \
+             apt would remove it; this keeps qemu-img"
+        ),
+    );
+    Some(format!("{QEMU_UTILS}={candidate}"))
 }
 
 /// The subset of `names` dpkg reports as fully installed.

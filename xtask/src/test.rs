@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the whole suite, exactly what CI runs.
 //!
 //! Formatting, lints, unit tests and the privileged end-to-end tests, for
-//! both the workspace and the out-of-workspace eBPF crate. A failed check
+//! both the workspace and the out-of-workspace eBPF crate, then a subset of
+//! the end-to-end tests on Debian 12's kernels in VMs (`vmtest`). A failed check
 //! does not stop the suite: every step still runs so one CI run reports all
 //! problems, and xtask exits non-zero at the end. Only a failed build stops
 //! it, since every later step would fail the same way.
@@ -15,10 +16,10 @@ use anyhow::{Result, bail};
 
 use crate::setup::{self, Scope};
 use crate::toolchain::Toolchain;
-use crate::{ebpf, util};
+use crate::{ebpf, util, vmtest};
 
 /// The privileged end-to-end test crate (outside default-members).
-const E2E_PACKAGE: &str = "meterd-tests";
+pub const E2E_PACKAGE: &str = "meterd-tests";
 /// Each e2e test has its own cgroup, pins and ports, so they can overlap;
 /// four keeps the suite short without starving the traffic generators.
 const E2E_THREADS: &str = "4";
@@ -131,6 +132,7 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     util::run(util::cargo(&workspace).args(["build", "--locked", "--package", "meterd"]))?;
     suite.check("cargo test (e2e)", e2e(&workspace, opts));
+    vm(&mut suite, opts);
 
     suite.finish()
 }
@@ -158,6 +160,32 @@ fn e2e(workspace: &Path, opts: &Options) -> Result<()> {
         cmd.env_remove("METERD_ALLOW_SKIP");
     }
     util::run(&mut cmd)
+}
+
+/// The VM tests on Debian 12's kernels, after the host's e2e suite (as
+/// aya's CI runs its integration tests on several kernels). A VM that
+/// cannot boot here fails the suite unless `--allow-skip`, like the other
+/// privileged tests.
+fn vm(suite: &mut Suite, opts: &Options) {
+    util::step(
+        "running the VM tests on Debian 12's kernels 6.1 and 6.12",
+        "meterd must work on the kernels its users run, not only on this host's",
+    );
+    let result = vmtest::run(&vmtest::Options {
+        kernels: vmtest::KernelChoice::All,
+        allow_skip: opts.allow_skip,
+        filter: opts.filter.clone(),
+    });
+    match result {
+        Ok(reports) => {
+            for r in reports {
+                if let vmtest::Outcome::Unbootable(why) = &r.outcome {
+                    suite.skip(&format!("vmtest {}", r.label), why);
+                }
+            }
+        }
+        Err(e) => suite.check("cargo xtask vmtest", Err(e)),
+    }
 }
 
 /// What has failed or been skipped so far.

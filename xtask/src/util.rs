@@ -64,7 +64,7 @@ pub fn probe_any_status(cmd: &mut Command) -> Option<String> {
 }
 
 /// The command line as the operator would type it.
-fn display(cmd: &Command) -> String {
+pub fn display(cmd: &Command) -> String {
     // PATH and LD_LIBRARY_PATH are plumbing (see `scrub`), not something the
     // operator needs to retype.
     let envs = cmd.get_envs().filter_map(|(key, value)| {
