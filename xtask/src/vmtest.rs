@@ -736,16 +736,21 @@ if ! awk '$2 == "/sys/fs/bpf" && $3 == "bpf" {f = 1} END {exit !f}' /proc/mounts
 fi
 say "cgroup2 at $(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts), bpffs at /sys/fs/bpf"
 
-# A /tmp of the guest's own: the host's (under an overlay) holds other runs'
-# test directories. The build goes to RAM as well, where the test binaries
-# look for it: executables read over 9p made each agent start take ~15 s.
-mount -t tmpfs -o mode=1777 tmpfs /tmp || fail "cannot mount a tmpfs on /tmp"
+# A temporary directory of the guest's own (the host's /tmp, under an
+# overlay, holds other runs' test directories), as TMPDIR: not a tmpfs over
+# /tmp itself, which would hide the workspace when it lives under /tmp.
+# The build goes to RAM as well, where the test binaries look for it:
+# executables read over 9p made each agent start take ~15 s.
+guest_tmp=/run/meterd-vmtest
+mkdir -p "$guest_tmp" && mount -t tmpfs -o mode=1777 tmpfs "$guest_tmp" \
+    || fail "cannot mount a tmpfs on $guest_tmp"
+export TMPDIR="$guest_tmp"
 mount -t tmpfs tmpfs @DEBUG@ || fail "cannot mount a tmpfs on @DEBUG@"
 cp -a @SNAPSHOT@/. @DEBUG@/ || fail "cannot copy the build into the guest"
 
 export METERD_BIN=@DEBUG@/meterd RUST_BACKTRACE=1
 unset METERD_ALLOW_SKIP METERD_TEST_KEEP
-cd /tmp || fail "no /tmp"
+cd "$guest_tmp" || fail "no $guest_tmp"
 failed=0
 run() {
     local bin=$1 name=$2 start=$SECONDS rc
@@ -761,7 +766,7 @@ run() {
 dmesg > "$out/dmesg.txt" 2>&1
 if [ "$failed" -ne 0 ]; then
     mkdir -p "$out/kept"
-    cp -a /tmp/meterd-test-* "$out/kept/" 2>/dev/null
+    cp -a "$guest_tmp"/meterd-test-* "$out/kept/" 2>/dev/null
 fi
 echo "$failed" > "$out/status"
 sync
