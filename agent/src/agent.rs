@@ -34,6 +34,7 @@ use crate::{
     config::Config,
     core::{self, Batch, ConnKey, Core, LiveTotals, ServiceDef},
     exporter::{self, ExporterError},
+    fleet::{self, Fleet},
     governor::{CycleSignals, Pacer},
     hooks,
     kernel::{self, Kernel, KernelError, Record},
@@ -141,6 +142,7 @@ pub async fn run(
     };
     let mut ledger = ledger;
     let core = open_core(&config, &mut ledger, &boot_id)?;
+    let fleet = start_fleet(&config, &mut ledger)?;
     let persisted: Persisted = ledger
         .load_meta(PERSISTED_KEY)?
         .and_then(|json| serde_json::from_str(&json).ok())
@@ -186,6 +188,7 @@ pub async fn run(
         limit_events,
         refused_base,
         metrics: Arc::clone(&metrics),
+        fleet,
     };
     agent.cycle(ring.get_mut())?;
     // Serve metrics only now: the first scrape already continues the
@@ -260,6 +263,30 @@ fn open_core(config: &Config, ledger: &mut Ledger, boot_id: &str) -> Result<Core
     let open = ledger.load_open()?;
     core.restore(open.viewers, open.segments, open.orphans);
     Ok(core)
+}
+
+/// With a `[fleet]`: the ledger stages the fleet's records from now on,
+/// and the tasks that ship them and share spend start (in the background:
+/// the agent does not wait for NATS).
+fn start_fleet(config: &Config, ledger: &mut Ledger) -> Result<Option<Fleet>, AgentError> {
+    let Some(f) = &config.fleet else {
+        return Ok(None);
+    };
+    let host = f.host();
+    let staged = ledger.set_fleet(fleet::outbox::Policy {
+        host: host.clone(),
+        interim_ms: i64::try_from(f.interim_interval.as_millis()).unwrap_or(i64::MAX),
+    })?;
+    if staged > 0 {
+        tracing::info!(
+            sessions = staged,
+            "fleet: staged the ledger's settled sessions for the stream (first start with [fleet])"
+        );
+    }
+    let accounts = config.accounts.iter().map(|a| a.id.clone()).collect();
+    let fleet = Fleet::start(f, &config.billing.ledger, accounts);
+    tracing::info!(host = %host, stream = %f.stream, bucket = %f.bucket, "fleet: records and spend are shared through NATS JetStream");
+    Ok(Some(fleet))
 }
 
 /// Writes where this agent runs, for client commands without `--config`.
@@ -350,6 +377,8 @@ struct Agent {
     /// Refused attributions before this start (the counter goes on).
     refused_base: u64,
     metrics: SharedMetrics,
+    /// The fleet link, with a `[fleet]`.
+    fleet: Option<Fleet>,
 }
 
 impl Agent {
@@ -412,6 +441,9 @@ impl Agent {
     /// the per-service totals, the limit hooks and the log lines.
     fn commit(&mut self, batch: &Batch) -> Result<Committed, AgentError> {
         let proof = self.ledger.commit(batch)?;
+        if let Some(f) = &self.fleet {
+            f.wake();
+        }
         if let Some(log) = &mut self.log {
             for c in &batch.closed {
                 log.write(c)?;
@@ -670,11 +702,53 @@ impl Agent {
         }
         self.core
             .expire_pending(Instant::now(), self.config.api.pending_ttl);
+        self.apply_fleet_view();
         let live = self.core.on_cycle(now_ns);
         let batch = self.core.take_batch();
         self.commit(&batch)?;
         self.redelivery = false;
+        self.share_spend();
         Ok(live)
+    }
+
+    /// The other hosts' spend, as the fleet view last had it, into the
+    /// limit check this cycle makes.
+    fn apply_fleet_view(&mut self) {
+        let Some(view) = self.fleet.as_ref().and_then(Fleet::view) else {
+            return;
+        };
+        for (account, others) in view {
+            if self
+                .core
+                .fleet_view(&account, others.spent_micro, others.credited_minor)
+            {
+                tracing::info!(
+                    account,
+                    "fleet: a top-up on another host brought the account back under its limit"
+                );
+            }
+        }
+    }
+
+    /// This host's spend and top-ups per account, for the fleet.
+    fn share_spend(&self) {
+        if let Some(f) = &self.fleet {
+            f.share(
+                self.core
+                    .limits()
+                    .own()
+                    .map(|(a, spent_micro, credited_minor)| {
+                        (
+                            a.to_owned(),
+                            fleet::record::Spend {
+                                spent_micro,
+                                credited_minor,
+                            },
+                        )
+                    })
+                    .collect(),
+            );
+        }
     }
 
     /// Connections that closed while the ring was full: their final counts
@@ -758,6 +832,7 @@ impl Agent {
             delivery_failures: deliveries.1,
             accounts_over_limit: self.core.limits().reached_count() as u64,
             bpf_programs: self.kernel.program_stats(),
+            fleet: self.fleet.as_ref().map(Fleet::status),
         };
         if let Ok(mut m) = self.metrics.lock() {
             *m = snapshot;
@@ -923,6 +998,12 @@ impl Agent {
                 "credited"
             );
             self.commit_staged()?;
+        }
+        if inserted {
+            if let Some(f) = &self.fleet {
+                f.wake();
+            }
+            self.share_spend();
         }
         let (limit_minor, spent_minor) = self.core.limits().figures(account).unwrap_or_default();
         Ok(Ok(CreditReply {

@@ -41,6 +41,9 @@ pub struct Config {
     /// Accounts with a prepaid balance or a credit limit.
     #[serde(rename = "account", default, skip_serializing_if = "Vec::is_empty")]
     pub accounts: Vec<AccountConfig>,
+    /// Records and credit shared with other hosts through NATS JetStream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 /// `[api]`: where the streaming server tells meterd which account and
@@ -377,6 +380,8 @@ pub enum ConfigError {
     AccountTwice(String),
     #[error("config: {0}")]
     Governor(String),
+    #[error("config: {0}")]
+    Fleet(String),
 }
 
 impl Config {
@@ -482,6 +487,9 @@ impl Config {
         }
         if !(1..=10_000_000).contains(&self.api.max_pending) {
             return Err(ConfigError::MaxPending(self.api.max_pending));
+        }
+        if let Some(f) = &self.fleet {
+            f.validate().map_err(ConfigError::Fleet)?;
         }
         self.validate_services()
     }

@@ -30,6 +30,7 @@ use crate::{
     billing::Accrual,
     clock,
     core::{Batch, Protocol, SegmentRow, ViewerRow},
+    fleet::{outbox, record::Kind},
     hooks::{LimitReached, Target},
     tariff::Tariff,
 };
@@ -77,7 +78,7 @@ pub struct Open {
 }
 
 /// A settled viewing session, as `meterd ledger export` writes it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct SessionRecord {
     pub session_id: String,
     pub service: String,
@@ -154,6 +155,9 @@ pub struct Ledger {
     file: Option<fs::File>,
     /// Where limit events are delivered (`hook`, `webhook`).
     targets: Vec<Target>,
+    /// With a `[fleet]`: what goes into the fleet outbox, and the interim
+    /// period each open session's last interim record was for.
+    fleet: Option<(outbox::Policy, HashMap<String, i64>)>,
 }
 
 pub use crate::hooks::Delivery;
@@ -326,6 +330,7 @@ impl Ledger {
             currency: currency.to_owned(),
             file: Some(file),
             targets: Vec::new(),
+            fleet: None,
         };
         ledger.init(currency)?;
         Ok(ledger)
@@ -347,6 +352,7 @@ impl Ledger {
             currency: String::new(),
             file: None,
             targets: Vec::new(),
+            fleet: None,
         })
     }
 
@@ -368,6 +374,9 @@ impl Ledger {
             .busy_timeout(Duration::from_secs(5))
             .map_err(self.err())?;
         self.conn.execute_batch(SCHEMA).map_err(self.err())?;
+        self.conn
+            .execute_batch(outbox::SCHEMA)
+            .map_err(self.err())?;
         let found: Option<String> = self
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'currency'", [], |r| {
@@ -544,8 +553,43 @@ impl Ledger {
         write_charges(&tx, batch, at).map_err(err)?;
         write_segments(&tx, batch).map_err(err)?;
         write_events(&tx, batch, at, &self.currency, &self.targets).map_err(err)?;
+        if let Some((policy, interims)) = &mut self.fleet {
+            write_outbox(&tx, batch, at, &self.currency, policy, interims).map_err(err)?;
+        }
         tx.commit().map_err(err)?;
         Ok(Committed(()))
+    }
+
+    /// From now on, every commit also stages the fleet's records in the
+    /// outbox. The first time for this host, settled sessions already in
+    /// the ledger are staged too, so the fleet can be rebuilt from it.
+    pub fn set_fleet(&mut self, policy: outbox::Policy) -> Result<usize, LedgerError> {
+        let key = format!("fleet_backfilled:{}", policy.host);
+        let mut staged = 0;
+        if self.load_meta(&key)?.is_none() {
+            let sessions = self.sessions(None)?;
+            let at = ms(SystemTime::now());
+            let path = self.path.clone();
+            let err = |source| LedgerError::Sqlite {
+                path: path.clone(),
+                source,
+            };
+            let tx = self.conn.transaction().map_err(err)?;
+            for s in &sessions {
+                let record = serde_json::to_value(s).unwrap_or_default();
+                outbox::stage(&tx, &policy.host, Kind::Session, &s.session_id, record, at)
+                    .map_err(err)?;
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')",
+                [&key],
+            )
+            .map_err(err)?;
+            tx.commit().map_err(err)?;
+            staged = sessions.len();
+        }
+        self.fleet = Some((policy, HashMap::new()));
+        Ok(staged)
     }
 
     /// Where limit events are delivered from now on.
@@ -563,15 +607,19 @@ impl Ledger {
     ) -> Result<(bool, Committed), LedgerError> {
         self.check_file()?;
         let at = ms(SystemTime::now());
-        let err = self.err();
-        let inserted = self
-            .conn
+        let path = self.path.clone();
+        let err = |source| LedgerError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let inserted = tx
             .prepare_cached(
                 "INSERT OR IGNORE INTO credits (credit_id, account, amount_minor, at_ms)
                  VALUES (?1, ?2, ?3, ?4)",
             )
             .and_then(|mut s| s.execute(params![credit_id, account, to_i64(amount_minor), at]))
-            .map_err(&err)?
+            .map_err(err)?
             == 1;
         if inserted {
             let detail = serde_json::json!({
@@ -580,19 +628,25 @@ impl Ledger {
                 "account": account,
                 "amount_minor": amount_minor,
             });
-            self.conn
-                .execute(
-                    "INSERT OR IGNORE INTO ledger_events (event_id, at_ms, kind, account, detail)
-                     VALUES (?1, ?2, 'credited', ?3, ?4)",
-                    params![
-                        format!("credit:{credit_id}"),
-                        at,
-                        account,
-                        detail.to_string()
-                    ],
-                )
-                .map_err(&err)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO ledger_events (event_id, at_ms, kind, account, detail)
+                 VALUES (?1, ?2, 'credited', ?3, ?4)",
+                params![
+                    format!("credit:{credit_id}"),
+                    at,
+                    account,
+                    detail.to_string()
+                ],
+            )
+            .map_err(err)?;
+            if let Some((policy, _)) = &self.fleet {
+                let mut record = detail;
+                record["at"] = rfc3339_ms(at).into();
+                outbox::stage(&tx, &policy.host, Kind::Credit, credit_id, record, at)
+                    .map_err(err)?;
+            }
         }
+        tx.commit().map_err(err)?;
         Ok((inserted, Committed(())))
     }
 
@@ -746,31 +800,13 @@ impl Ledger {
     pub fn sessions(&self, since: Option<SystemTime>) -> Result<Vec<SessionRecord>, LedgerError> {
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT session_id, service, account, content, client_addr, started_ms, ended_ms,
-                 duration_ms, bytes_out, bytes_in, connections, charge_minor, currency
-                 FROM viewer_sessions WHERE state = 'settled' AND ended_ms >= ?1
-                 ORDER BY ended_ms, session_id",
-            )
+            .prepare(&format!(
+                "SELECT {SESSION_FIELDS} FROM viewer_sessions
+                 WHERE state = 'settled' AND ended_ms >= ?1 ORDER BY ended_ms, session_id"
+            ))
             .map_err(self.err())?;
         let rows = stmt
-            .query_map([since.map_or(0, ms)], |r| {
-                Ok(SessionRecord {
-                    session_id: r.get(0)?,
-                    service: r.get(1)?,
-                    account: r.get(2)?,
-                    content: r.get(3)?,
-                    client_addr: r.get(4)?,
-                    started_at: rfc3339_ms(r.get(5)?),
-                    ended_at: rfc3339_ms(r.get(6)?),
-                    duration_ms: to_u64(r.get(7)?),
-                    bytes_out: to_u64(r.get(8)?),
-                    bytes_in: to_u64(r.get(9)?),
-                    connections: to_u64(r.get(10)?),
-                    charge_minor: to_u64(r.get(11)?),
-                    currency: r.get(12)?,
-                })
-            })
+            .query_map([since.map_or(0, ms)], session_record)
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
@@ -934,6 +970,103 @@ impl Ledger {
             source,
         })
     }
+}
+
+/// The columns [`session_record`] reads.
+const SESSION_FIELDS: &str = "session_id, service, account, content, client_addr, started_ms,
+    ended_ms, duration_ms, bytes_out, bytes_in, connections, charge_minor, currency";
+
+/// A settled session's row as the export writes it.
+fn session_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    Ok(SessionRecord {
+        session_id: r.get(0)?,
+        service: r.get(1)?,
+        account: r.get(2)?,
+        content: r.get(3)?,
+        client_addr: r.get(4)?,
+        started_at: rfc3339_ms(r.get(5)?),
+        ended_at: rfc3339_ms(r.get(6)?),
+        duration_ms: to_u64(r.get(7)?),
+        bytes_out: to_u64(r.get(8)?),
+        bytes_in: to_u64(r.get(9)?),
+        connections: to_u64(r.get(10)?),
+        charge_minor: to_u64(r.get(11)?),
+        currency: r.get(12)?,
+    })
+}
+
+/// The fleet's records of a batch, staged in its transaction: settled
+/// sessions exactly as the export writes them (read back from the rows
+/// just settled), limit events, and an interim record of each open
+/// session once per `interim_interval`.
+fn write_outbox(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &Batch,
+    at: i64,
+    currency: &str,
+    policy: &outbox::Policy,
+    interims: &mut HashMap<String, i64>,
+) -> rusqlite::Result<()> {
+    let host = policy.host.as_str();
+    if !batch.settled.is_empty() {
+        let mut row = tx.prepare_cached(&format!(
+            "SELECT {SESSION_FIELDS} FROM viewer_sessions WHERE session_id = ?1 AND state = 'settled'"
+        ))?;
+        for s in &batch.settled {
+            interims.remove(&s.row.id);
+            if let Some(record) = row.query_row([&s.row.id], session_record).optional()? {
+                let value = serde_json::to_value(&record).unwrap_or_default();
+                outbox::stage(tx, host, Kind::Session, &s.row.id, value, at)?;
+            }
+        }
+    }
+    for e in &batch.limits {
+        let id = format!("{}:{}", e.account, e.limit_minor);
+        let record = serde_json::json!({
+            "account": e.account,
+            "spent_minor": e.spent_minor,
+            "limit_minor": e.limit_minor,
+            "currency": currency,
+            "policy": format!("{:?}", e.policy).to_lowercase(),
+            "at": rfc3339_ms(at),
+        });
+        outbox::stage(tx, host, Kind::Limit, &id, record, at)?;
+    }
+    for v in &batch.viewers {
+        let started = v.started_ms.unwrap_or_else(|| wall_ms(v.first_ns));
+        let Some(k) = outbox::interim_period(started, at, policy.interim_ms) else {
+            continue;
+        };
+        if interims.get(&v.id) == Some(&k) {
+            continue;
+        }
+        interims.insert(v.id.clone(), k);
+        let record = serde_json::json!({
+            "session_id": v.id,
+            "service": v.service,
+            "account": v.account,
+            "content": v.content,
+            "client_addr": v.client_addr,
+            "started_at": rfc3339_ms(started),
+            "at": rfc3339_ms(at),
+            "bytes_out": v.bytes_out,
+            "bytes_in": v.bytes_in,
+            "connections": v.connections,
+            "units": v.accrual.units,
+            "charged_micro": v.accrual.charged_micro,
+            "seq": v.accrual.seq,
+            "currency": currency,
+        });
+        outbox::stage(
+            tx,
+            host,
+            Kind::Interim,
+            &format!("{}:{k}", v.id),
+            record,
+            at,
+        )?;
+    }
+    Ok(())
 }
 
 /// Open sessions (and settled ones seen for the first time) as rows; rows
@@ -1171,7 +1304,7 @@ pub const CONNECTION_COLUMNS: [&str; 15] = [
     "duration_ms",
 ];
 
-fn write_records<T: Serialize>(
+pub(crate) fn write_records<T: Serialize>(
     records: &[T],
     columns: &[&str],
     format: ExportFormat,

@@ -15,6 +15,7 @@ pub mod closed_log;
 pub mod config;
 pub mod core;
 pub mod exporter;
+pub mod fleet;
 pub mod governor;
 pub mod hooks;
 pub mod kernel;

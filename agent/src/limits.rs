@@ -8,6 +8,10 @@
 //! reported once, and a top-up that brings it back under re-admits it.
 //! The state is rebuilt from the ledger at start (spent against limit), so
 //! a restart neither repeats nor forgets a crossing.
+//!
+//! On a fleet, the other hosts' spend and top-ups of an account
+//! ([`Limits::set_others`]) count as if they were this host's: the check
+//! is against the fleet's sum.
 
 use std::collections::HashMap;
 
@@ -36,11 +40,25 @@ struct Account {
     policy: Option<OnLimit>,
     blocked: bool,
     reached: bool,
+    /// Other hosts of the fleet: their spend (millionths) and top-ups.
+    others_micro: i64,
+    others_credit_minor: u64,
 }
 
 impl Account {
+    fn limit_minor(&self) -> u64 {
+        self.base_minor
+            .saturating_add(self.credit_minor)
+            .saturating_add(self.others_credit_minor)
+    }
+
     fn limit_micro(&self) -> i128 {
-        (i128::from(self.base_minor) + i128::from(self.credit_minor)) * i128::from(MICRO)
+        i128::from(self.limit_minor()) * i128::from(MICRO)
+    }
+
+    /// The fleet's spend, given this host's.
+    fn total(&self, own: i64) -> i64 {
+        own.saturating_add(self.others_micro)
     }
 }
 
@@ -77,6 +95,8 @@ impl Limits {
                     policy: a.on_limit,
                     blocked: a.blocked,
                     reached: false,
+                    others_micro: 0,
+                    others_credit_minor: 0,
                 };
                 let spent = spent.get(&a.id).copied().unwrap_or(0);
                 account.reached = i128::from(spent) >= account.limit_micro();
@@ -102,13 +122,13 @@ impl Limits {
     pub fn check(&mut self) -> Vec<(String, i64, u64)> {
         let mut out = Vec::new();
         for (id, a) in &mut self.accounts {
-            let spent = self.spent.get(id).copied().unwrap_or(0);
+            let spent = a.total(self.spent.get(id).copied().unwrap_or(0));
             if !a.reached && i128::from(spent) >= a.limit_micro() {
                 a.reached = true;
                 out.push((
                     id.clone(),
                     spent / i64::try_from(MICRO).unwrap_or(1),
-                    a.base_minor + a.credit_minor,
+                    a.limit_minor(),
                 ));
             }
         }
@@ -121,13 +141,46 @@ impl Limits {
     pub fn credit(&mut self, account: &str, minor: u64) -> Option<Credited> {
         let a = self.accounts.get_mut(account)?;
         a.credit_minor = a.credit_minor.saturating_add(minor);
-        let spent = self.spent.get(account).copied().unwrap_or(0);
+        let spent = a.total(self.spent.get(account).copied().unwrap_or(0));
         let was = a.reached;
         a.reached = i128::from(spent) >= a.limit_micro();
         Some(Credited {
-            limit_minor: a.base_minor + a.credit_minor,
+            limit_minor: a.limit_minor(),
             spent_minor: spent / i64::try_from(MICRO).unwrap_or(1),
             readmitted: was && !a.reached,
+        })
+    }
+
+    /// The other hosts' spend (millionths) and top-ups of an account, as
+    /// the fleet view last had them. A crossing is reported by the next
+    /// [`check`](Self::check); `Some(true)` if the account was over and is
+    /// not any more (re-admitted); `None` for an account not configured.
+    pub fn set_others(
+        &mut self,
+        account: &str,
+        spent_micro: i64,
+        credit_minor: u64,
+    ) -> Option<bool> {
+        let a = self.accounts.get_mut(account)?;
+        a.others_micro = spent_micro;
+        a.others_credit_minor = credit_minor;
+        let spent = a.total(self.spent.get(account).copied().unwrap_or(0));
+        let readmitted = a.reached && i128::from(spent) < a.limit_micro();
+        if readmitted {
+            a.reached = false;
+        }
+        Some(readmitted)
+    }
+
+    /// This host's own spend (millionths) and top-ups of each configured
+    /// account: what it shares with the fleet.
+    pub fn own(&self) -> impl Iterator<Item = (&str, i64, u64)> {
+        self.accounts.iter().map(|(id, a)| {
+            (
+                id.as_str(),
+                self.spent.get(id).copied().unwrap_or(0),
+                a.credit_minor,
+            )
         })
     }
 
@@ -143,11 +196,8 @@ impl Limits {
     /// An account's limit (with its top-ups) and what it spent, minor units.
     pub fn figures(&self, account: &str) -> Option<(u64, i64)> {
         let a = self.accounts.get(account)?;
-        let spent = self.spent.get(account).copied().unwrap_or(0);
-        Some((
-            a.base_minor + a.credit_minor,
-            spent / i64::try_from(MICRO).unwrap_or(1),
-        ))
+        let spent = a.total(self.spent.get(account).copied().unwrap_or(0));
+        Some((a.limit_minor(), spent / i64::try_from(MICRO).unwrap_or(1)))
     }
 
     /// Every configured account: id, limit (with top-ups), spent (minor
@@ -234,6 +284,26 @@ mod tests {
         let credits = HashMap::from([("alice".to_owned(), 50)]);
         let l = Limits::new(&[account("alice", 100)], spent, &credits);
         assert_eq!(l.standing("alice"), Standing::Ok);
+    }
+
+    #[test]
+    fn the_fleet_sum_reaches_the_limit() {
+        let mut l = Limits::new(&[account("alice", 100)], HashMap::new(), &HashMap::new());
+        l.add("alice", 60 * 1_000_000);
+        assert_eq!(l.set_others("alice", 30 * 1_000_000, 0), Some(false));
+        assert_eq!(l.check(), [] as [(String, i64, u64); 0], "90 of 100");
+        assert_eq!(l.figures("alice"), Some((100, 90)));
+        l.add("alice", 10 * 1_000_000);
+        assert_eq!(l.check(), vec![("alice".to_owned(), 100, 100)]);
+        assert_eq!(
+            l.own().collect::<Vec<_>>(),
+            [("alice", 70 * 1_000_000, 0)],
+            "shares only its own"
+        );
+        // Another host's top-up raises the fleet's limit and re-admits.
+        assert_eq!(l.set_others("alice", 30 * 1_000_000, 50), Some(true));
+        assert_eq!(l.standing("alice"), Standing::Ok);
+        assert_eq!(l.set_others("bob", 1, 1), None);
     }
 
     #[test]

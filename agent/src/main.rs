@@ -145,6 +145,11 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// The fleet's records in NATS JetStream (needs `[fleet]` in the config).
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Detach meterd from the kernel and remove its pins.
     ///
     /// Counts of connections still open are dropped: settle them first by
@@ -187,6 +192,35 @@ enum LedgerCommand {
         /// Write connection segments instead of viewing sessions.
         #[arg(long)]
         connections: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Write every host's settled viewing sessions, read from the stream,
+    /// each once, to stdout.
+    ///
+    /// The fields of `meterd ledger export`, then `host`. A record the
+    /// stream holds twice (re-published after its duplicate window, or a
+    /// replayed ledger) is written once: records are told apart by their
+    /// id, not by the stream's deduplication. Ordered by end time, session
+    /// id, host.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Only sessions settled at or after this time: RFC 3339 or an age.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<SystemTime>,
+    },
+    /// Mark every record of this host's ledger unshipped, so the running
+    /// (or next) agent publishes the whole ledger again: to rebuild a
+    /// stream from the ledgers. Consumers deduplicate by record id, so
+    /// this never counts twice.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -283,6 +317,7 @@ fn real_main() -> anyhow::Result<()> {
             };
             eprintln!("meterd: exported {n} {what} from {}", path.display());
         }
+        Command::Fleet { command } => fleet(command)?,
         Command::Status {
             config,
             socket,
@@ -311,6 +346,59 @@ fn real_main() -> anyhow::Result<()> {
                     report.left.join(", ")
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// `meterd fleet ...`.
+fn fleet(command: FleetCommand) -> anyhow::Result<()> {
+    match command {
+        FleetCommand::Export {
+            config,
+            format,
+            since,
+        } => {
+            let path = config.for_client()?;
+            let config = Config::load(&path)?;
+            let Some(fleet) = config.fleet else {
+                anyhow::bail!(
+                    "{} has no [fleet] section: add one with nats_url to read the fleet's stream",
+                    path.display()
+                );
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let tty = std::io::stderr().is_terminal();
+            let sessions = runtime.block_on(meterd::fleet::export::sessions(
+                &fleet,
+                since,
+                &mut |read, total| {
+                    if tty && (read % 1000 == 0 || read == total) {
+                        eprint!("\rmeterd: read {read} of {total} records");
+                    }
+                },
+            ))?;
+            if tty {
+                eprintln!();
+            }
+            let mut out = std::io::stdout().lock();
+            let n = meterd::fleet::export::write(&sessions, format, &mut out)?;
+            eprintln!("meterd: exported {n} sessions from stream {}", fleet.stream);
+        }
+        FleetCommand::Replay { config } => {
+            let config = Config::load(&config.for_client()?)?;
+            if config.fleet.is_none() {
+                anyhow::bail!("the config has no [fleet] section: nothing to replay to");
+            }
+            let mut outbox = meterd::fleet::outbox::Outbox::open(&config.billing.ledger)
+                .with_context(|| {
+                    format!("opening the ledger {}", config.billing.ledger.display())
+                })?;
+            let n = outbox.replay_all()?;
+            println!("meterd: {n} records marked for publishing again");
         }
     }
     Ok(())

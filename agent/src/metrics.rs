@@ -129,6 +129,8 @@ pub struct Metrics {
     pub accounts_over_limit: u64,
     /// `(program, run time, run count)` when `kernel.bpf_stats_enabled`.
     pub bpf_programs: Vec<(String, Duration, u64)>,
+    /// The fleet link, on a host with `[fleet]`.
+    pub fleet: Option<crate::fleet::FleetStatus>,
 }
 
 /// The shared snapshot the agent writes and scrapes read.
@@ -489,6 +491,54 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
         }
         push(&mut time);
         push(&mut runs);
+    }
+    if let Some(fl) = &m.fleet {
+        for (name, help, kind, value) in [
+            (
+                "meterd_fleet_connected",
+                "1 while NATS answers, 0 while this host is cut off from the fleet (limits then use its last fleet view).",
+                GAUGE,
+                if fl.connected { 1.0 } else { 0.0 },
+            ),
+            (
+                "meterd_fleet_view_age_seconds",
+                "Seconds since the fleet view was last confirmed by a round trip to NATS; a limit may be overshot by what other hosts spent in this time.",
+                GAUGE,
+                fl.view_age_seconds.unwrap_or(-1.0),
+            ),
+            (
+                "meterd_outbox_pending",
+                "Fleet records in the ledger's outbox not yet acknowledged by the stream.",
+                GAUGE,
+                f(fl.outbox_pending),
+            ),
+            (
+                "meterd_outbox_oldest_seconds",
+                "Age of the oldest fleet record waiting in the outbox (0 when empty).",
+                GAUGE,
+                fl.outbox_oldest_seconds,
+            ),
+            (
+                "meterd_outbox_published_total",
+                "Fleet records the stream acknowledged.",
+                COUNTER,
+                f(fl.published_total),
+            ),
+            (
+                "meterd_outbox_publish_failures_total",
+                "Batches of fleet records that failed to publish (each is retried).",
+                COUNTER,
+                f(fl.publish_errors_total),
+            ),
+            (
+                "meterd_outbox_duplicates_total",
+                "Re-published fleet records that the stream acknowledged as duplicates.",
+                COUNTER,
+                f(fl.duplicates_total),
+            ),
+        ] {
+            push(Family::new(name, help, kind).sample(&none, value));
+        }
     }
     out
 }

@@ -235,6 +235,8 @@ pub struct Agent {
     proc: Option<Proc>,
     /// Runs started so far, to label the log.
     starts: u32,
+    /// Extra environment of the next runs.
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -255,6 +257,16 @@ impl Agent {
             pin_dir: pin_dir.to_owned(),
             proc: None,
             starts: 0,
+            env: Vec::new(),
+        }
+    }
+
+    /// Sets (`Some`) or removes an environment variable of the runs
+    /// started from now on.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_owned(), v.to_owned()));
         }
     }
 
@@ -277,6 +289,7 @@ impl Agent {
             .arg(&self.closed_log)
             .arg("--ready-file")
             .arg(&self.ready_file);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn(&format!("meterd run #{}", self.starts), &mut cmd, &self.log);
         let mut exited = None;
         let ready = wait_until(READY_TIMEOUT, || {

@@ -135,6 +135,9 @@ pub struct TcpClient {
     pub started_file: Option<PathBuf>,
     /// Where its connections come from.
     pub source: Source,
+    /// A download that meterd cuts off (reset, early EOF) is not a failure:
+    /// its summary says how much arrived.
+    pub until_cut: bool,
 }
 
 impl TcpClient {
@@ -152,6 +155,7 @@ impl TcpClient {
             hold_ms: 0,
             started_file: None,
             source: Source::Kernel,
+            until_cut: false,
         }
     }
 
@@ -179,6 +183,9 @@ impl TcpClient {
         ];
         if let Some(path) = &self.started_file {
             args.push(format!("--started-file={}", path.display()));
+        }
+        if self.until_cut {
+            args.push("--until-cut".to_owned());
         }
         match (self.source, distinct) {
             (Source::Kernel, _) => {}
@@ -401,8 +408,17 @@ impl TestEnv {
     /// Writes the agent's config for this test's cgroup and pin dir and
     /// starts it.
     pub fn start_agent(&mut self, config: AgentConfig) -> &mut Agent {
+        self.start_agent_with(config, &[])
+    }
+
+    /// [`TestEnv::start_agent`] with extra environment variables (kept for
+    /// its restarts until [`Agent::set_env`] changes them).
+    pub fn start_agent_with(&mut self, config: AgentConfig, vars: &[(&str, &str)]) -> &mut Agent {
         assert!(self.agent.is_none(), "{}: agent already started", self.name);
         let mut agent = Agent::new(&self.dir, self.cgroup().path(), &self.pin_dir, config);
+        for (k, v) in vars {
+            agent.set_env(k, Some(v));
+        }
         agent.start();
         self.agent.insert(agent)
     }
@@ -767,4 +783,37 @@ impl Drop for TestEnv {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A directory of a test's own outside any [`TestEnv`] (e.g. for a NATS
+/// cluster that several hosts share); removed on drop unless the test
+/// failed, so its logs stay for the post-mortem.
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !thread::panicking() {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A fresh [`Scratch`] for test `name`; `None` when privileged tests are
+/// skipped (the skip is reported as for a [`TestEnv`]).
+pub fn scratch_dir(name: &str) -> Option<Scratch> {
+    if !privilege::check(name, Needs::default()) {
+        return None;
+    }
+    let path = std::env::temp_dir().join(format!("meterd-test-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&path);
+    fs::create_dir_all(&path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    Some(Scratch { path })
 }

@@ -5,7 +5,8 @@
 //! ([`process`]), running the agent ([`agent`]), reading and comparing its
 //! closed-connection log ([`records`]) and its ledger export ([`ledger`]),
 //! the charging rules written out on the test side ([`tariff`]), reading
-//! `/metrics` ([`metrics`], over [`http`]), a test's own Prometheus
+//! `/metrics` ([`metrics`], over [`http`]), a NATS JetStream cluster for
+//! the fleet tests ([`nats`]), a test's own Prometheus
 //! ([`prometheus`]), CPU saturation ([`stress`]), and a per-test environment
 //! that puts all of these together and tears them down on drop, panics
 //! included ([`env`]). The truth the tests compare against comes from the
@@ -25,6 +26,7 @@ pub mod hls;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
+pub mod nats;
 pub mod netns;
 pub mod nginx;
 pub mod privilege;

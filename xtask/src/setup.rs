@@ -87,6 +87,11 @@ const APT_PACKAGES: &[AptPackage] = &[
         Scope::Full,
     ),
     apt(
+        "nats-server",
+        "fleet tests run a 3-node NATS JetStream cluster",
+        Scope::Full,
+    ),
+    apt(
         "qemu-system-x86",
         "vmtest boots Debian's kernels under qemu",
         Scope::Vm,

@@ -943,24 +943,44 @@ impl Core {
     pub fn credit(&mut self, account: &str, minor: u64) -> Option<Credited> {
         let credited = self.limits.credit(account, minor)?;
         if credited.readmitted {
-            let lifted: Vec<ConnKey> = self
-                .cut
-                .iter()
-                .filter(|(_, (a, _, _))| &**a == account)
-                .map(|(k, _)| *k)
-                .collect();
-            for key in lifted {
-                self.cut.remove(&key);
-                if let Some(conn) = self.conns.get(&key) {
-                    self.batch.uncuts.push(CutOrder {
-                        key,
-                        peer: conn.peer,
-                    });
-                }
-            }
-            self.cut_tally.remove(account);
+            self.readmit(account);
         }
         Some(credited)
+    }
+
+    /// The fleet's view of an account changed: the other hosts' spend
+    /// (millionths) and top-ups. Over the limit, the next cycle reports
+    /// and cuts as for this host's own spend; back under it (a top-up on
+    /// another host), it is served again. `true` if re-admitted.
+    pub fn fleet_view(&mut self, account: &str, spent_micro: i64, credit_minor: u64) -> bool {
+        let readmitted = self
+            .limits
+            .set_others(account, spent_micro, credit_minor)
+            .unwrap_or(false);
+        if readmitted {
+            self.readmit(account);
+        }
+        readmitted
+    }
+
+    /// Lifts the cuts of an account that is back under its limit.
+    fn readmit(&mut self, account: &str) {
+        let lifted: Vec<ConnKey> = self
+            .cut
+            .iter()
+            .filter(|(_, (a, _, _))| &**a == account)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in lifted {
+            self.cut.remove(&key);
+            if let Some(conn) = self.conns.get(&key) {
+                self.batch.uncuts.push(CutOrder {
+                    key,
+                    peer: conn.peer,
+                });
+            }
+        }
+        self.cut_tally.remove(account);
     }
 
     /// Orders the live connections of accounts over their limit with the

@@ -103,6 +103,11 @@ enum Command {
         /// IPv4 only, and the addresses must stay inside 127.0.0.0/8.
         #[arg(long, requires = "source")]
         distinct_sources: bool,
+        /// A download that the server side ends early (meterd cut it off:
+        /// a reset or an early EOF) is not a failure: the connection's
+        /// summary says how much arrived.
+        #[arg(long)]
+        until_cut: bool,
     },
     /// Count datagrams per client; answer `GET <bytes> <size>` datagrams.
     UdpServer {
@@ -180,6 +185,7 @@ fn main() -> Result<()> {
             started_file,
             source,
             distinct_sources,
+            until_cut,
         } => {
             let sources = Sources::new(source, distinct_sources, connect, count)?;
             let plan = ClientPlan {
@@ -192,6 +198,7 @@ fn main() -> Result<()> {
                 hold: Duration::from_millis(hold_ms),
                 started_file,
                 sources,
+                until_cut,
             };
             tcp_client(&plan, count, parallel.max(1))
         }
@@ -557,6 +564,7 @@ struct ClientPlan {
     hold: Duration,
     started_file: Option<PathBuf>,
     sources: Sources,
+    until_cut: bool,
 }
 
 /// Which local address each connection binds to.
@@ -733,6 +741,10 @@ fn tcp_client(plan: &ClientPlan, count: usize, parallel: usize) -> Result<()> {
     Ok(())
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one connection's exchange, read top to bottom"
+)]
 fn client_connection(
     plan: &ClientPlan,
     source: Option<IpAddr>,
@@ -755,6 +767,14 @@ fn client_connection(
     let local = stream.local_addr().map_err(|e| e.to_string())?;
     let client_port = local.port();
     let ctx = |what: &str, e: io::Error| format!("port {client_port}: {what}: {e}");
+    let summary = |bytes_received, bytes_sent| ClientConn {
+        client_addr: local.ip(),
+        client_port,
+        server_port: plan.connect.port(),
+        bytes_received,
+        bytes_sent,
+        close,
+    };
     let request = Request {
         down: plan.down,
         up: plan.up,
@@ -771,7 +791,10 @@ fn client_connection(
     let mut since_pause = 0u64;
     while got < plan.down {
         let want = usize::try_from(plan.down - got).map_or(buf.len(), |w| w.min(buf.len()));
-        let n = read_retrying(&mut stream, &mut buf[..want]).map_err(|e| ctx("read", e))?;
+        let n = match read_retrying(&mut stream, &mut buf[..want]) {
+            Ok(0) | Err(_) if plan.until_cut => return Ok(summary(got, bytes_sent)),
+            r => r.map_err(|e| ctx("read", e))?,
+        };
         if n == 0 {
             return Err(format!(
                 "port {client_port}: EOF after {got} of {} bytes",
@@ -833,14 +856,7 @@ fn client_connection(
             plan.down
         ));
     }
-    Ok(ClientConn {
-        client_addr: local.ip(),
-        client_port,
-        server_port: plan.connect.port(),
-        bytes_received: got,
-        bytes_sent,
-        close,
-    })
+    Ok(summary(got, bytes_sent))
 }
 
 fn read_retrying(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
