@@ -20,7 +20,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use meterd_common::{CONN_CLOSED, Closed, Counts, Stat, UdpFlow, UdpFlowKey};
+use meterd_common::{CONN_CLOSED, Closed, Counts, Stat, UdpFlow, UdpFlowKey, UdpStat};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -180,6 +180,7 @@ pub async fn run(
         udp: Vec::new(),
         // Unknown at start: look for closed entries left in LIVE.
         seen_stats: None,
+        seen_udp_stats: None,
         pacer,
         load_monitor: LoadMonitor::new(),
         load: Load::default(),
@@ -364,6 +365,9 @@ struct Agent {
     udp: Vec<(UdpFlowKey, UdpFlow)>,
     /// `STATS` at the previous cycle, to report what changed.
     seen_stats: Option<[u64; meterd_common::STAT_SLOTS as usize]>,
+    /// `UDP_STATS` as of the last cycle, for the metrics and to log what
+    /// grew.
+    seen_udp_stats: Option<[u64; meterd_common::UDP_STAT_SLOTS as usize]>,
     /// Paces cycles at the interval the governor chooses.
     pacer: Pacer,
     load_monitor: LoadMonitor,
@@ -668,6 +672,9 @@ impl Agent {
             .is_none_or(|s| s[ring_full] != stats[ring_full]);
         self.report_stats(&stats);
         self.seen_stats = Some(stats);
+        let udp_stats = self.kernel.udp_stats()?;
+        self.report_udp_stats(&udp_stats);
+        self.seen_udp_stats = Some(udp_stats);
 
         self.kernel.read_live(&mut self.live)?;
         self.kernel.read_udp(&mut self.udp)?;
@@ -822,6 +829,7 @@ impl Agent {
             runnable_per_cpu: self.load.runnable_per_cpu,
             loadavg1_per_cpu: self.load.loadavg1_per_cpu,
             kernel: stats,
+            udp: self.seen_udp_stats.unwrap_or_default(),
             live_map_entries: self.live.len() as u64,
             live_map_capacity: u64::from(self.config.agent.max_connections),
             ring_pending_bytes: ring_pending,
@@ -1048,7 +1056,8 @@ impl Agent {
         if n > 0 {
             tracing::error!(
                 datagrams = n,
-                "UDP flow map full: datagrams of new flows not counted"
+                "UDP flow map full: datagrams of new flows the server sent to are not counted; \
+                 raise agent.max_udp_flows"
             );
         }
         let n = grew(Stat::GapRingFull);
@@ -1056,6 +1065,20 @@ impl Agent {
             tracing::warn!(
                 gaps = n,
                 "gap records did not fit the ring buffer: TCP retries at the next packet, a UDP flow's session spans the gap"
+            );
+        }
+    }
+
+    /// Logs what UDP probation could not do, once per cycle it grew.
+    fn report_udp_stats(&self, stats: &[u64; meterd_common::UDP_STAT_SLOTS as usize]) {
+        let before = self.seen_udp_stats.unwrap_or(*stats);
+        let grew = |s: UdpStat| stats[s as usize].saturating_sub(before[s as usize]);
+        let n = grew(UdpStat::ProbationFailed);
+        if n > 0 {
+            tracing::warn!(
+                datagrams = n,
+                "UDP probation map could not take new flows: these clients' datagrams before \
+                 the server's answer are not counted"
             );
         }
     }

@@ -179,10 +179,17 @@ pub struct AgentConfig {
     /// Capacity of the live-connection map. Connections beyond it are still
     /// billed at close, without a start time; the overflow is reported.
     pub max_connections: u32,
-    /// Capacity of the UDP flow map. A datagram of a new flow beyond it is
-    /// not counted (reported as `udp_map_full`); changing it needs
-    /// `meterd unload`, like `max_connections`.
+    /// Capacity of the UDP flow map: flows the server has sent to. A
+    /// datagram of a new flow beyond it is not counted (reported as
+    /// `udp_map_full`); changing it needs `meterd unload`, like
+    /// `max_connections`.
     pub max_udp_flows: u32,
+    /// Capacity of the UDP probation map (an LRU): flows only the client
+    /// has spoken in, until the server's first datagram to them. Spoofed
+    /// sources fill it and evict each other; it must hold the real flows
+    /// that wait for their first answer while a flood goes on. Changing it
+    /// needs `meterd unload`.
+    pub max_udp_probation: u32,
 }
 
 impl Default for AgentConfig {
@@ -194,6 +201,7 @@ impl Default for AgentConfig {
             udp_idle_timeout: Duration::from_secs(30),
             max_connections: 262_144,
             max_udp_flows: 65_536,
+            max_udp_probation: 16_384,
         }
     }
 }
@@ -344,6 +352,8 @@ pub enum ConfigError {
     Currency(String),
     #[error("config: agent.max_udp_flows must be between 1024 and 16777216, not {0}")]
     MaxUdpFlows(u32),
+    #[error("config: agent.max_udp_probation must be between 1024 and 16777216, not {0}")]
+    MaxUdpProbation(u32),
     #[error("config: agent.max_connections must be between 1024 and 16777216, not {0}")]
     MaxConnections(u32),
     #[error(
@@ -426,6 +436,9 @@ impl Config {
         )?;
         if !(1024..=16_777_216).contains(&a.max_udp_flows) {
             return Err(ConfigError::MaxUdpFlows(a.max_udp_flows));
+        }
+        if !(1024..=16_777_216).contains(&a.max_udp_probation) {
+            return Err(ConfigError::MaxUdpProbation(a.max_udp_probation));
         }
         if !(1024..=16_777_216).contains(&a.max_connections) {
             return Err(ConfigError::MaxConnections(a.max_connections));
@@ -703,6 +716,30 @@ mod tests {
         // The rendered config parses back to the same thing.
         let again = Config::parse(&c.to_toml()).unwrap();
         assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn udp_map_sizes_are_checked() {
+        let c = Config::parse(&service("")).unwrap();
+        assert_eq!(
+            (c.agent.max_udp_flows, c.agent.max_udp_probation),
+            (65_536, 16_384)
+        );
+        let c = Config::parse(&format!(
+            "[agent]\nmax_udp_probation = 4096\n{}",
+            service("")
+        ))
+        .unwrap();
+        assert_eq!(c.agent.max_udp_probation, 4096);
+        for (key, value) in [("max_udp_probation", 100), ("max_udp_flows", 100)] {
+            let e = Config::parse(&format!("[agent]\n{key} = {value}\n{}", service("")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("agent.{key}")) && e.contains("1024"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub struct Metrics {
     pub loadavg1_per_cpu: f64,
     /// The kernel's `STATS` slots.
     pub kernel: [u64; meterd_common::STAT_SLOTS as usize],
+    /// The kernel's `UDP_STATS` slots.
+    pub udp: [u64; meterd_common::UDP_STAT_SLOTS as usize],
     pub live_map_entries: u64,
     pub live_map_capacity: u64,
     pub ring_pending_bytes: u64,
@@ -391,7 +393,7 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
     );
     let mut kernel = Family::new(
         "meterd_kernel_events_total",
-        "Events counted by the eBPF programs; live_map_full, ring_full, lost, udp_map_full and gap_ring_full mean capacity problems.",
+        "Events counted by the eBPF programs; live_map_full, ring_full, lost, udp_map_full, gap_ring_full and udp_probation_failed mean capacity problems.",
         COUNTER,
     );
     for (event, stat) in [
@@ -405,6 +407,20 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
         ("gap_ring_full", meterd_common::Stat::GapRingFull),
     ] {
         kernel.sample(&vec![("event", event)], f(m.kernel[stat as usize]));
+    }
+    for (event, stat) in [
+        ("udp_probation_new", meterd_common::UdpStat::ProbationNew),
+        ("udp_promoted", meterd_common::UdpStat::Promoted),
+        (
+            "udp_promoted_unseen",
+            meterd_common::UdpStat::PromotedUnseen,
+        ),
+        (
+            "udp_probation_failed",
+            meterd_common::UdpStat::ProbationFailed,
+        ),
+    ] {
+        kernel.sample(&vec![("event", event)], f(m.udp[stat as usize]));
     }
     push(&mut kernel);
     push(

@@ -22,8 +22,18 @@ pub mod map_names {
     pub const LIVE: &str = "LIVE";
     /// `HashMap<u64 cookie, ConnInfo>`: who a live TCP connection is, read once per connection.
     pub const INFO: &str = "INFO";
-    /// `HashMap<UdpFlowKey, UdpFlow>`: live UDP flows.
+    /// `HashMap<UdpFlowKey, UdpFlow>`: live UDP flows, each one the server
+    /// has sent to (see `UDP_PROBATION`).
     pub const UDP_FLOWS: &str = "UDP_FLOWS";
+    /// `LruHashMap<UdpFlowKey, UdpFlow>`: flows seen only from the client
+    /// so far, with their ingress bytes and first datagram. The kernel
+    /// moves a flow into `UDP_FLOWS` at the server's first datagram to it;
+    /// flows the server never answers (spoofed sources) evict each other
+    /// here and never take room from a real flow. The agent does not read it.
+    pub const UDP_PROBATION: &str = "UDP_PROBATION";
+    /// `PerCpuArray<u64>` of [`crate::UdpStat`] counters,
+    /// [`crate::UDP_STAT_SLOTS`] slots.
+    pub const UDP_STATS: &str = "UDP_STATS";
     /// `RingBuf` of [`crate::Closed`] records.
     pub const CLOSED: &str = "CLOSED";
     /// `PerCpuArray<u64>` of [`crate::Stat`] counters.
@@ -245,6 +255,32 @@ pub enum CutStat {
 /// Number of `CUT_STATS` slots (room for more kinds without resizing the
 /// pinned map).
 pub const CUT_STAT_SLOTS: u32 = 8;
+
+/// Slots of the `UDP_STATS` per-CPU counter array: what UDP probation did.
+/// Kept apart from [`Stat`], whose pinned array's size an upgrade must not
+/// change. A full `UDP_FLOWS` is [`Stat::UdpFull`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpStat {
+    /// Flows put on probation (a client's first datagram): spoofed sources
+    /// count here too.
+    ProbationNew = 0,
+    /// Flows moved from probation into `UDP_FLOWS` at the server's first
+    /// datagram to them, with their ingress bytes.
+    Promoted = 1,
+    /// Flows the server sent to with no probation entry: it spoke first, or
+    /// the entry was evicted (or went stale) before the server answered, so
+    /// the client's bytes before the answer are not counted. An upper bound
+    /// of the flows that lost bytes to probation.
+    PromotedUnseen = 2,
+    /// A probation entry could not be created (not even by eviction): that
+    /// datagram's bytes are not counted.
+    ProbationFailed = 3,
+}
+
+/// Number of `UDP_STATS` slots (room for more kinds without resizing the
+/// pinned map).
+pub const UDP_STAT_SLOTS: u32 = 8;
 
 const _: () = {
     // The value sizes the agent's batch reader and the ring buffer rely on.

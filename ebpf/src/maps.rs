@@ -9,11 +9,11 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use meterd_common::{
     CUT_SLOTS, CUT_STAT_SLOTS, ConnInfo, Counts, CutStat, PORT_SLOTS, SERVICE_SLOTS, STAT_SLOTS,
-    Stat, UdpFlow, UdpFlowKey,
+    Stat, UDP_STAT_SLOTS, UdpFlow, UdpFlowKey, UdpStat,
 };
 
 /// Local TCP port -> service index + 1 (0: not metered). Written by the agent.
@@ -40,9 +40,30 @@ pub static LIVE: HashMap<u64, Counts> = HashMap::pinned(262_144, 0);
 #[map]
 pub static INFO: HashMap<u64, ConnInfo> = HashMap::pinned(262_144, 0);
 
-/// UDP 4-tuple -> flow counts. The agent removes flows that stayed idle.
+/// UDP 4-tuple -> flow counts, for flows the server has sent to. The agent
+/// removes flows that stayed idle.
 #[map]
 pub static UDP_FLOWS: HashMap<UdpFlowKey, UdpFlow> = HashMap::pinned(65_536, 0);
+
+/// UDP 4-tuple -> counts of a flow only the client has spoken in so far
+/// (its ingress bytes, first and last datagram). An LRU map: a flood of
+/// spoofed sources, which the server never answers, evicts its own entries
+/// and never a flow of `UDP_FLOWS`. See [`crate::udp`].
+#[map]
+pub static UDP_PROBATION: LruHashMap<UdpFlowKey, UdpFlow> = LruHashMap::pinned(16_384, 0);
+
+/// Per-CPU counters of UDP probation, indexed by `meterd_common::UdpStat`.
+#[map]
+pub static UDP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(UDP_STAT_SLOTS, 0);
+
+/// Adds one to a `UDP_STATS` slot.
+#[inline(always)]
+pub fn bump_udp(stat: UdpStat) {
+    if let Some(slot) = UDP_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, as in `bump`.
+        unsafe { *slot += 1 };
+    }
+}
 
 /// Close records of TCP connections and gap records of connections and UDP
 /// flows (`meterd_common::Closed`, 96 bytes + an 8-byte ring header). 2 MiB

@@ -12,6 +12,21 @@
 //! with the counts before the datagram. Counts are never reset: the agent
 //! splits the flow at the record's counts.
 //!
+//! # Probation
+//!
+//! A source address is only what the datagram says, so a flow the client
+//! opens does not get a `UDP_FLOWS` entry: its datagrams are counted in
+//! `UDP_PROBATION`, an LRU map, until the server first sends to the
+//! 4-tuple. That datagram creates the flow with the probation entry's
+//! ingress bytes and first datagram (if the client spoke within a
+//! `session_idle`; before that it was never answered) and deletes the
+//! entry. Spoofed sources the server never answers stay on probation and
+//! evict each other, never a real flow, and are never billed (the agent
+//! bills no flow without egress anyway). A real client whose probation
+//! entry was evicted before the answer loses only its bytes before the
+//! answer ([`UdpStat::PromotedUnseen`]). A flow the server opens goes
+//! straight into `UDP_FLOWS`.
+//!
 //! # Cut-off
 //!
 //! The agent cuts a flow by putting its key in `CUT_FLOWS`; it never
@@ -23,10 +38,10 @@
 //! compares that period with the clock it reads anyway, and looks the flow
 //! up again only in a new period: at most ~8 lookups per second per flow,
 //! none per datagram, and a flow is cut within ~134 ms of its entry. A new
-//! flow is looked up before it is created (a blocked 4-tuple creates no
-//! flow). A cut flow's datagrams are dropped both ways and not counted,
-//! and they neither date the flow nor end a gap: it goes idle, and the
-//! agent collects it as usual.
+//! flow is looked up before it is created, on probation or in `UDP_FLOWS`
+//! (a blocked 4-tuple creates no flow). A cut flow's datagrams are dropped
+//! both ways and not counted, and they neither date the flow nor end a
+//! gap: it goes idle, and the agent collects it as usual.
 //!
 //! Minimum kernel version: 5.12 (`BPF_CMPXCHG`); ring buffers and
 //! `bpf_ktime_get_boot_ns`: 5.8.
@@ -43,13 +58,16 @@ use aya_ebpf::{
 };
 use meterd_common::{
     AF_INET, AF_INET6, ConnInfo, Counts, CutStat, FLOW_CUT, FLOW_CUT_CHECK_SHIFT, IPPROTO_UDP,
-    Stat, UdpFlow, UdpFlowKey,
+    Stat, UdpFlow, UdpFlowKey, UdpStat,
 };
 
 use crate::{
     DROP, PASS,
     activity::queue_gap,
-    maps::{CUT_FLOWS, UDP_FLOWS, UDP_PORTS, bump, bump_cut, service_of, session_idle},
+    maps::{
+        CUT_FLOWS, UDP_FLOWS, UDP_PORTS, UDP_PROBATION, bump, bump_cut, bump_udp, service_of,
+        session_idle,
+    },
 };
 
 const UDP_HEADER: u32 = 8;
@@ -140,39 +158,11 @@ pub fn count_udp(ctx: &SkBuffContext, sk: *mut bpf_sock, dir: Direction) -> i32 
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let flow = match UDP_FLOWS.get_ptr_mut(&key) {
         Some(flow) => flow,
-        None => {
-            if CUT_FLOWS.get_ptr(&key).is_some() {
-                bump_cut(CutStat::UdpDropped);
-                return DROP;
-            }
-            let mut counts = Counts {
-                last_ns: now,
-                ..Counts::default()
-            };
-            match dir {
-                Direction::Out => counts.bytes_out = payload,
-                Direction::In => counts.bytes_in = payload,
-            }
-            let flow = UdpFlow {
-                counts,
-                first_ns: now,
-                service: service - 1,
-                // Not cut: looked up just above.
-                pad: check_period(now),
-            };
-            if UDP_FLOWS
-                .insert(&key, &flow, u64::from(BPF_NOEXIST))
-                .is_ok()
-            {
-                return PASS;
-            }
-            // Another CPU created the flow meanwhile, or the map is full.
-            let Some(flow) = UDP_FLOWS.get_ptr_mut(&key) else {
-                bump(Stat::UdpFull);
-                return PASS;
-            };
-            flow
-        }
+        None if dir == Direction::In => return probation(&key, service - 1, payload, now),
+        None => match promote(&key, service - 1, payload, now) {
+            Promotion::Done(verdict) => return verdict,
+            Promotion::Raced(flow) => flow,
+        },
     };
     if is_cut(&key, flow, now) {
         bump_cut(CutStat::UdpDropped);
@@ -180,6 +170,154 @@ pub fn count_udp(ctx: &SkBuffContext, sk: *mut bpf_sock, dir: Direction) -> i32 
     }
     add(&key, flow, dir, payload, now);
     PASS
+}
+
+/// A client's datagram of a flow the server has not sent to yet: counted
+/// in `UDP_PROBATION` (created there unless its 4-tuple is cut).
+#[inline(always)]
+fn probation(key: &UdpFlowKey, service: u32, payload: u64, now: u64) -> i32 {
+    if let Some(entry) = UDP_PROBATION.get_ptr_mut(key) {
+        add_probation(entry, payload, now);
+        return PASS;
+    }
+    if CUT_FLOWS.get_ptr(key).is_some() {
+        bump_cut(CutStat::UdpDropped);
+        return DROP;
+    }
+    let entry = UdpFlow {
+        counts: Counts {
+            bytes_out: 0,
+            bytes_in: payload,
+            last_ns: now,
+        },
+        first_ns: now,
+        service,
+        pad: 0,
+    };
+    // An LRU map makes room by evicting its least recently used entries:
+    // on probation, an insert fails only if every CPU's share is busy.
+    if UDP_PROBATION
+        .insert(key, &entry, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        bump_udp(UdpStat::ProbationNew);
+    } else if let Some(entry) = UDP_PROBATION.get_ptr_mut(key) {
+        // Another CPU created it meanwhile.
+        add_probation(entry, payload, now);
+    } else {
+        bump_udp(UdpStat::ProbationFailed);
+    }
+    PASS
+}
+
+/// Adds a client's datagram to its probation entry. After a
+/// `session_idle` of silence the entry starts over: what the client sent
+/// before was never answered, and would bill nobody.
+#[inline(always)]
+fn add_probation(entry: *mut UdpFlow, payload: u64, now: u64) {
+    // SAFETY: valid map value pointer. Racing CPUs can lose one another's
+    // bytes at a restart only, and only bytes that were never answered.
+    unsafe {
+        let last_ns = &raw mut (*entry).counts.last_ns;
+        let idle = session_idle((*entry).service);
+        if idle != 0 && now >= read_volatile(last_ns).saturating_add(idle) {
+            write_volatile(&raw mut (*entry).first_ns, now);
+            write_volatile(&raw mut (*entry).counts.bytes_in, 0);
+        }
+        write_volatile(last_ns, now);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+            &raw mut (*entry).counts.bytes_in,
+            payload,
+        );
+    }
+}
+
+/// What [`promote`] did.
+enum Promotion {
+    /// The datagram is dealt with: this verdict.
+    Done(i32),
+    /// Another CPU created the flow meanwhile: add the datagram to it.
+    Raced(*mut UdpFlow),
+}
+
+/// The server's first datagram to a 4-tuple: creates its `UDP_FLOWS`
+/// entry with the probation entry's ingress bytes and first datagram (if
+/// the client spoke within a `session_idle`), then deletes that entry.
+#[inline(always)]
+fn promote(key: &UdpFlowKey, service: u32, payload: u64, now: u64) -> Promotion {
+    if CUT_FLOWS.get_ptr(key).is_some() {
+        bump_cut(CutStat::UdpDropped);
+        return Promotion::Done(DROP);
+    }
+    let mut flow = UdpFlow {
+        counts: Counts {
+            bytes_out: payload,
+            bytes_in: 0,
+            last_ns: now,
+        },
+        first_ns: now,
+        service,
+        // Not cut: looked up just above.
+        pad: check_period(now),
+    };
+    let entry = UDP_PROBATION.get_ptr(key);
+    let mut carried = false;
+    if let Some(entry) = entry {
+        // SAFETY: valid map value pointer; fields another CPU may be
+        // adding to are read volatile.
+        unsafe {
+            let last = read_volatile(&raw const (*entry).counts.last_ns);
+            let idle = session_idle(service);
+            if idle == 0 || now < last.saturating_add(idle) {
+                flow.counts.bytes_in = read_volatile(&raw const (*entry).counts.bytes_in);
+                flow.first_ns = read_volatile(&raw const (*entry).first_ns);
+                carried = true;
+            }
+        }
+    }
+    if UDP_FLOWS
+        .insert(key, &flow, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // Another CPU promoted the flow meanwhile, or the map is full (the
+        // probation entry stays for the server's next datagram).
+        return match UDP_FLOWS.get_ptr_mut(key) {
+            Some(flow) => Promotion::Raced(flow),
+            None => {
+                bump(Stat::UdpFull);
+                Promotion::Done(PASS)
+            }
+        };
+    }
+    let Some(entry) = entry else {
+        bump_udp(UdpStat::PromotedUnseen);
+        return Promotion::Done(PASS);
+    };
+    // The client's datagrams that missed the new flow (they found no
+    // `UDP_FLOWS` entry before the insert) went to probation: carry what
+    // arrived since the copy. Only one racing in the few instructions up
+    // to the delete is lost (see the README's known limits).
+    // SAFETY: valid map value pointer, read before the delete.
+    let late = unsafe { read_volatile(&raw const (*entry).counts.bytes_in) }
+        .saturating_sub(flow.counts.bytes_in);
+    let _ = UDP_PROBATION.remove(key);
+    if !carried {
+        bump_udp(UdpStat::PromotedUnseen);
+        return Promotion::Done(PASS);
+    }
+    if late != 0
+        && let Some(created) = UDP_FLOWS.get_ptr_mut(key)
+    {
+        // SAFETY: valid map value pointer; atomic add as in `add`.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*created).counts.bytes_in,
+                late,
+            );
+        }
+    }
+    bump_udp(UdpStat::Promoted);
+    Promotion::Done(PASS)
 }
 
 /// Whether the flow is cut: [`FLOW_CUT`] in its `pad`, refreshed from

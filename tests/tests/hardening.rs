@@ -1579,3 +1579,202 @@ fn status_is_on_the_api_not_the_metrics_port() {
     download.finish(Duration::from_secs(60));
     env.agent().assert_running();
 }
+
+// ---------------------------------------------------------------------
+// Spoofed UDP sources cannot crowd real flows out (item 6)
+// ---------------------------------------------------------------------
+
+/// Sends `count` UDP datagrams of 100 bytes to `127.0.0.1:<port>`, each
+/// from a spoofed source of its own (`198.18.0.0` + i, RFC 2544's
+/// benchmarking range, and a port that cycles), through a raw socket
+/// (`IPPROTO_RAW` implies `IP_HDRINCL`: the kernel fills only the IP
+/// checksum, length and id). The payload is not a `GET`: the traffic
+/// tool's server never answers it. Prints how many it sent.
+const SPOOF_FLOOD: &str = r"
+import socket, struct, sys
+port, count = int(sys.argv[1]), int(sys.argv[2])
+base = struct.unpack('!I', socket.inet_aton('198.18.0.0'))[0]
+dst = socket.inet_aton('127.0.0.1')
+payload = b'spoofed!' * 12 + b'spam'
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 24)
+sent = 0
+for i in range(count):
+    src = struct.pack('!I', base + i)
+    udp = struct.pack('!HHHH', 10000 + i % 50000, port, 8 + len(payload), 0)
+    ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 28 + len(payload), 0, 0, 64, 17, 0, src, dst)
+    while True:
+        try:
+            s.sendto(ip + udp + payload, ('127.0.0.1', 0))
+            break
+        except BlockingIOError:
+            pass
+    sent += 1
+print(sent)
+";
+
+/// 70,000 datagrams from 70,000 spoofed sources (more than the 65,536
+/// flows `agent.max_udp_flows` holds by default), none of which the
+/// server answers, then one real flow that it does answer: the real flow
+/// is billed exactly as the server counted it, no spoofed source is in a
+/// billed session, and the UDP flow map never ran full. Before UDP
+/// probation, the spoofed sources filled `UDP_FLOWS` and the real flow was
+/// not counted at all.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
+fn spoofed_udp_sources_do_not_block_real_flows() {
+    const SPOOFED: u32 = 70_000;
+    let Some(mut env) = TestEnv::new(
+        "hard-udp-spoof",
+        traffic_bin!(),
+        Setup {
+            netns: true,
+            ..Setup::default()
+        },
+    ) else {
+        return;
+    };
+    let ns = env.netns().expect("the test's namespace");
+    // Spoofed sources are not this namespace's: nothing may drop them for
+    // arriving on the "wrong" interface.
+    for conf in ["all", "default", "lo"] {
+        ns.run_ok(
+            "sysctl",
+            &["-qw", &format!("net.ipv4.conf.{conf}.rp_filter=0")],
+        );
+    }
+    let at = loopback4(port(12, 0));
+    env.start_agent(AgentConfig {
+        udp_ports: vec![at.port()],
+        // Long enough that no spoofed flow is collected before the real
+        // flow has run (so the old code's full map is still full then).
+        udp_idle_timeout: Duration::from_secs(10),
+        extra_toml: PINNED_INTERVAL.to_owned(),
+        ..AgentConfig::default()
+    });
+    let _files = run_files(&pin_dir(&env));
+    let server = env.udp_server(&[at]);
+
+    let started = Instant::now();
+    let flood = env
+        .command(
+            "python3",
+            &[
+                "-c",
+                SPOOF_FLOOD,
+                &at.port().to_string(),
+                &SPOOFED.to_string(),
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(
+        flood.status.success(),
+        "the spoofing flood failed: {}",
+        String::from_utf8_lossy(&flood.stderr)
+    );
+    let sent: u32 = String::from_utf8_lossy(&flood.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(sent, SPOOFED, "spoofed datagrams sent");
+    let flooded_in = started.elapsed();
+
+    let viewer = env.fresh_source();
+    let real = env.run_udp_client(&UdpClient {
+        connect: at,
+        sizes: vec![100, 1200, 40],
+        repeat: 10,
+        get: 60_000,
+        get_size: 1200,
+        get_rounds: 2,
+        source: Source::Addr(viewer),
+    });
+    // Let the server read the last datagrams before it is stopped.
+    thread::sleep(Duration::from_millis(300));
+    let truth = env.udp_truth(&server, &[&real]);
+    let truth = &truth[0];
+    let logged = env.server_log(&server);
+    let spoofed_logged = logged
+        .iter()
+        .filter(|c| is_spoofed(c.client_addr))
+        .inspect(|c| {
+            assert_eq!(
+                c.bytes_sent, 0,
+                "the server answered a spoofed source: {c:?}"
+            );
+        })
+        .count();
+
+    let agent = env.agent_ref();
+    let mut sessions = Vec::new();
+    let found = wait_until(Duration::from_secs(20), || {
+        sessions = agent.ledger_records();
+        !sessions.is_empty()
+    });
+    assert!(
+        found,
+        "no session settled: the real flow was not billed; agent log:\n{}",
+        agent.log_tail(40)
+    );
+    // A late session would come within a session_idle and a cycle.
+    thread::sleep(agent.config().session_idle + Duration::from_secs(2));
+    let ledger = agent.ledger();
+    let got: Vec<(IpAddr, u64, u64)> = ledger
+        .sessions
+        .iter()
+        .map(|s| (s.client_addr, s.bytes_out, s.bytes_in))
+        .collect();
+    assert_eq!(
+        got,
+        [(viewer, truth.bytes_sent, truth.bytes_received)],
+        "sessions against the one real flow (server sent {}, received {})",
+        truth.bytes_sent,
+        truth.bytes_received
+    );
+    let billed_spoofed: Vec<_> = ledger
+        .connections
+        .iter()
+        .filter(|c| is_spoofed(c.client_addr))
+        .filter(|c| ledger.session(&c.session_id).is_some())
+        .collect();
+    assert!(
+        billed_spoofed.is_empty(),
+        "spoofed sources in a billed session: {:#?}",
+        &billed_spoofed[..billed_spoofed.len().min(5)]
+    );
+    let metrics = meterd_tests::metrics::Exposition::parse(&agent.metrics_text()).unwrap();
+    let event = |name: &str| {
+        metrics
+            .value("meterd_kernel_events_total", &[("event", name)])
+            .unwrap_or_else(|| panic!("no meterd_kernel_events_total{{event={name:?}}}"))
+    };
+    assert!(
+        event("udp_map_full") < 1.0,
+        "the UDP flow map ran full: {}",
+        event("udp_map_full")
+    );
+    assert!(
+        event("udp_probation_new") >= f64::from(SPOOFED) && event("udp_promoted") >= 1.0,
+        "the flood did not go through probation: {} new, {} promoted",
+        event("udp_probation_new"),
+        event("udp_promoted")
+    );
+    eprintln!(
+        "hard-udp-spoof: {SPOOFED} spoofed datagrams in {flooded_in:?}, {spoofed_logged} \
+         logged by the server; probation: {} new, {} promoted, {} promoted unseen; \
+         ledger: {} session(s), {} connection record(s); {:?} in all",
+        event("udp_probation_new"),
+        event("udp_promoted"),
+        event("udp_promoted_unseen"),
+        ledger.sessions.len(),
+        ledger.connections.len(),
+        started.elapsed()
+    );
+    env.agent().assert_running();
+}
+
+/// Whether `addr` is one of [`SPOOF_FLOOD`]'s sources (198.18.0.0/15).
+fn is_spoofed(addr: IpAddr) -> bool {
+    matches!(addr, IpAddr::V4(v4) if v4.octets()[0] == 198 && v4.octets()[1] & 0xfe == 18)
+}

@@ -31,7 +31,9 @@ use std::{
     time::Instant,
 };
 
-use meterd_common::{CONN_GAP, Closed, ConnInfo, Counts, IPPROTO_UDP, UdpFlow, UdpFlowKey};
+use meterd_common::{
+    CONN_GAP, CONN_UNTRACKED, Closed, ConnInfo, Counts, IPPROTO_UDP, UdpFlow, UdpFlowKey,
+};
 
 pub use self::{
     conn::{Conn, ConnKey, Peer, Protocol},
@@ -566,6 +568,7 @@ impl Core {
         if rec.info.flags & CONN_GAP != 0 {
             return None;
         }
+        let rec = &dated(rec);
         let key = Self::record_key(rec);
         Some(ClosedConn {
             id: conn::conn_id(&self.boot, &key, rec.info.remote_port),
@@ -584,6 +587,7 @@ impl Core {
 
     /// A close or gap record from the ring.
     pub fn on_record(&mut self, rec: &Closed) {
+        let rec = &dated(rec);
         let key = Self::record_key(rec);
         if self.closed.contains_key(&key) {
             return;
@@ -1505,6 +1509,29 @@ fn segment_row(boot: &str, conn: &Conn, open: bool, end_ns: u64) -> SegmentRow {
         closes_conn: false,
         restaged: false,
     }
+}
+
+/// A close record as the core bills it. One flagged `CONN_UNTRACKED` (the
+/// live map had no room when the connection opened) has exact bytes but
+/// neither a start nor a last-payload time (both 0, boot time's origin):
+/// taken as they are, its payload joined a session at the boot clock's 0
+/// (billing hours of watching time) or made one of 0 s. Its close is the
+/// one time the kernel knows, and its payload moved at the latest then, so
+/// both are dated there: the connection joins (and extends to its close)
+/// its viewer's session open at that moment, or opens one at its close.
+/// Its watching time before the close is not known, so not billed (see the
+/// README's known limits).
+fn dated(rec: &Closed) -> Closed {
+    let mut rec = *rec;
+    if rec.info.flags & CONN_UNTRACKED != 0 && rec.info.flags & CONN_GAP == 0 {
+        if rec.info.start_ns == 0 {
+            rec.info.start_ns = rec.info.end_ns;
+        }
+        if rec.counts.last_ns == 0 {
+            rec.counts.last_ns = rec.info.end_ns;
+        }
+    }
+    rec
 }
 
 fn flow_key(info: &ConnInfo) -> UdpFlowKey {

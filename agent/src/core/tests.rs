@@ -793,3 +793,62 @@ fn sessions_do_not_depend_on_the_order_records_and_reads_arrive_in() {
         );
     }
 }
+
+/// Issue #12 item 12: a connection the live map had no room for reaches
+/// the core only as its close record, with exact bytes but no start and no
+/// last-payload time (`CONN_UNTRACKED`, both 0). Its payload is dated at
+/// its close: under a time tariff it extends its viewer's open session to
+/// that moment, rather than being billed as 0 s at the boot clock's 0.
+#[test]
+fn an_untracked_connection_is_dated_at_its_close() {
+    let mut core = new_core(time(1, 1), 5);
+    let mut store = Store::default();
+    let tracked = info(6, 43_000, S);
+    core.on_record(&close(1, tracked, counts(5000, 10 * S), 10 * S));
+    core.on_cycle(10 * S + 100 * MS);
+    drive(&mut core, &mut store);
+    // The same viewer's second connection, untracked: the kernel knows
+    // only its close at 12 s.
+    let untracked = ConnInfo {
+        flags: CONN_UNTRACKED,
+        ..info(6, 43_001, 0)
+    };
+    core.on_record(&close(2, untracked, counts(3000, 0), 12 * S));
+    core.on_cycle(12 * S + 100 * MS);
+    drive(&mut core, &mut store);
+    core.on_cycle(30 * S);
+    drive(&mut core, &mut store);
+    let sessions = store.sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let s = sessions[0];
+    assert_eq!(s.row.bytes_out, 8000);
+    assert_eq!(s.row.connections, 2);
+    assert_eq!(
+        s.duration_ms, 11_000,
+        "first payload (1 s) to the close (12 s), not from the boot clock's 0"
+    );
+    assert_eq!(s.row.first_ns, S);
+    assert_eq!(s.charge_minor, 11);
+
+    // Alone, it is a session at its close: bytes exact, no watching time
+    // (the bound the README states), and not dated at boot.
+    let alone = ConnInfo {
+        flags: CONN_UNTRACKED,
+        ..info(7, 44_000, 0)
+    };
+    core.on_record(&close(3, alone, counts(2000, 0), 40 * S));
+    core.on_cycle(40 * S + 100 * MS);
+    core.on_cycle(60 * S);
+    drive(&mut core, &mut store);
+    let s = store
+        .sessions()
+        .into_iter()
+        .find(|s| s.row.account == "127.0.0.7")
+        .unwrap();
+    assert_eq!(
+        (s.row.bytes_out, s.row.first_ns, s.row.last_ns),
+        (2000, 40 * S, 40 * S)
+    );
+    assert_eq!(s.duration_ms, 0);
+    store.check_sums();
+}

@@ -47,7 +47,7 @@ use aya::{
 };
 use meterd_common::{
     AF_INET6, CONN_CLOSED, CUT_MARK, CUT_SLOTS, CUT_STAT_SLOTS, Closed, ConnInfo, Counts,
-    PORT_SLOTS, SERVICE_SLOTS, STAT_SLOTS, UdpFlow, UdpFlowKey, map_names,
+    PORT_SLOTS, SERVICE_SLOTS, STAT_SLOTS, UDP_STAT_SLOTS, UdpFlow, UdpFlowKey, map_names,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -204,6 +204,8 @@ pub struct Kernel {
     udp_ports: Array<MapData, u32>,
     service_idle: Array<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
+    /// `UDP_STATS`: what UDP probation did (`meterd_common::UdpStat`).
+    udp_stats: PerCpuArray<MapData, u64>,
     /// Taken by the closed-record drain (`take_closed`).
     closed: Option<RingBuf<MapData>>,
     /// Read-only view of the ring buffer's positions, for its fill level.
@@ -400,6 +402,8 @@ impl Kernel {
             service_idle: Array::try_from(maps.map(map_names::SERVICE_IDLE)?)
                 .map_err(map_err("SERVICE_IDLE"))?,
             stats: PerCpuArray::try_from(maps.map(map_names::STATS)?).map_err(map_err("STATS"))?,
+            udp_stats: PerCpuArray::try_from(maps.map(map_names::UDP_STATS)?)
+                .map_err(map_err("UDP_STATS"))?,
             closed: Some(closed),
             ring_positions,
             live_reader: BatchReader::new(16_384),
@@ -904,6 +908,21 @@ impl Kernel {
         Ok(out)
     }
 
+    /// Sum over CPUs of each `UDP_STATS` slot (`meterd_common::UdpStat`):
+    /// flows put on probation, promoted, promoted without a probation
+    /// entry, and probation inserts that failed.
+    pub fn udp_stats(&self) -> Result<[u64; UDP_STAT_SLOTS as usize], KernelError> {
+        let mut out = [0u64; UDP_STAT_SLOTS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = self
+                .udp_stats
+                .get(&(i as u32), 0)
+                .map_err(map_err("UDP_STATS"))?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
     /// Detaches meterd's programs and removes every pin under `pin_dir`.
     /// Counts of connections still open are dropped with the maps.
     pub fn unload(pin_dir: &Path) -> Result<UnloadReport, KernelError> {
@@ -1085,6 +1104,7 @@ fn load(config: &Config) -> Result<Ebpf, KernelError> {
         .map_max_entries(map_names::LIVE, n)
         .map_max_entries(map_names::INFO, n)
         .map_max_entries(map_names::UDP_FLOWS, config.agent.max_udp_flows)
+        .map_max_entries(map_names::UDP_PROBATION, config.agent.max_udp_probation)
         .load(OBJECT)
         .map_err(|e| KernelError::Load(Box::new(e)))
 }

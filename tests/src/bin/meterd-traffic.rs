@@ -996,6 +996,10 @@ fn udp_serve(socket: &UdpSocket, log: &LogFile, idle: Duration) -> Result<()> {
             request_arrived_unix_us: None,
         });
     };
+    // Idle clients are swept at most every 100 ms, not per datagram: with
+    // tens of thousands of (spoofed) clients a per-datagram sweep would
+    // leave the real ones unanswered.
+    let mut swept = Instant::now();
     loop {
         if TERMINATED.load(Ordering::SeqCst) {
             for (peer, totals) in &clients {
@@ -1035,6 +1039,10 @@ fn udp_serve(socket: &UdpSocket, log: &LogFile, idle: Duration) -> Result<()> {
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e).context("recv_from"),
         }
+        if swept.elapsed() < Duration::from_millis(100) {
+            continue;
+        }
+        swept = Instant::now();
         clients.retain(|peer, totals| {
             let keep = totals.last.elapsed() < idle;
             if !keep {
