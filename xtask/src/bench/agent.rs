@@ -28,6 +28,8 @@ pub struct AgentSpec<'a> {
     pub tcp_ports: &'a [u16],
     /// Base interval, as the config writes it ("1s").
     pub interval: &'a str,
+    /// Appended to the config as is (e.g. a `[fleet]` table).
+    pub extra_toml: &'a str,
 }
 
 /// A running `meterd run`.
@@ -225,7 +227,8 @@ price_minor = 1
 unit_bytes = "1MB"
 direction = "egress"
 rounding = "per_started_unit"
-"#,
+{extra}"#,
+            extra = spec.extra_toml,
             name = spec.name,
             cgroup = spec.cgroup.display(),
             interval = spec.interval,
@@ -265,6 +268,7 @@ pub fn unload_leftover(meterd: &Path, work: &Path) -> Result<()> {
             cgroup: &cgroup,
             tcp_ports: &[1],
             interval: "1s",
+            extra_toml: "",
         },
     )?;
     unload(meterd, &config).context("unloading a leftover bench pin dir")

@@ -60,6 +60,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
             cgroup: metered_cg.path(),
             tcp_ports: &[metered_port],
             interval: "1s",
+            extra_toml: "",
         },
     )?;
     progress(format!(

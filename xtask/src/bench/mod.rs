@@ -5,7 +5,8 @@
 //! full read of the live map (`mapread`), cycle cost against `ss -tin`,
 //! agent CPU and memory with many open connections (`connections`), the
 //! governor under overload (`overload`), its timeline during a load ramp
-//! (`governor`) and admission latency (`authorize`). Writes `results.json`,
+//! (`governor`), admission latency (`authorize`) and the fleet outbox's
+//! throughput to NATS JetStream (`outbox`). Writes `results.json`,
 //! `results.md` and SVG plots to `target/bench/`, and prints progress as it
 //! goes.
 //!
@@ -30,6 +31,7 @@ mod fleet;
 mod governor;
 mod host;
 mod mapread;
+mod outbox;
 mod plot;
 mod report;
 mod scale;
@@ -65,6 +67,8 @@ pub enum Bench {
     Governor,
     /// `/v1/authorize` latency at 1k requests/s with 10k live sessions.
     Authorize,
+    /// Fleet outbox throughput to NATS JetStream (R1 and R3).
+    Outbox,
 }
 
 impl Bench {
@@ -76,6 +80,7 @@ impl Bench {
             Self::Overload => "overload",
             Self::Governor => "governor",
             Self::Authorize => "authorize",
+            Self::Outbox => "outbox",
         }
     }
 
@@ -87,6 +92,7 @@ impl Bench {
             Self::Overload => governor::overload(ctx),
             Self::Governor => governor::timeline(ctx),
             Self::Authorize => authorize::run(ctx),
+            Self::Outbox => outbox::run(ctx),
         }
     }
 }

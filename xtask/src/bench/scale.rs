@@ -49,6 +49,7 @@ impl Population {
                 cgroup: cgroup.path(),
                 tcp_ports: &ports,
                 interval: "1s",
+                extra_toml: "",
             },
         )?;
         // A few cycles with nothing to meter: the idle footprint.
