@@ -214,10 +214,12 @@ enum FleetCommand {
         #[arg(long, value_parser = parse_since)]
         since: Option<SystemTime>,
     },
-    /// Mark every record of this host's ledger unshipped, so the running
-    /// (or next) agent publishes the whole ledger again: to rebuild a
-    /// stream from the ledgers. Consumers deduplicate by record id, so
-    /// this never counts twice.
+    /// Publish this host's records again: to rebuild a stream from the
+    /// ledgers. Every record in the outbox is marked unshipped (the
+    /// running agent sends them at once), and the next start of the agent
+    /// stages every settled session of the ledger again, including those
+    /// pruned from the outbox (shipped records are kept 7 days). Consumers
+    /// deduplicate by record id, so this never counts twice.
     Replay {
         #[command(flatten)]
         config: ConfigArg,
@@ -398,7 +400,9 @@ fn fleet(command: FleetCommand) -> anyhow::Result<()> {
                     format!("opening the ledger {}", config.billing.ledger.display())
                 })?;
             let n = outbox.replay_all()?;
-            println!("meterd: {n} records marked for publishing again");
+            println!(
+                "meterd: {n} records wait to be published again; restart the agent to stage every settled session of the ledger too"
+            );
         }
     }
     Ok(())

@@ -39,6 +39,11 @@ use record::{Envelope, Spend};
 /// test can kill the agent in that window.
 pub const HOLD_AFTER_ACK_ENV: &str = "METERD_TEST_FLEET_HOLD_AFTER_ACK";
 
+/// Shipped records stay in the outbox this long (for `meterd fleet
+/// replay` without a restart), then go: the ledger's tables keep them.
+const OUTBOX_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 /// Why the fleet link failed a step (each is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -427,7 +432,20 @@ impl Link {
     async fn ship(&self, js: &jetstream::Context, outbox: &Arc<Mutex<outbox::Outbox>>) {
         let max = self.config.max_in_flight;
         let mut delay = Duration::from_millis(200);
+        let mut pruned = Instant::now();
         loop {
+            if pruned.elapsed() >= PRUNE_EVERY {
+                pruned = Instant::now();
+                let o = Arc::clone(outbox);
+                let before =
+                    i64::try_from(now_ms().saturating_sub(OUTBOX_RETENTION_MS)).unwrap_or(0);
+                let _ = tokio::task::spawn_blocking(move || {
+                    o.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .prune(before)
+                })
+                .await;
+            }
             self.backlog(outbox).await;
             let o = Arc::clone(outbox);
             let rows = tokio::task::spawn_blocking(move || {

@@ -11,7 +11,7 @@
 
 use std::{path::Path, time::Duration};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 use super::record::{Envelope, Kind, record_id};
 
@@ -144,24 +144,33 @@ impl Outbox {
         })
     }
 
-    /// Marks every record unshipped, so the whole ledger is published
-    /// again (consumers deduplicate by id); returns how many.
+    /// Marks every record unshipped, so the whole outbox is published
+    /// again (consumers deduplicate by id), and has the next start stage
+    /// every settled session again (those pruned from the outbox come
+    /// back); returns how many records wait now.
     pub fn replay_all(&mut self) -> rusqlite::Result<usize> {
-        self.conn.execute(
+        let tx = self.conn.transaction()?;
+        tx.execute(
             "UPDATE fleet_outbox SET shipped_ms = NULL WHERE shipped_ms IS NOT NULL",
             [],
-        )
+        )?;
+        tx.execute("DELETE FROM meta WHERE key LIKE 'fleet_backfilled:%'", [])?;
+        let n: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM fleet_outbox WHERE shipped_ms IS NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 
-    /// The payload of one record, by its id.
-    pub fn payload(&self, record_id: &str) -> rusqlite::Result<Option<String>> {
-        self.conn
-            .query_row(
-                "SELECT payload FROM fleet_outbox WHERE record_id = ?1",
-                [record_id],
-                |r| r.get(0),
-            )
-            .optional()
+    /// Deletes records shipped before `before_ms`: the ledger's own tables
+    /// keep what they recorded, so the outbox stays small.
+    pub fn prune(&mut self, before_ms: i64) -> rusqlite::Result<usize> {
+        self.conn.execute(
+            "DELETE FROM fleet_outbox WHERE shipped_ms IS NOT NULL AND shipped_ms < ?1",
+            [before_ms],
+        )
     }
 }
 
@@ -187,6 +196,8 @@ mod tests {
         let path = dir.path().join("l.sqlite");
         let mut conn = Connection::open(&path).unwrap();
         conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            .unwrap();
         let tx = conn.transaction().unwrap();
         for id in ["s1", "s2", "s1"] {
             stage(&tx, "h", Kind::Session, id, serde_json::json!({"x": id}), 7).unwrap();
@@ -207,7 +218,11 @@ mod tests {
         );
         o.shipped(&[p[0].seq], 9).unwrap();
         assert_eq!(o.pending(10).unwrap()[0].record_id, "h:session:s2");
+        assert_eq!(o.prune(9).unwrap(), 0, "shipped at 9, not before");
+        assert_eq!(o.prune(10).unwrap(), 1);
+        assert_eq!(o.backlog().unwrap().pending, 1);
+        o.shipped(&[p[1].seq], 11).unwrap();
         assert_eq!(o.replay_all().unwrap(), 1);
-        assert_eq!(o.backlog().unwrap().pending, 2);
+        assert_eq!(o.backlog().unwrap().pending, 1);
     }
 }
