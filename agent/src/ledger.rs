@@ -377,6 +377,7 @@ impl Ledger {
         self.conn
             .execute_batch(outbox::SCHEMA)
             .map_err(self.err())?;
+        self.fold_cycle_charges()?;
         let found: Option<String> = self
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'currency'", [], |r| {
@@ -401,6 +402,31 @@ impl Ledger {
                 Ok(())
             }
         }
+    }
+
+    /// Ledgers written before charges were folded had a row per cycle
+    /// (`<session>:<seq>`): folded once into each session's
+    /// `<session>:cycles` row, sums unchanged.
+    fn fold_cycle_charges(&self) -> Result<(), LedgerError> {
+        const KEY: &str = "charges_folded";
+        if self.load_meta(KEY)?.is_some() {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 INSERT INTO charges (id, session_id, kind, service, account, at_ms, units, amount_micro)
+                   SELECT session_id || ':cycles', session_id, 'cycle', MIN(service), MIN(account),
+                          MIN(at_ms), SUM(units), SUM(amount_micro)
+                   FROM charges WHERE kind = 'cycle' AND id <> session_id || ':cycles'
+                   GROUP BY session_id
+                 ON CONFLICT (id) DO UPDATE SET units = charges.units + excluded.units,
+                   amount_micro = charges.amount_micro + excluded.amount_micro;
+                 DELETE FROM charges WHERE kind = 'cycle' AND id <> session_id || ':cycles';
+                 INSERT OR REPLACE INTO meta (key, value) VALUES ('charges_folded', '1');
+                 COMMIT;",
+            )
+            .map_err(self.err())
     }
 
     /// The open viewing sessions, the open connection segments, and the
@@ -1114,26 +1140,37 @@ fn write_viewers(
     Ok(())
 }
 
-/// Cycle charges, settlements and their settlement charges. A session
-/// settles once: its settlement charge is written only when the row
-/// moved from `open` to `settled` now.
+/// Cycle charges, settlements and their settlement charges.
+///
+/// A session's cycle charges are one row, `<session>:cycles`, updated in
+/// place with its accrual (cumulative units and amount; the seq is the
+/// session's): the ledger grows by session, not by cycle. Writing a
+/// cumulative value twice changes nothing, and an older one never
+/// replaces a newer. The row keeps the time of the first cycle charge. A
+/// session settles once: its settlement charge, `<session>:settle`, is
+/// written only when the row moved from `open` to `settled` now.
 fn write_charges(tx: &rusqlite::Transaction<'_>, batch: &Batch, at: i64) -> rusqlite::Result<()> {
+    let mut cycles = tx.prepare_cached(
+        "INSERT INTO charges (id, session_id, kind, service, account, at_ms, units, amount_micro)
+         VALUES (?1, ?2, 'cycle', ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (id) DO UPDATE SET units = excluded.units,
+         amount_micro = excluded.amount_micro WHERE excluded.amount_micro >= charges.amount_micro",
+    )?;
+    for c in &batch.charges {
+        cycles.execute(params![
+            format!("{}:cycles", c.session_id),
+            c.session_id,
+            c.service,
+            c.account,
+            at,
+            to_i64(c.accrual.units),
+            to_i64(c.accrual.charged_micro),
+        ])?;
+    }
     let mut charge = tx.prepare_cached(
         "INSERT OR IGNORE INTO charges (id, session_id, kind, service, account, at_ms, units, amount_micro)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
-    for c in &batch.charges {
-        charge.execute(params![
-            format!("{}:{}", c.session_id, c.seq),
-            c.session_id,
-            "cycle",
-            c.service,
-            c.account,
-            at,
-            to_i64(c.units),
-            to_i64(c.amount_micro),
-        ])?;
-    }
     let mut settle = tx.prepare_cached(
         "UPDATE viewer_sessions SET state = 'settled', ended_ms = started_ms + ?2,
          duration_ms = ?2, charge_minor = ?3, cycles_micro = ?4, adjustment_micro = ?5
@@ -1364,6 +1401,45 @@ mod tests {
         fs::remove_file(&path).unwrap();
         let e = l.commit(&Batch::default()).unwrap_err();
         assert!(matches!(e, LedgerError::Gone { .. }), "{e}");
+    }
+
+    #[test]
+    fn per_cycle_charge_rows_of_old_ledgers_are_folded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite");
+        let l = Ledger::open(&path, "EUR").unwrap();
+        l.conn
+            .execute_batch(
+                "DELETE FROM meta WHERE key = 'charges_folded';
+                 INSERT INTO charges VALUES ('s1:1', 's1', 'cycle', 'web', 'a', 10, 1, 1000000);
+                 INSERT INTO charges VALUES ('s1:2', 's1', 'cycle', 'web', 'a', 20, 2, 2000000);
+                 INSERT INTO charges VALUES ('s1:settle', 's1', 'settlement', 'web', 'a', 30, 0, -500000);
+                 INSERT INTO charges VALUES ('s2:1', 's2', 'cycle', 'web', 'b', 15, 1, 7);",
+            )
+            .unwrap();
+        drop(l);
+        let l = Ledger::open(&path, "EUR").unwrap();
+        let rows: Vec<(String, i64, i64, i64)> = l
+            .conn
+            .prepare("SELECT id, at_ms, units, amount_micro FROM charges ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let want = [
+            ("s1:cycles", 10, 3, 3_000_000),
+            ("s1:settle", 30, 0, -500_000),
+            ("s2:cycles", 15, 1, 7),
+        ];
+        assert_eq!(
+            rows,
+            want.map(|(a, b, c, d)| (a.to_owned(), b, c, d)).to_vec()
+        );
+        assert_eq!(
+            l.spent_by_account().unwrap(),
+            HashMap::from([("a".to_owned(), 2_500_000), ("b".to_owned(), 7)])
+        );
     }
 
     #[test]

@@ -44,10 +44,16 @@ const DASHBOARD: &str = "packaging/grafana/meterd.json";
 /// Metrics the rules or the dashboard may name although a test's meterd
 /// does not export them, and why. Anything else they name must be on
 /// `/metrics`.
-const NOT_HERE: &[(&str, &str)] = &[(
-    "meterd_outbox_pending",
-    "fleet hosts only (issue 11); MeterdOutboxBacklogGrowing says so",
-)];
+const NOT_HERE: &[(&str, &str)] = &[
+    (
+        "meterd_outbox_pending",
+        "fleet hosts only (issue 11); MeterdOutboxBacklogGrowing says so",
+    ),
+    (
+        "meterd_fleet_connected",
+        "fleet hosts only (issue 11); MeterdFleetPartitioned says so",
+    ),
+];
 
 /// Metrics meterd exports only where the kernel has PSI
 /// (`/proc/pressure/cpu`).

@@ -168,6 +168,9 @@ pub struct ChargeRow {
     pub account: String,
     pub units: u64,
     pub amount_micro: u64,
+    /// The session's cycle charges so far, this one included: what the
+    /// ledger keeps (one row per session, updated in place).
+    pub accrual: Accrual,
 }
 
 /// A connection that closed, for the closed-connection log.
@@ -1060,6 +1063,7 @@ impl Core {
                     account,
                     units: charge.units,
                     amount_micro: charge.amount_micro,
+                    accrual: v.accrual,
                 });
             }
             let of_old_boot = !id.starts_with(&format!("v{}-", self.boot));
