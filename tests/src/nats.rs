@@ -36,6 +36,82 @@ struct Node {
 /// The cluster; every node is killed on drop.
 pub struct Cluster {
     nodes: Vec<Node>,
+    /// `nats` or `tls`.
+    scheme: &'static str,
+}
+
+/// The token of [`Cluster::start_secured`].
+pub const TOKEN: &str = "meterd-test-token-5f1e";
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it, made
+/// with openssl in `dir`: `(ca.pem, server.pem, server.key)`.
+pub fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=meterd-test-ca",
+    ]);
+    run(&ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&csr);
+    fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("san.ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }
 
 impl Cluster {
@@ -76,10 +152,47 @@ impl Cluster {
                 proc: None,
             });
         }
-        let mut cluster = Cluster { nodes };
+        let mut cluster = Cluster {
+            nodes,
+            scheme: "nats",
+        };
         for i in 0..n {
             cluster.start_node(i);
         }
+        cluster
+    }
+
+    /// One node that speaks TLS only (a certificate of [`make_certs`]) and
+    /// wants the token [`TOKEN`]: `tls://` URLs.
+    pub fn start_secured(dir: &Path, cert: &Path, key: &Path) -> Cluster {
+        let client = free_port();
+        let store = dir.join("nats-tls");
+        fs::create_dir_all(&store).expect("nats store dir");
+        let config = dir.join("nats-tls.conf");
+        fs::write(
+            &config,
+            format!(
+                "server_name: t0\nlisten: 127.0.0.1:{client}\n\
+                 jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\n\
+                 tls {{\n  cert_file: \"{cert}\"\n  key_file: \"{key}\"\n}}\n\
+                 authorization {{\n  token: \"{TOKEN}\"\n}}\n",
+                store = store.display(),
+                cert = cert.display(),
+                key = key.display(),
+            ),
+        )
+        .expect("nats config");
+        let mut cluster = Cluster {
+            nodes: vec![Node {
+                log: dir.join("nats-tls.log"),
+                name: "t0".to_owned(),
+                client_port: client,
+                config,
+                proc: None,
+            }],
+            scheme: "tls",
+        };
+        cluster.start_node(0);
         cluster
     }
 
@@ -87,7 +200,7 @@ impl Cluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
-            .map(|n| format!("nats://127.0.0.1:{}", n.client_port))
+            .map(|n| format!("{}://127.0.0.1:{}", self.scheme, n.client_port))
             .collect()
     }
 

@@ -578,3 +578,50 @@ fn a_prepaid_account_stops_at_the_fleet_sum() {
         "alice spent {total} against a limit of {PREPAID} on the fleet: beyond the bound {bound} ({totals:?})"
     );
 }
+
+#[test]
+fn tls_and_a_token_to_nats() {
+    let Some(dir) = meterd_tests::env::scratch_dir("fleet-tls") else {
+        return;
+    };
+    let (ca, cert, key) = nats::make_certs(dir.path());
+    let cluster = Cluster::start_secured(dir.path(), &cert, &key);
+    let Some(mut env) = TestEnv::new("fleet-tls-host-a", traffic_bin!(), Setup::default()) else {
+        return;
+    };
+    let at = SocketAddr::from((Ipv4Addr::LOCALHOST, port(8, 0)));
+    let services = vec![vod(at.port())];
+    env.start_agent(AgentConfig {
+        services: services.clone(),
+        extra_toml: format!(
+            "\n[fleet]\nnats_url = {}\nhost_id = \"host-a\"\nstream = \"FLEETTLS\"\n\
+             bucket = \"FLEETTLS_spend\"\nreplicas = 1\ntoken = \"{}\"\ntls_ca_file = \"{}\"\n",
+            cluster.urls_toml(),
+            nats::TOKEN,
+            ca.display()
+        ),
+        ..AgentConfig::default()
+    });
+    let server = env.tcp_server(&[at]);
+    let a = Host {
+        name: "host-a",
+        env,
+        at,
+        server,
+        services,
+    };
+    connected(&[&a]);
+    let s = a.traffic(5, 20).finish(Duration::from_secs(60));
+    assert_eq!(a.settle(&[&s]).len(), 5);
+    a.drained(Duration::from_secs(60));
+    // The export goes through the same TLS and token (the config's).
+    let exported: Vec<serde_json::Value> = fleet_export(&a, "jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(
+        sorted(exported),
+        sorted(a.export_with_host()),
+        "fleet export over TLS"
+    );
+}

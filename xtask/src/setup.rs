@@ -92,6 +92,11 @@ const APT_PACKAGES: &[AptPackage] = &[
         Scope::Full,
     ),
     apt(
+        "openssl",
+        "fleet tests make a CA and a certificate for NATS over TLS",
+        Scope::Full,
+    ),
+    apt(
         "qemu-system-x86",
         "vmtest boots Debian's kernels under qemu",
         Scope::Vm,
