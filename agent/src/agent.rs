@@ -893,6 +893,7 @@ impl Agent {
             overruns: self.persisted.overruns,
             connections_live: self.core.conns().count() as u64,
             attributions_pending: self.core.pending_count() as u64,
+            fleet: self.fleet.as_ref().map(Fleet::status),
             sessions,
             accounts: {
                 let mut accounts: Vec<AccountStatus> = self

@@ -27,6 +27,9 @@ pub struct StatusReport {
     /// Accounts with a prepaid balance or credit limit.
     #[serde(default)]
     pub accounts: Vec<AccountStatus>,
+    /// The fleet link, on a host with `[fleet]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetStatus>,
 }
 
 /// Where an account with a limit stands.
@@ -165,6 +168,22 @@ fn balance(report: &StatusReport, account: &str) -> String {
         )
 }
 
+/// The fleet link in one line.
+fn fleet_line(f: &crate::fleet::FleetStatus) -> String {
+    format!(
+        "fleet: {}, outbox {} pending (oldest {:.1} s), view {}",
+        if f.connected {
+            "connected"
+        } else {
+            "NOT CONNECTED (limits use the last fleet view)"
+        },
+        f.outbox_pending,
+        f.outbox_oldest_seconds,
+        f.view_age_seconds
+            .map_or_else(|| "never confirmed".to_owned(), |a| format!("{a:.1} s old")),
+    )
+}
+
 fn render_sessions(
     report: &StatusReport,
     sessions: &[&LiveSession],
@@ -193,6 +212,9 @@ fn render_sessions(
         report.connections_live,
         report.attributions_pending
     );
+    if let Some(f) = &report.fleet {
+        let _ = writeln!(out, "{}", fleet_line(f));
+    }
     for a in &report.accounts {
         let _ = writeln!(
             out,

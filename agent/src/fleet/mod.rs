@@ -66,7 +66,7 @@ pub enum FleetError {
 }
 
 /// What the metrics and the status show of the fleet.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FleetStatus {
     pub connected: bool,
     /// Seconds since the last round trip to NATS that succeeded; `None`
