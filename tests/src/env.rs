@@ -562,6 +562,27 @@ impl TestEnv {
         })
     }
 
+    /// Runs a `udp-client` from a port chosen beforehand (so the test can
+    /// name its flow to meterd first), `pause_ms` between its `GET`
+    /// rounds, that ends without failing when meterd cuts its flow off.
+    pub fn run_udp_until_cut(
+        &self,
+        client: &UdpClient,
+        port: u16,
+        pause_ms: u64,
+    ) -> UdpClientSummary {
+        let distinct = (client.source == Source::Distinct).then(|| self.fresh_sources(1));
+        let mut args = client.args(distinct);
+        args.extend([
+            format!("--port={port}"),
+            format!("--pause-ms={pause_ms}"),
+            "--until-cut".to_owned(),
+        ]);
+        let stdout = self.run_traffic(&args);
+        serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("udp-client printed no summary ({e}): {stdout}"))
+    }
+
     /// Runs a `udp-client` to completion and returns its totals.
     pub fn run_udp_client(&self, client: &UdpClient) -> UdpClientSummary {
         let distinct = (client.source == Source::Distinct).then(|| self.fresh_sources(1));

@@ -144,6 +144,17 @@ enum Command {
         /// Local address to bind to (default: the wildcard address).
         #[arg(long)]
         source: Option<IpAddr>,
+        /// Local port to bind to (default: any), so a test can name the
+        /// flow to meterd before it starts.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Sleep this long between `GET` rounds: a flow of known length.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+        /// A round that gets no answer for 2 s (meterd cut the flow off)
+        /// ends the client without failing: its totals say what arrived.
+        #[arg(long)]
+        until_cut: bool,
     },
 }
 
@@ -221,6 +232,9 @@ fn main() -> Result<()> {
             get_size,
             get_rounds,
             source,
+            port,
+            pause_ms,
+            until_cut,
         } => udp_client(
             connect,
             source,
@@ -230,6 +244,9 @@ fn main() -> Result<()> {
                 get,
                 get_size: get_size.max(1),
                 get_rounds,
+                port,
+                pause: Duration::from_millis(pause_ms),
+                until_cut,
             },
         ),
     }
@@ -1071,6 +1088,9 @@ struct UdpPlan {
     get: u64,
     get_size: usize,
     get_rounds: usize,
+    port: u16,
+    pause: Duration,
+    until_cut: bool,
 }
 
 fn udp_client(
@@ -1084,16 +1104,19 @@ fn udp_client(
         get,
         get_size,
         get_rounds,
+        port,
+        pause,
+        until_cut,
     } = plan;
     let local: SocketAddr = match source {
-        Some(source) => SocketAddr::new(source, 0),
-        None if connect.is_ipv4() => "0.0.0.0:0".parse()?,
-        None => "[::]:0".parse()?,
+        Some(source) => SocketAddr::new(source, port),
+        None if connect.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], port)),
+        None => SocketAddr::from(([0u16; 8], port)),
     };
     let socket = UdpSocket::bind(local).with_context(|| format!("bind udp {local}"))?;
     enlarge_buffers(&socket);
     socket.connect(connect)?;
-    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.set_read_timeout(Some(Duration::from_secs(if until_cut { 2 } else { 5 })))?;
     let pattern = pattern_buffer();
     let mut summary = UdpClientSummary {
         client_addr: socket.local_addr()?.ip(),
@@ -1115,15 +1138,23 @@ fn udp_client(
         }
     }
     let mut buf = vec![0u8; 65536];
-    for round in 0..get_rounds {
+    'rounds: for round in 0..get_rounds {
+        if round > 0 && !pause.is_zero() {
+            thread::sleep(pause);
+        }
         let request = udp_get(get, get_size);
         summary.bytes_sent += socket.send(request.as_bytes())? as u64;
         summary.datagrams_sent += 1;
         let mut got = 0;
         while got < get {
-            let n = socket
-                .recv(&mut buf)
-                .with_context(|| format!("round {round}: received {got} of {get} bytes"))?;
+            let n = match socket.recv(&mut buf) {
+                Ok(n) => n,
+                Err(_) if until_cut => break 'rounds,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("round {round}: received {got} of {get} bytes"));
+                }
+            };
             got += n as u64;
             summary.bytes_received += n as u64;
             summary.datagrams_received += 1;
