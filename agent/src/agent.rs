@@ -37,7 +37,7 @@ use crate::{
     governor::{CycleSignals, Pacer},
     hooks,
     kernel::{self, Kernel, KernelError, Record},
-    ledger::{Committed, Ledger, LedgerError, SettledTotals},
+    ledger::{Checkpointer, Committed, Ledger, LedgerError, SettledTotals},
     limits::{Limits, Standing},
     load::{Load, LoadMonitor},
     metrics::{Metrics, Persisted, ServiceTotals, SharedMetrics},
@@ -46,6 +46,10 @@ use crate::{
 
 /// Ledger `meta` key of the agent's own persisted counters.
 const PERSISTED_KEY: &str = "metrics";
+
+/// How often the ledger's WAL is checkpointed (off the run loop): this
+/// bounds the WAL's size and what a power loss can take back.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Options of `meterd run` beyond the config file.
 #[derive(Debug, Clone, Default)]
@@ -117,6 +121,7 @@ pub async fn run(
     kernel::system::check_privileges().map_err(KernelError::from)?;
     let (_instance, instance_name) = lock_instance(&config.agent.pin_dir)?;
     let ledger = Ledger::open(&config.billing.ledger, &config.billing.currency)?;
+    let _checkpointer = Checkpointer::spawn(&config.billing.ledger, CHECKPOINT_INTERVAL)?;
     // The API is bound before anything is attached: a start it refuses (a
     // path that is not a socket, a socket in use) leaves nothing behind.
     // Requests wait in the channel until the loop runs.
