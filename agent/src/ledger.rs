@@ -187,19 +187,19 @@ impl Checkpointer {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(interval)
                 {
-                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                    }) {
-                        Ok(_) if failing => {
+                    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        r.get::<_, i64>(0)
+                    });
+                    match (result, failing) {
+                        (Ok(_), true) => {
                             failing = false;
                             tracing::info!(ledger = %shown, "WAL checkpoints work again");
                         }
-                        Ok(_) => {}
-                        Err(e) if !failing => {
+                        (Err(e), false) => {
                             failing = true;
                             tracing::warn!(ledger = %shown, error = %e, "WAL checkpoint failed; the WAL grows until one succeeds");
                         }
-                        Err(_) => {}
+                        (Ok(_), false) | (Err(_), true) => {}
                     }
                 }
             })
