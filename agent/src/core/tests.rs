@@ -808,7 +808,7 @@ fn replayed_admissions_bill_the_account_after_a_crash() {
         denied: false,
     };
     let tuple = |port| ConnectionRef::Tuple {
-        client: std::net::SocketAddr::from((Ipv4Addr::new(127, 0, 0, 8), port)),
+        client: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 8), port)),
         server_port: PORT,
     };
     let mut core = new_core(volume(1, 1, 0), 5);
