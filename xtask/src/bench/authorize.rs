@@ -956,7 +956,9 @@ fn bound_note(w: &Window, baseline: &Window, sessions: usize) -> String {
     // work on its cores) bounds the figure, not meterd's request path.
     if baseline.p99_ms >= 0.8 * TARGET_MS {
         why.push(format!(
-            "the trivial server, from the same client in the same run, has p99 {} ms itself:              the machine bounds the figure (other work took {:.2} of its {} cores, CPU              pressure {}), and meterd adds {} ms to it",
+            "the trivial server, from the same client in the same run, has p99 {} ms itself: \
+             the machine bounds the figure (other work took {:.2} of its {} cores, CPU \
+             pressure {}), and meterd adds {} ms to it",
             num(baseline.p99_ms),
             w.load.other_cores,
             host::cpus(),
