@@ -353,7 +353,7 @@ async fn serve(
                 guard.clear_ready();
             }
             Some(command) = api_rx.recv() => agent.command(command)?,
-            Some(first) = agent.admissions.recv() => agent.admitted(first)?,
+            Some(first) = agent.admissions.recv() => agent.admitted(first),
             _ = load_ticker.tick() => agent.sample_load(),
             _ = agent.pacer.tick() => agent.cycle(ring.get_mut())?,
             _ = delivery_ticker.tick() => agent.deliver(&delivered_tx)?,
@@ -637,6 +637,9 @@ impl Agent {
             self.ledger.save_meta(PERSISTED_KEY, &json)?;
         }
         self.publish_metrics(&live_totals);
+        // Reads took pending attributions and some expired: the gate's
+        // count of free pending slots follows.
+        self.gate.applied(0, self.core.pending_count());
         self.rotate_journal()?;
         Ok(())
     }
@@ -910,6 +913,7 @@ impl Agent {
                 // Committed before the answer: an applied attribution
                 // survives a crash.
                 self.commit_staged()?;
+                self.gate.applied(0, self.core.pending_count());
                 let _ = reply.send(outcome);
             }
             Command::Credit {
@@ -928,18 +932,22 @@ impl Agent {
     }
 
     /// Applies admissions the API answered: this one and whatever else
-    /// has arrived (one commit for all).
-    fn admitted(&mut self, first: Admission) -> Result<(), AgentError> {
+    /// has arrived. What that stages is committed with the next commit (at
+    /// the latest the cycle's), not now: until then each admission is in
+    /// the journal, whose file is removed only after that commit (see
+    /// [`Self::rotate_journal`]), and a commit per request was most of
+    /// what the ledger wrote under a stream of admissions.
+    fn admitted(&mut self, first: Admission) {
         let mut admissions = vec![first];
         while admissions.len() < 4096
             && let Ok(a) = self.admissions.try_recv()
         {
             admissions.push(a);
         }
-        self.apply_admissions(admissions)
+        self.apply_admissions(admissions);
     }
 
-    fn apply_admissions(&mut self, admissions: Vec<Admission>) -> Result<(), AgentError> {
+    fn apply_admissions(&mut self, admissions: Vec<Admission>) {
         let n = admissions.len();
         let now_ns = clock::boot_ns();
         for a in admissions {
@@ -952,9 +960,7 @@ impl Agent {
                 a.at,
             );
         }
-        self.commit_staged()?;
         self.gate.applied(n, self.core.pending_count());
-        Ok(())
     }
 
     /// Publishes the standings to the API if they changed.
@@ -973,7 +979,10 @@ impl Agent {
         let Some(taken) = self.gate.rotate(&mut self.admissions)? else {
             return Ok(());
         };
-        self.apply_admissions(taken)?;
+        self.apply_admissions(taken);
+        // Everything the old files held is now committed, or pending and
+        // written again below.
+        self.commit_staged()?;
         let pending: Vec<Entry> = self
             .core
             .pending_entries()

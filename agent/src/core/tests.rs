@@ -855,3 +855,92 @@ fn replayed_admissions_bill_the_account_after_a_crash() {
         "{billed:?}"
     );
 }
+
+/// The API decides admissions from the published standings; the core's
+/// own `authorize` decides from its limits: the same answer for every
+/// account standing and policy, on a service with and without its own
+/// `on_limit`, and by address alone.
+#[test]
+fn published_standings_decide_as_the_core_does() {
+    use crate::config::AccountConfig;
+    let spent = |id: &str| (id.to_owned(), 500 * MICRO.cast_signed());
+    let accounts: Vec<AccountConfig> = [
+        ("ok", None, false, false),
+        ("over", None, false, true),
+        ("over_notify", Some(OnLimit::Notify), false, true),
+        ("over_deny", Some(OnLimit::Deny), false, true),
+        ("over_cut", Some(OnLimit::Cut), false, true),
+        ("blocked", Some(OnLimit::Notify), true, false),
+    ]
+    .iter()
+    .map(|&(id, on_limit, blocked, _)| AccountConfig {
+        id: id.into(),
+        prepaid_minor: Some(100),
+        credit_limit_minor: None,
+        on_limit,
+        blocked,
+    })
+    .collect();
+    let spent: HashMap<String, i64> = ["over", "over_notify", "over_deny", "over_cut"]
+        .into_iter()
+        .map(spent)
+        .collect();
+    for service_policy in [None, Some(OnLimit::Notify), Some(OnLimit::Deny)] {
+        let mut core = Core::new(
+            "b00t",
+            vec![ServiceDef {
+                name: Arc::from("hls"),
+                tariff: volume(1, 1, 0),
+                idle_ns: 5 * S,
+                tcp_ports: vec![PORT],
+                udp_ports: Vec::new(),
+                on_limit: service_policy,
+                bill_unattributed: true,
+            }],
+            Limits::new(&accounts, spent.clone(), &HashMap::new()),
+            Pending::default(),
+        );
+        let standings = core.standings();
+        for (i, a) in accounts
+            .iter()
+            .map(|a| a.id.clone())
+            .chain(["stranger".into()])
+            .enumerate()
+        {
+            let port = u16::try_from(50_000 + i).unwrap();
+            for (conn, server_port) in [
+                (
+                    ConnectionRef::Tuple {
+                        client: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 9), port)),
+                        server_port: PORT,
+                    },
+                    Some(PORT),
+                ),
+                (
+                    ConnectionRef::Client(Ipv4Addr::new(127, 0, 0, 10).into()),
+                    None,
+                ),
+            ] {
+                let decision = core.authorize(
+                    conn,
+                    Attribution {
+                        account: a.clone(),
+                        content: None,
+                        denied: false,
+                    },
+                    &mut |_| None,
+                    S,
+                    Instant::now(),
+                );
+                let published = match standings.refusal(&a, server_port) {
+                    Some(reason) => Decision::Deny(reason),
+                    None => Decision::Allow(Outcome::Pending),
+                };
+                assert_eq!(
+                    decision, published,
+                    "{a} on {conn:?} with the service's {service_policy:?}"
+                );
+            }
+        }
+    }
+}
