@@ -5,7 +5,8 @@
 //! records, hands both to the core, lets the core charge and settle, and
 //! commits what the core staged in one ledger transaction. In between, it
 //! drains the ring as records arrive (each committed before its release:
-//! see [`kernel::Record`]) and serves API commands.
+//! see [`kernel::Record`]), serves API commands, and applies the
+//! admissions the API answered on its own thread (see [`crate::admission`]).
 //!
 //! `run` takes its shutdown as a future, so tests and `main` decide when it
 //! stops; on shutdown it drains and bills once more and returns, leaving the
