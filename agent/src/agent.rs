@@ -5,7 +5,8 @@
 //! records, hands both to the core, lets the core charge and settle, and
 //! commits what the core staged in one ledger transaction. In between, it
 //! drains the ring as records arrive (each committed before its release:
-//! see [`kernel::Record`]) and serves API commands.
+//! see [`kernel::Record`]), serves API commands, and applies the
+//! admissions the API answered on its own thread (see [`crate::admission`]).
 //!
 //! `run` takes its shutdown as a future, so tests and `main` decide when it
 //! stops; on shutdown it drains and bills once more and returns, leaving the
@@ -27,6 +28,7 @@ use tokio::{
 };
 
 use crate::{
+    admission::{Admission, Gate},
     api::{self, ApiError, Command, CreditReply},
     attribution::Pending,
     clock,
@@ -37,8 +39,9 @@ use crate::{
     fleet::{self, Fleet},
     governor::{CycleSignals, Pacer},
     hooks,
+    journal::{Entry, Journal, JournalError},
     kernel::{self, Kernel, KernelError, Record},
-    ledger::{Committed, Ledger, LedgerError, SettledTotals},
+    ledger::{Checkpointer, Committed, Ledger, LedgerError, SettledTotals},
     limits::{Limits, Standing},
     load::{Load, LoadMonitor},
     metrics::{Metrics, Persisted, ServiceTotals, SharedMetrics},
@@ -47,6 +50,10 @@ use crate::{
 
 /// Ledger `meta` key of the agent's own persisted counters.
 const PERSISTED_KEY: &str = "metrics";
+
+/// How often the ledger's WAL is checkpointed (off the run loop): this
+/// bounds the WAL's size and what a power loss can take back.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Options of `meterd run` beyond the config file.
 #[derive(Debug, Clone, Default)]
@@ -74,6 +81,10 @@ pub enum AgentError {
     Exporter(#[from] ExporterError),
     #[error(transparent)]
     ClosedLog(#[from] ClosedLogError),
+    #[error(
+        "{0}; answered admissions are replayed from it at the next start: fix it (disk space, permissions of the ledger's directory) and start meterd again"
+    )]
+    Journal(#[from] JournalError),
     #[error(
         "another meterd (pid {pid}) is running with agent.pin_dir {pin_dir}: stop it first, or give this one its own pin_dir"
     )]
@@ -118,11 +129,19 @@ pub async fn run(
     kernel::system::check_privileges().map_err(KernelError::from)?;
     let (_instance, instance_name) = lock_instance(&config.agent.pin_dir)?;
     let ledger = Ledger::open(&config.billing.ledger, &config.billing.currency)?;
+    let _checkpointer = Checkpointer::spawn(&config.billing.ledger, CHECKPOINT_INTERVAL)?;
+    let boot_id = clock::boot_id().map_err(io("reading the boot id"))?;
+    let mut ledger = ledger;
+    let mut core = open_core(&config, &mut ledger, &boot_id)?;
+    let (gate, admit_rx, replayed_count) = open_admissions(&config, &mut core)?;
+    let fleet = start_fleet(&config, &mut ledger)?;
     // The API is bound before anything is attached: a start it refuses (a
     // path that is not a socket, a socket in use) leaves nothing behind.
-    // Requests wait in the channel until the loop runs.
+    // Requests for the loop wait in the channel until the loop runs;
+    // admissions are answered from the standings already.
     let (api_tx, api_rx) = mpsc::channel(1024);
-    let api_at = api::spawn(&config, api_tx.clone()).await?;
+    let api_server = api::spawn(&config, api_tx.clone(), Arc::clone(&gate)).await?;
+    let api_at = api_server.at.clone();
     let mut kernel = Kernel::open(&config)?;
     tracing::info!(
         startup = ?kernel.startup,
@@ -132,7 +151,6 @@ pub async fn run(
         services = config.services.len(),
         "metering"
     );
-    let boot_id = clock::boot_id().map_err(io("reading the boot id"))?;
     let (log, log_ids) = match &options.closed_log {
         Some(path) => {
             let (log, ids) = ClosedLog::open(path)?;
@@ -140,9 +158,6 @@ pub async fn run(
         }
         None => (None, HashSet::new()),
     };
-    let mut ledger = ledger;
-    let core = open_core(&config, &mut ledger, &boot_id)?;
-    let fleet = start_fleet(&config, &mut ledger)?;
     let persisted: Persisted = ledger
         .load_meta(PERSISTED_KEY)?
         .and_then(|json| serde_json::from_str(&json).ok())
@@ -155,6 +170,7 @@ pub async fn run(
         api = %api_at,
         open_sessions = core.viewers().count(),
         open_connections = core.restored_waiting(),
+        replayed_admissions = replayed_count,
         "attribution API listening"
     );
 
@@ -190,7 +206,11 @@ pub async fn run(
         refused_base,
         metrics: Arc::clone(&metrics),
         fleet,
+        standings_generation: 0,
+        gate,
+        admissions: admit_rx,
     };
+    agent.standings_generation = agent.core.limits().generation();
     agent.cycle(ring.get_mut())?;
     // Serve metrics only now: the first scrape already continues the
     // counters from the ledger and the kernel.
@@ -209,6 +229,7 @@ pub async fn run(
     if let Some(path) = record {
         let _ = std::fs::remove_file(path);
     }
+    drop(api_server);
     result
 }
 
@@ -290,6 +311,31 @@ fn start_fleet(config: &Config, ledger: &mut Ledger) -> Result<Option<Fleet>, Ag
     Ok(Some(fleet))
 }
 
+/// The admission journal, replayed into the core, and the gate the API
+/// decides admissions at. Admissions answered before a crash (or a stop)
+/// wait for their connections again, for what is left of their TTL: the
+/// first read applies them, to connections it meets for the first time
+/// and to open ones the ledger had.
+fn open_admissions(
+    config: &Config,
+    core: &mut Core,
+) -> Result<(Arc<Gate>, mpsc::UnboundedReceiver<Admission>, usize), AgentError> {
+    let (journal, replayed) = Journal::open(&config.billing.ledger)?;
+    let replayed_count = replayed.len();
+    for e in replayed {
+        core.admit(e.conn, e.attribution(), &mut |_| None, 0, e.instant());
+    }
+    let (admit_tx, admit_rx) = mpsc::unbounded_channel();
+    let gate = Arc::new(Gate::new(
+        core.standings(),
+        journal,
+        admit_tx,
+        config.api.max_pending,
+        core.pending_count(),
+    ));
+    Ok((gate, admit_rx, replayed_count))
+}
+
 /// Writes where this agent runs, for client commands without `--config`.
 fn record_running(
     config: &std::path::Path,
@@ -336,6 +382,7 @@ async fn serve(
                 guard.clear_ready();
             }
             Some(command) = api_rx.recv() => agent.command(command)?,
+            Some(first) = agent.admissions.recv() => agent.admitted(first),
             _ = load_ticker.tick() => agent.sample_load(),
             _ = agent.pacer.tick() => agent.cycle(ring.get_mut())?,
             _ = delivery_ticker.tick() => agent.deliver(&delivered_tx)?,
@@ -383,6 +430,12 @@ struct Agent {
     metrics: SharedMetrics,
     /// The fleet link, with a `[fleet]`.
     fleet: Option<Fleet>,
+    /// The limits' generation the gate's standings were built from.
+    standings_generation: u64,
+    /// Where the API decides admissions; the loop publishes to it.
+    gate: Arc<Gate>,
+    /// Admissions the API answered, to apply.
+    admissions: mpsc::UnboundedReceiver<Admission>,
 }
 
 impl Agent {
@@ -621,6 +674,10 @@ impl Agent {
             self.ledger.save_meta(PERSISTED_KEY, &json)?;
         }
         self.publish_metrics(&live_totals);
+        // Reads took pending attributions and some expired: the gate's
+        // count of free pending slots follows.
+        self.gate.applied(0, self.core.pending_count());
+        self.rotate_journal()?;
         Ok(())
     }
 
@@ -711,6 +768,9 @@ impl Agent {
             .expire_pending(Instant::now(), self.config.api.pending_ttl);
         self.apply_fleet_view();
         let live = self.core.on_cycle(now_ns);
+        // Before the commit and the cut-offs: an account the check has
+        // just marked is refused from here on.
+        self.publish_standings();
         let batch = self.core.take_batch();
         self.commit(&batch)?;
         self.redelivery = false;
@@ -938,23 +998,8 @@ impl Agent {
                 // Committed before the answer: an applied attribution
                 // survives a crash.
                 self.commit_staged()?;
+                self.gate.applied(0, self.core.pending_count());
                 let _ = reply.send(outcome);
-            }
-            Command::Authorize {
-                conn,
-                attribution,
-                reply,
-            } => {
-                let kernel = &self.kernel;
-                let decision = self.core.authorize(
-                    conn,
-                    attribution,
-                    &mut |key| counts_now(kernel, key),
-                    clock::boot_ns(),
-                    Instant::now(),
-                );
-                self.commit_staged()?;
-                let _ = reply.send(decision);
             }
             Command::Credit {
                 account,
@@ -968,6 +1013,67 @@ impl Agent {
                 let _ = reply.send(self.status());
             }
         }
+        Ok(())
+    }
+
+    /// Applies admissions the API answered: this one and whatever else
+    /// has arrived. What that stages is committed with the next commit (at
+    /// the latest the cycle's), not now: until then each admission is in
+    /// the journal, whose file is removed only after that commit (see
+    /// [`Self::rotate_journal`]), and a commit per request was most of
+    /// what the ledger wrote under a stream of admissions.
+    fn admitted(&mut self, first: Admission) {
+        let mut admissions = vec![first];
+        while admissions.len() < 4096
+            && let Ok(a) = self.admissions.try_recv()
+        {
+            admissions.push(a);
+        }
+        self.apply_admissions(admissions);
+    }
+
+    fn apply_admissions(&mut self, admissions: Vec<Admission>) {
+        let n = admissions.len();
+        let now_ns = clock::boot_ns();
+        for a in admissions {
+            let kernel = &self.kernel;
+            self.core.admit(
+                a.conn,
+                a.attribution,
+                &mut |key| counts_now(kernel, key),
+                now_ns,
+                a.at,
+            );
+        }
+        self.gate.applied(n, self.core.pending_count());
+    }
+
+    /// Publishes the standings to the API if they changed.
+    fn publish_standings(&mut self) {
+        let generation = self.core.limits().generation();
+        if generation != self.standings_generation {
+            self.gate.publish(self.core.standings());
+            self.standings_generation = generation;
+        }
+    }
+
+    /// Starts a new journal file once the current one has entries: every
+    /// entry of the old files is then applied and committed, or waits in
+    /// the core and is written again, before the old files go.
+    fn rotate_journal(&mut self) -> Result<(), AgentError> {
+        let Some(taken) = self.gate.rotate(&mut self.admissions)? else {
+            return Ok(());
+        };
+        self.apply_admissions(taken);
+        // Everything the old files held is now committed, or pending and
+        // written again below.
+        self.commit_staged()?;
+        let pending: Vec<Entry> = self
+            .core
+            .pending_entries()
+            .map(|(conn, a, at)| Entry::new(0, *conn, a, at.elapsed()))
+            .collect();
+        self.gate.rewrite(&pending)?;
         Ok(())
     }
 
@@ -997,6 +1103,7 @@ impl Agent {
             .ledger
             .record_credit(credit_id, account, amount_minor)?;
         if inserted && let Some(c) = self.core.credit(account, amount_minor) {
+            self.publish_standings();
             tracing::info!(
                 account,
                 credit_id,

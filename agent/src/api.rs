@@ -17,8 +17,12 @@
 //!
 //! Listens on a unix socket (mode 0660, owned by `api.group` if set) or on
 //! a loopback TCP address with a bearer token, checked (in constant time)
-//! before any body is read. Requests become [`Command`]s for the run loop,
-//! which owns the billing core.
+//! before any body is read, on a thread and runtime of its own, so that
+//! the run loop's cycles and commits never hold a request up. Admissions
+//! (`/v1/authorize`, `/v1/rtmp`) are decided there by the [`Gate`] from
+//! the standings the loop publishes, journaled, and handed to the loop
+//! without waiting for it; the other requests become [`Command`]s for the
+//! run loop, which owns the billing core.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -40,6 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use crate::core::{Decision, Outcome};
 use crate::{
+    admission::{Gate, GateError},
     attribution::{Attribution, ConnectionRef},
     config::Config,
 };
@@ -52,13 +57,6 @@ pub enum Command {
         conn: ConnectionRef,
         attribution: Attribution,
         reply: oneshot::Sender<Outcome>,
-    },
-    /// May this connection be served for this account? (It is attributed
-    /// when it may.)
-    Authorize {
-        conn: ConnectionRef,
-        attribution: Attribution,
-        reply: oneshot::Sender<Decision>,
     },
     /// A prepaid top-up.
     Credit {
@@ -154,12 +152,32 @@ pub enum ApiError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("starting the API's thread: {0}")]
+    Thread(std::io::Error),
 }
 
 #[derive(Clone)]
 struct ApiState {
     commands: mpsc::Sender<Command>,
+    gate: Arc<Gate>,
     token: Option<Arc<str>>,
+}
+
+/// The API, served on its own thread until this is dropped.
+pub struct ApiServer {
+    /// Where it listens: the socket's path or the TCP address.
+    pub at: String,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The API's routes.
@@ -174,28 +192,92 @@ fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Binds the API and serves it in the background; returns where it listens.
-pub async fn spawn(config: &Config, commands: mpsc::Sender<Command>) -> Result<String, ApiError> {
+/// Binds the API and serves it on a thread of its own (with its own
+/// single-threaded runtime), so that nothing the run loop does delays a
+/// request that does not need the loop.
+pub async fn spawn(
+    config: &Config,
+    commands: mpsc::Sender<Command>,
+    gate: Arc<Gate>,
+) -> Result<ApiServer, ApiError> {
     let state = ApiState {
         commands,
+        gate,
         token: config.api.token.as_deref().map(Arc::from),
     };
     let app = router(state);
-    let max = crate::serve::per_listener(crate::serve::raise_fd_limit());
-    if let Some(path) = config.api.socket_path(&config.agent) {
-        let listener = bind_unix(&path, config.api.group.as_deref()).await?;
-        tokio::spawn(crate::serve::serve(listener, app, max, "api"));
-        Ok(path.display().to_string())
+    let socket = config.api.socket_path(&config.agent);
+    let group = config.api.group.clone();
+    let listen = config.api.listen;
+    let (ready, bound) = oneshot::channel::<Result<String, ApiError>>();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("meterd-api".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready.send(Err(ApiError::Thread(e)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let max = crate::serve::per_listener(crate::serve::raise_fd_limit());
+                let serving = match listen_on(socket, group.as_deref(), listen).await {
+                    Ok((Listening::Unix(l), at)) => {
+                        let _ = ready.send(Ok(at));
+                        tokio::spawn(crate::serve::serve(l, app, max, "api"))
+                    }
+                    Ok((Listening::Tcp(l), at)) => {
+                        let _ = ready.send(Ok(at));
+                        tokio::spawn(crate::serve::serve(l, app, max, "api"))
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = stopped.await;
+                serving.abort();
+            });
+        })
+        .map_err(ApiError::Thread)?;
+    let mut server = ApiServer {
+        at: String::new(),
+        stop: Some(stop),
+        thread: Some(thread),
+    };
+    server.at = bound.await.map_err(|_| {
+        ApiError::Thread(std::io::Error::other("the API's thread ended at start"))
+    })??;
+    Ok(server)
+}
+
+enum Listening {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+async fn listen_on(
+    socket: Option<PathBuf>,
+    group: Option<&str>,
+    listen: Option<SocketAddr>,
+) -> Result<(Listening, String), ApiError> {
+    if let Some(path) = socket {
+        let listener = bind_unix(&path, group).await?;
+        Ok((Listening::Unix(listener), path.display().to_string()))
     } else {
-        let addr = config.api.listen.expect("validated: socket or listen");
+        let addr = listen.expect("validated: socket or listen");
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ApiError::Listen { addr, source })?;
         let local = listener
             .local_addr()
             .map_err(|source| ApiError::Listen { addr, source })?;
-        tokio::spawn(crate::serve::serve(listener, app, max, "api"));
-        Ok(local.to_string())
+        Ok((Listening::Tcp(listener), local.to_string()))
     }
 }
 
@@ -403,13 +485,30 @@ async fn authorize(State(state): State<ApiState>, headers: HeaderMap) -> ApiResu
         client,
         server_port,
     };
-    let decision = ask(&state, |reply| Command::Authorize {
-        conn,
-        attribution,
-        reply,
-    })
-    .await?;
+    let decision = admit(&state, conn, attribution, Some(server_port))?;
     Ok(decision_response(decision, StatusCode::NO_CONTENT))
+}
+
+/// An admission through the [`Gate`]: decided from the published
+/// standings and journaled before it is answered, without the run loop.
+fn admit(
+    state: &ApiState,
+    conn: ConnectionRef,
+    attribution: Attribution,
+    server_port: Option<u16>,
+) -> ApiResult<Decision> {
+    match state.gate.admit(conn, attribution, server_port) {
+        Ok(decision) => Ok(decision),
+        Err(GateError::Busy) => Ok(Decision::Deny("busy")),
+        Err(GateError::Stopping) => Err(unavailable()),
+        Err(e @ GateError::Journal(_)) => {
+            tracing::error!(error = %e, "admission not recorded: answered 503");
+            Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("meterd cannot record the admission: {e}\n"),
+            ))
+        }
+    }
 }
 
 /// An nginx-rtmp callback. The play or publish URL's query is appended to
@@ -449,12 +548,7 @@ async fn rtmp(
     };
     let attribution = attribution(&account, callback.name.as_deref())?;
     let conn = ConnectionRef::Client(callback.addr);
-    let decision = ask(&state, |reply| Command::Authorize {
-        conn,
-        attribution,
-        reply,
-    })
-    .await?;
+    let decision = admit(&state, conn, attribution, None)?;
     Ok(decision_response(decision, StatusCode::OK))
 }
 

@@ -25,7 +25,8 @@ pub struct Attribution {
 }
 
 /// How an API request names its connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ConnectionRef {
     /// The socket cookie (`SO_COOKIE` on the server's socket).
     Cookie(u64),
@@ -67,9 +68,17 @@ impl Pending {
 
     /// Keeps an attribution until its connection shows up; false (and
     /// nothing kept) when `capacity` are already waiting.
-    pub fn add(&mut self, conn: ConnectionRef, attribution: Attribution, now: Instant) -> bool {
+    /// `forced` keeps it even then: the API reserved its slot before
+    /// answering (see `crate::admission`).
+    pub fn add(
+        &mut self,
+        conn: ConnectionRef,
+        attribution: Attribution,
+        now: Instant,
+        forced: bool,
+    ) -> bool {
         let conn = canonical(conn);
-        if self.waiting.len() >= self.capacity && !self.waiting.contains_key(&conn) {
+        if !forced && self.waiting.len() >= self.capacity && !self.waiting.contains_key(&conn) {
             return false;
         }
         self.waiting.insert(conn, (attribution, now));
@@ -112,6 +121,11 @@ impl Pending {
             self.waiting.shrink_to_fit();
         }
         before - self.waiting.len()
+    }
+
+    /// The attributions waiting, with when each arrived.
+    pub fn entries(&self) -> impl Iterator<Item = (&ConnectionRef, &Attribution, Instant)> {
+        self.waiting.iter().map(|(c, (a, at))| (c, a, *at))
     }
 
     /// Number waiting.

@@ -5,7 +5,10 @@
 //! ledger and exports ([`ledger`], [`closed_log`], [`metrics`]), driven by
 //! the run loop in [`agent`], with [`load`] and [`governor`] pacing the
 //! cycle. [`config`] and [`tariff`] hold what the operator configured.
+//! The [`api`] answers admissions from [`admission`]'s published standings
+//! on its own thread, with each answer first recorded in the [`journal`].
 
+pub mod admission;
 pub mod agent;
 pub mod api;
 pub mod attribution;
@@ -18,6 +21,7 @@ pub mod exporter;
 pub mod fleet;
 pub mod governor;
 pub mod hooks;
+pub mod journal;
 pub mod kernel;
 pub mod ledger;
 pub mod limits;

@@ -68,6 +68,9 @@ pub struct Limits {
     accounts: HashMap<String, Account>,
     /// Spent, in millionths of a minor unit (configured accounts only).
     spent: HashMap<String, i64>,
+    /// Bumped whenever an account's standing changes: the run loop
+    /// republishes the admission standings when it moved.
+    generation: u64,
 }
 
 /// A top-up's effect.
@@ -107,7 +110,11 @@ impl Limits {
             .into_iter()
             .filter(|(a, _)| accounts.contains_key(a))
             .collect();
-        Self { accounts, spent }
+        Self {
+            accounts,
+            spent,
+            generation: 0,
+        }
     }
 
     /// Adds a recorded charge (negative for a settlement below the cycles).
@@ -125,6 +132,7 @@ impl Limits {
             let spent = a.total(self.spent.get(id).copied().unwrap_or(0));
             if !a.reached && i128::from(spent) >= a.limit_micro() {
                 a.reached = true;
+                self.generation += 1;
                 out.push((
                     id.clone(),
                     spent / i64::try_from(MICRO).unwrap_or(1),
@@ -144,6 +152,9 @@ impl Limits {
         let spent = a.total(self.spent.get(account).copied().unwrap_or(0));
         let was = a.reached;
         a.reached = i128::from(spent) >= a.limit_micro();
+        if a.reached != was {
+            self.generation += 1;
+        }
         Some(Credited {
             limit_minor: a.limit_minor(),
             spent_minor: spent / i64::try_from(MICRO).unwrap_or(1),
@@ -168,6 +179,7 @@ impl Limits {
         let readmitted = a.reached && i128::from(spent) < a.limit_micro();
         if readmitted {
             a.reached = false;
+            self.generation += 1;
         }
         Some(readmitted)
     }
@@ -222,6 +234,11 @@ impl Limits {
     /// Whether an account has reached its limit.
     pub fn is_reached(&self, account: &str) -> bool {
         self.accounts.get(account).is_some_and(|a| a.reached)
+    }
+
+    /// Changes whenever some account's standing changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Number of accounts at their limit.
@@ -301,7 +318,9 @@ mod tests {
             "shares only its own"
         );
         // Another host's top-up raises the fleet's limit and re-admits.
+        let before = l.generation();
         assert_eq!(l.set_others("alice", 30 * 1_000_000, 50), Some(true));
+        assert!(l.generation() > before, "a re-admission is published");
         assert_eq!(l.standing("alice"), Standing::Ok);
         assert_eq!(l.set_others("bob", 1, 1), None);
     }

@@ -1588,3 +1588,118 @@ fn bogus_pending_attributions_are_bounded_in_number_memory_and_cycle_time() {
     );
     drop(agent);
 }
+
+/// Asks `GET /v1/authorize` on the agent's unix socket as nginx's
+/// `auth_request` does (one connection per request); returns the status.
+fn authorize_on(
+    socket: &std::path::Path,
+    client: SocketAddr,
+    server_port: u16,
+    account: &str,
+) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", socket.display()));
+    write!(
+        s,
+        "GET /v1/authorize HTTP/1.1\r\nHost: meterd\r\nConnection: close\r\n\
+         X-Meterd-Client: {client}\r\nX-Meterd-Server-Port: {server_port}\r\n\
+         X-Meterd-Account: {account}\r\nX-Meterd-Content: crash-test\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {answer:?}"))
+}
+
+/// The crash rule of issue 10's last point: an attribution answered 204
+/// is not lost by a `kill -9` of the agent right after the answer. A
+/// client connects to a metered server, `/v1/authorize` names its
+/// connection for alice (204), and the agent is killed at once, before its
+/// next cycle could read the connection (so the attribution was only on
+/// its way, or pending). While no agent runs, the server sends the
+/// response (3 MB); the agent starts again. The connection's bytes, as
+/// the server logged them, are billed to alice's session, none to the
+/// client's address.
+#[test]
+fn admission_answered_204_survives_kill_9_of_the_agent() {
+    use std::io::{Read as _, Write as _};
+    let Some(mut env) = TestEnv::new("adm-crash", traffic_bin!(), Setup::default()) else {
+        return;
+    };
+    let server_port = port(7, 0);
+    let server_at = SocketAddr::from((Ipv4Addr::LOCALHOST, server_port));
+    // A 2 s interval: the kill lands well before the next read.
+    let config = AgentConfig {
+        tcp_ports: vec![server_port],
+        interval: Duration::from_secs(2),
+        session_idle: Duration::from_secs(2),
+        ..AgentConfig::default()
+    };
+    let mut agent = admission::start_agent(&env, &config, "", None);
+    let server = env.tcp_server(&[server_at]);
+    let socket = std::path::PathBuf::from(agent.ready().api);
+    let down: u64 = 3_000_000;
+    let mut stream = std::net::TcpStream::connect(server_at).unwrap();
+    let client = stream.local_addr().unwrap();
+    let status = authorize_on(&socket, client, server_port, "alice");
+    agent.kill9();
+    assert_eq!(status, 204, "/v1/authorize for {client}");
+
+    // The response moves while no agent runs.
+    stream
+        .write_all(format!("GET {down} 0 client\n").as_bytes())
+        .unwrap();
+    let mut got = vec![0u8; usize::try_from(down).unwrap()];
+    stream.read_exact(&mut got).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    drop(stream);
+    thread::sleep(Duration::from_millis(300));
+    agent.start();
+
+    let started = Instant::now();
+    let mut ledger = agent.ledger();
+    while started.elapsed() < SETTLE_TIMEOUT
+        && !ledger
+            .connections
+            .iter()
+            .any(|c| conn_of(c) == client && ledger.session(&c.session_id).is_some())
+    {
+        thread::sleep(Duration::from_millis(500));
+        ledger = agent.ledger();
+    }
+    let log = env.server_log(&server);
+    let truth = log
+        .iter()
+        .find(|c| c.client_port == client.port())
+        .unwrap_or_else(|| panic!("the server logged no connection from {client}: {log:?}"));
+    let records: Vec<&ConnectionRecord> = ledger
+        .connections
+        .iter()
+        .filter(|c| conn_of(c) == client)
+        .collect();
+    let billed: BTreeMap<&str, u64> = records.iter().fold(BTreeMap::new(), |mut m, c| {
+        *m.entry(c.account.as_str()).or_default() += c.bytes_out;
+        m
+    });
+    assert_eq!(
+        billed,
+        BTreeMap::from([("alice", truth.bytes_sent)]),
+        "the connection's bytes out by account (the server sent {} bytes); the agent's log:\n{}\n{}",
+        truth.bytes_sent,
+        agent.log_tail(30),
+        describe(&ledger)
+    );
+    let alice = sessions_of(&ledger, "alice");
+    assert!(
+        alice.len() == 1 && alice[0].bytes_out == truth.bytes_sent,
+        "alice's sessions: {alice:?}"
+    );
+    agent.stop();
+}

@@ -43,7 +43,7 @@ use crate::{
     attribution::{Attribution, ConnectionRef, Pending},
     billing::{self, Accrual},
     config::OnLimit,
-    limits::{Credited, Limits, Standing},
+    limits::{Credited, Limits},
     tariff::{MICRO, Tariff},
 };
 
@@ -828,6 +828,56 @@ impl Core {
         now_ns: u64,
         now: Instant,
     ) -> Outcome {
+        self.attribute_as(conn, attribution, fresh, now_ns, now, false)
+    }
+
+    /// Applies an admission the API has already answered (from the
+    /// published [`Standings`](crate::admission::Standings)), with its
+    /// decision in `attribution.denied`: exactly what [`Self::authorize`]
+    /// does after deciding. `at` is when it was answered (the pending
+    /// TTL counts from then). The API reserved its pending slot before it
+    /// answered, so it is kept even over `api.max_pending`: an attribution
+    /// answered 204 is never dropped here.
+    pub fn admit(
+        &mut self,
+        conn: ConnectionRef,
+        attribution: Attribution,
+        fresh: &mut dyn FnMut(&ConnKey) -> Option<Counts>,
+        now_ns: u64,
+        at: Instant,
+    ) {
+        // By address alone (nginx-rtmp), a refusal kept pending would fall
+        // on the next connection from there: see `authorize`.
+        if attribution.denied && matches!(conn, ConnectionRef::Client(_)) {
+            return;
+        }
+        self.attribute_as(conn, attribution, fresh, now_ns, at, true);
+    }
+
+    /// The published standings: what the API decides admissions from.
+    pub fn standings(&self) -> crate::admission::Standings {
+        crate::admission::Standings::new(
+            &self.limits,
+            self.services
+                .iter()
+                .flat_map(|s| s.tcp_ports.iter().map(move |p| (*p, s.on_limit))),
+        )
+    }
+
+    /// The pending attributions, with when each arrived.
+    pub fn pending_entries(&self) -> impl Iterator<Item = (&ConnectionRef, &Attribution, Instant)> {
+        self.pending.entries()
+    }
+
+    fn attribute_as(
+        &mut self,
+        conn: ConnectionRef,
+        attribution: Attribution,
+        fresh: &mut dyn FnMut(&ConnKey) -> Option<Counts>,
+        now_ns: u64,
+        now: Instant,
+        forced: bool,
+    ) -> Outcome {
         let key = match conn {
             ConnectionRef::Cookie(c) => {
                 Some(ConnKey::Tcp(c)).filter(|k| self.conns.contains_key(k))
@@ -855,7 +905,7 @@ impl Core {
             }
         };
         let Some(key) = key else {
-            return if self.pending.add(conn, attribution, now) {
+            return if self.pending.add(conn, attribution, now, forced) {
                 Outcome::Pending
             } else {
                 self.refused += 1;
@@ -871,8 +921,17 @@ impl Core {
         if let Some(counts) = fresh(&key) {
             c.raise(&counts);
         }
+        self.reattribute(key, attribution, now_ns);
+        Outcome::Applied
+    }
+
+    /// Gives a known connection a new attribution from its current
+    /// counts on: bytes up to them stay where they were.
+    fn reattribute(&mut self, key: ConnKey, attribution: Attribution, now_ns: u64) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
         if c.seg.has_payload(&c.counts) {
-            // Bytes up to now stay where they were.
             let at = c.counts;
             self.end_segment(key, at, at.last_ns, false);
             self.next_segment(key, at, now_ns, Some(Arc::new(attribution)));
@@ -882,7 +941,6 @@ impl Core {
                 .segments
                 .push(segment_row(&self.boot, c, true, 0));
         }
-        Outcome::Applied
     }
 
     /// The streaming server asks whether to serve a request on connection
@@ -904,15 +962,14 @@ impl Core {
             }
             ConnectionRef::Client(_) => None,
         };
-        let refusal = match self.limits.standing(&attribution.account) {
-            Standing::Blocked => Some("blocked"),
-            Standing::Reached
-                if self.policy(&attribution.account, server_port) != OnLimit::Notify =>
-            {
-                Some("limit_reached")
-            }
-            _ => None,
-        };
+        let service_policy = server_port
+            .and_then(|p| self.by_port.get(&(Protocol::Tcp, p)))
+            .and_then(|s| s.on_limit);
+        let refusal = crate::admission::refusal(
+            self.limits.standing(&attribution.account),
+            self.limits.policy(&attribution.account),
+            service_policy,
+        );
         if let Some(reason) = refusal {
             // The refusal nginx sends now is billed to nobody (its bytes
             // stay in the connection's audit rows). Only for a connection
@@ -931,18 +988,6 @@ impl Core {
             Outcome::Refused => Decision::Deny("busy"),
             outcome => Decision::Allow(outcome),
         }
-    }
-
-    /// An account's `on_limit`: its own, else the service's, else `cut`.
-    fn policy(&self, account: &str, server_port: Option<u16>) -> OnLimit {
-        self.limits
-            .policy(account)
-            .or_else(|| {
-                server_port
-                    .and_then(|p| self.by_port.get(&(Protocol::Tcp, p)))
-                    .and_then(|s| s.on_limit)
-            })
-            .unwrap_or(OnLimit::Cut)
     }
 
     /// A committed top-up: the account may be served again if it is back
@@ -1217,6 +1262,24 @@ impl Core {
             };
             if conn.start_ns == 0 {
                 conn.start_ns = r.start_ns;
+            }
+            // An admission answered before a crash and replayed from the
+            // journal (see `crate::journal`) for a connection the ledger
+            // already had: its bytes since the last commit go to it.
+            let cookie = match key {
+                ConnKey::Tcp(c) => Some(c),
+                ConnKey::Udp { .. } => None,
+            };
+            if let Some(a) = self
+                .pending
+                .take(cookie, peer.client(), peer.server_port)
+                .filter(|a| conn.attribution.as_deref() != Some(a))
+            {
+                let from_ns = conn.counts.last_ns.max(conn.seg.start_ns);
+                self.tuples.insert((peer.client(), peer.server_port), key);
+                self.conns.insert(key, conn);
+                self.reattribute(key, a, from_ns);
+                return true;
             }
         } else {
             let cookie = match key {

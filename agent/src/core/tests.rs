@@ -852,3 +852,154 @@ fn an_untracked_connection_is_dated_at_its_close() {
     assert_eq!(s.duration_ms, 0);
     store.check_sums();
 }
+
+/// An admission the API answered (and journaled) that the loop had not
+/// applied when it was killed: the restarted core gets it through
+/// [`Core::admit`] before its first read. A connection the agent had not
+/// seen is billed to the account from its start; one the ledger already
+/// had (open, unattributed) from its last committed counts on; and a
+/// replay of an admission committed before the crash changes nothing.
+#[test]
+fn replayed_admissions_bill_the_account_after_a_crash() {
+    let alice = || Attribution {
+        account: "alice".into(),
+        content: Some("m".into()),
+        denied: false,
+    };
+    let tuple = |port| ConnectionRef::Tuple {
+        client: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 8), port)),
+        server_port: PORT,
+    };
+    let mut core = new_core(volume(1, 1, 0), 5);
+    let mut store = Store::default();
+    let (a, b, c) = (info(8, 47_001, S), info(8, 47_002, S), info(8, 47_003, S));
+    let infos = HashMap::from([(51, a), (52, b), (53, c)]);
+    // b is read (unattributed) and committed; c is admitted and committed.
+    read(&mut core, &[(52, counts(0, S)), (53, counts(0, S))], &infos);
+    core.admit(tuple(47_003), alice(), &mut |_| None, S, Instant::now());
+    core.on_cycle(2 * S);
+    drive(&mut core, &mut store);
+    // a and b are answered 204; kill -9 before the loop applied them.
+    let mut restarted = new_core(volume(1, 1, 0), 5);
+    store.restore_into(&mut restarted);
+    for port in [47_001, 47_002, 47_003] {
+        restarted.admit(tuple(port), alice(), &mut |_| None, 0, Instant::now());
+    }
+    read(
+        &mut restarted,
+        &[
+            (51, counts(700, 3 * S)),
+            (52, counts(800, 3 * S)),
+            (53, counts(900, 3 * S)),
+        ],
+        &infos,
+    );
+    for (cookie, i, out) in [(51, a, 700), (52, b, 800), (53, c, 900)] {
+        restarted.on_record(&close(cookie, i, counts(out, 3 * S), 4 * S));
+    }
+    restarted.on_cycle(30 * S);
+    drive(&mut restarted, &mut store);
+    store.check_sums();
+    let mut billed: Vec<(String, u64)> = store
+        .sessions()
+        .iter()
+        .map(|s| (s.row.account.clone(), s.row.bytes_out))
+        .collect();
+    billed.sort();
+    // b's request bytes (in), moved before its attribution, stay with
+    // the client address, as for any connection attributed mid-way.
+    assert_eq!(
+        billed,
+        vec![("127.0.0.8".to_owned(), 0), ("alice".to_owned(), 2400)],
+        "{billed:?}"
+    );
+}
+
+/// The API decides admissions from the published standings; the core's
+/// own `authorize` decides from its limits: the same answer for every
+/// account standing and policy, on a service with and without its own
+/// `on_limit`, and by address alone.
+#[test]
+fn published_standings_decide_as_the_core_does() {
+    use crate::config::AccountConfig;
+    let spent = |id: &str| (id.to_owned(), 500 * MICRO.cast_signed());
+    let accounts: Vec<AccountConfig> = [
+        ("ok", None, false, false),
+        ("over", None, false, true),
+        ("over_notify", Some(OnLimit::Notify), false, true),
+        ("over_deny", Some(OnLimit::Deny), false, true),
+        ("over_cut", Some(OnLimit::Cut), false, true),
+        ("blocked", Some(OnLimit::Notify), true, false),
+    ]
+    .iter()
+    .map(|&(id, on_limit, blocked, _)| AccountConfig {
+        id: id.into(),
+        prepaid_minor: Some(100),
+        credit_limit_minor: None,
+        on_limit,
+        blocked,
+    })
+    .collect();
+    let spent: HashMap<String, i64> = ["over", "over_notify", "over_deny", "over_cut"]
+        .into_iter()
+        .map(spent)
+        .collect();
+    for service_policy in [None, Some(OnLimit::Notify), Some(OnLimit::Deny)] {
+        let mut core = Core::new(
+            "b00t",
+            vec![ServiceDef {
+                name: Arc::from("hls"),
+                tariff: volume(1, 1, 0),
+                idle_ns: 5 * S,
+                tcp_ports: vec![PORT],
+                udp_ports: Vec::new(),
+                on_limit: service_policy,
+                bill_unattributed: true,
+            }],
+            Limits::new(&accounts, spent.clone(), &HashMap::new()),
+            Pending::default(),
+        );
+        let standings = core.standings();
+        for (i, a) in accounts
+            .iter()
+            .map(|a| a.id.clone())
+            .chain(["stranger".into()])
+            .enumerate()
+        {
+            let port = u16::try_from(50_000 + i).unwrap();
+            for (conn, server_port) in [
+                (
+                    ConnectionRef::Tuple {
+                        client: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 9), port)),
+                        server_port: PORT,
+                    },
+                    Some(PORT),
+                ),
+                (
+                    ConnectionRef::Client(Ipv4Addr::new(127, 0, 0, 10).into()),
+                    None,
+                ),
+            ] {
+                let decision = core.authorize(
+                    conn,
+                    Attribution {
+                        account: a.clone(),
+                        content: None,
+                        denied: false,
+                    },
+                    &mut |_| None,
+                    S,
+                    Instant::now(),
+                );
+                let published = match standings.refusal(&a, server_port) {
+                    Some(reason) => Decision::Deny(reason),
+                    None => Decision::Allow(Outcome::Pending),
+                };
+                assert_eq!(
+                    decision, published,
+                    "{a} on {conn:?} with the service's {service_policy:?}"
+                );
+            }
+        }
+    }
+}

@@ -96,6 +96,8 @@ impl Outbox {
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        // The agent's checkpointer thread runs the WAL checkpoints.
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")?;
         conn.execute_batch(SCHEMA)?;
         Ok(Self { conn })
     }
