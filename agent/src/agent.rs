@@ -458,6 +458,10 @@ impl Agent {
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<usize, AgentError> {
         let mut n = 0;
         while let Some(record) = Record::next(ring) {
+            // An admission answered for this connection was handed over
+            // before the answer, so before the connection could close:
+            // it is in the channel now, and applies before the close.
+            self.sweep_admissions();
             let proof = if let Some(closed) = record.closed {
                 self.settle_record(&closed)?
             } else {
@@ -735,6 +739,10 @@ impl Agent {
 
         self.kernel.read_live(&mut self.live)?;
         self.kernel.read_udp(&mut self.udp)?;
+        // Admissions handed over before the read: applied before the core
+        // meets the connections it read (and their closes), so those are
+        // attributed whole.
+        self.sweep_admissions();
         self.drain(ring)?;
         if find_closed {
             self.settle_closed_in_live()?;
@@ -1030,6 +1038,20 @@ impl Agent {
             admissions.push(a);
         }
         self.apply_admissions(admissions);
+    }
+
+    /// Applies every admission handed over so far. Called after reading
+    /// the kernel and before billing what was read: an admission answered
+    /// before a connection was seen (or closed) then applies from its
+    /// start, whatever order the loop's events came in.
+    fn sweep_admissions(&mut self) {
+        let mut admissions = Vec::new();
+        while let Ok(a) = self.admissions.try_recv() {
+            admissions.push(a);
+        }
+        if !admissions.is_empty() {
+            self.apply_admissions(admissions);
+        }
     }
 
     fn apply_admissions(&mut self, admissions: Vec<Admission>) {
