@@ -162,9 +162,9 @@ impl SegmentRow {
 /// One cycle charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChargeRow {
-    pub session_id: String,
+    pub session_id: Arc<str>,
     pub seq: u64,
-    pub service: String,
+    pub service: Arc<str>,
     pub account: String,
     pub units: u64,
     pub amount_micro: u64,
@@ -1084,6 +1084,7 @@ impl Core {
         self.assign_waiting();
         let mut live: HashMap<Arc<str>, LiveTotals> = HashMap::new();
         let ids: Vec<Arc<str>> = self.viewers.keys().cloned().collect();
+        let this_boot = format!("v{}-", self.boot);
         for id in ids {
             let totals = match self.viewers.get(&id) {
                 Some(v) => self.totals(v),
@@ -1102,16 +1103,16 @@ impl Core {
                     i64::try_from(charge.amount_micro).unwrap_or(i64::MAX),
                 );
                 self.batch.charges.push(ChargeRow {
-                    session_id: id.to_string(),
+                    session_id: Arc::clone(&id),
                     seq: charge.seq,
-                    service: v.service.name.to_string(),
+                    service: Arc::clone(&v.service.name),
                     account,
                     units: charge.units,
                     amount_micro: charge.amount_micro,
                     accrual: v.accrual,
                 });
             }
-            let of_old_boot = !id.starts_with(&format!("v{}-", self.boot));
+            let of_old_boot = !id.starts_with(&this_boot);
             if v.ended(now_ns) || (of_old_boot && v.open.is_empty()) {
                 self.settle(&id, totals);
                 continue;
