@@ -348,7 +348,11 @@ mod tests {
                     "{name} with {current:#09b} set before: meterd set {set:#09b}"
                 );
             }
-            assert_eq!(set & !0x7f, 0, "meterd set a flag nobody asked for: {set:#x}");
+            assert_eq!(
+                set & !0x7f,
+                0,
+                "meterd set a flag nobody asked for: {set:#x}"
+            );
         }
     }
 }

@@ -150,12 +150,24 @@ mod tests {
     const CLOSES: &[(u32, bool, &str)] = &[
         (SYN_RECV, false, "reset before establishment"),
         (ESTABLISHED, false, "reset"),
-        (FIN_WAIT1, false, "reset or retransmission timeout, our FIN unacknowledged"),
-        (FIN_WAIT2, true, "server closed first, the client's FIN follows"),
+        (
+            FIN_WAIT1,
+            false,
+            "reset or retransmission timeout, our FIN unacknowledged",
+        ),
+        (
+            FIN_WAIT2,
+            true,
+            "server closed first, the client's FIN follows",
+        ),
         (FIN_WAIT2, false, "orphan FIN_WAIT2 timeout or reset"),
         (CLOSE_WAIT, true, "client's FIN, then a reset"),
         (CLOSING, true, "simultaneous close"),
-        (LAST_ACK, true, "client closed first, our FIN acknowledged or reset"),
+        (
+            LAST_ACK,
+            true,
+            "client closed first, our FIN acknowledged or reset",
+        ),
     ];
 
     #[test]
