@@ -13,6 +13,11 @@
 //! - UDP flows the server never answered bill nobody.
 //! - Config and startup errors name the field and the fix; the status
 //!   report is on the API, not on the metrics port.
+//! - The metered cgroup recreated (item 1), with the agent running and
+//!   stopped: metered again, every connection billed exactly.
+//! - Another sock_ops program's callback flags survive meterd's (item 9),
+//!   and an untracked close from FIN_WAIT2 is not billed the client's FIN
+//!   (item 10).
 //!
 //! Every verdict is a real outcome: files still there with their contents,
 //! `meterd`'s exit status and stderr, the ledger export and the closed log
