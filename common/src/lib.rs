@@ -83,6 +83,22 @@ pub const FLOW_CUT: u32 = 1 << 31;
 /// of its entry, and no datagram pays a second map lookup otherwise.
 pub const FLOW_CUT_CHECK_SHIFT: u32 = 27;
 
+/// `BPF_SOCK_OPS_STATE_CB_FLAG` (`include/uapi/linux/bpf.h`): the socket's
+/// TCP state changes call the sock_ops programs, which is how meterd sees a
+/// connection close.
+pub const SOCK_OPS_STATE_CB_FLAG: u32 = 1 << 2;
+
+/// The callback flags sock_ops sets on a metered socket: the ones the
+/// socket has (`bpf_sock_ops_cb_flags`, set by another program on the
+/// socket, e.g. an RTT or header-option program of the host's) plus the
+/// state callback. `bpf_sock_ops_cb_flags_set` replaces the whole set, so
+/// setting the state flag alone would silence the other program's
+/// callbacks (issue #12, item 9).
+#[must_use]
+pub const fn sock_ops_cb_flags(current: u32) -> u32 {
+    current | SOCK_OPS_STATE_CB_FLAG
+}
+
 /// Payload bytes of one connection or flow, and when they last moved. Live
 /// values never exceed the truth; the values in a [`Closed`] record are
 /// exact.
@@ -300,4 +316,43 @@ mod user {
     unsafe impl aya::Pod for super::Closed {}
     unsafe impl aya::Pod for super::UdpFlowKey {}
     unsafe impl aya::Pod for super::UdpFlow {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SOCK_OPS_STATE_CB_FLAG, sock_ops_cb_flags};
+
+    /// The callback flags of `include/uapi/linux/bpf.h` (Linux 6.18).
+    const CB_FLAGS: [(u32, &str); 7] = [
+        (1 << 0, "RTO_CB"),
+        (1 << 1, "RETRANS_CB"),
+        (1 << 2, "STATE_CB"),
+        (1 << 3, "RTT_CB"),
+        (1 << 4, "PARSE_ALL_HDR_OPT_CB"),
+        (1 << 5, "PARSE_UNKNOWN_HDR_OPT_CB"),
+        (1 << 6, "WRITE_HDR_OPT_CB"),
+    ];
+
+    #[test]
+    fn sock_ops_keeps_every_flag_another_program_set() {
+        assert_eq!(SOCK_OPS_STATE_CB_FLAG, CB_FLAGS[2].0);
+        // Every combination another program can have set before meterd's
+        // program runs on the socket.
+        for current in 0..1u32 << CB_FLAGS.len() {
+            let set = sock_ops_cb_flags(current);
+            for (flag, name) in CB_FLAGS {
+                let want = current & flag != 0 || flag == SOCK_OPS_STATE_CB_FLAG;
+                assert_eq!(
+                    set & flag != 0,
+                    want,
+                    "{name} with {current:#09b} set before: meterd set {set:#09b}"
+                );
+            }
+            assert_eq!(
+                set & !0x7f,
+                0,
+                "meterd set a flag nobody asked for: {set:#x}"
+            );
+        }
+    }
 }

@@ -84,17 +84,24 @@ pub fn final_bytes_out(bytes_acked: u64, old_state: u32, snd_una: u32, snd_nxt: 
 /// the socket left.
 ///
 /// `in_at_fin_wait2` is `bytes_received` when the socket entered FIN_WAIT2
-/// (no FIN can be in it then: a FIN in FIN_WAIT1 leads to CLOSING). From
-/// FIN_WAIT2 the socket closes either through the client's FIN (the counter
-/// grew by at least that byte) or without it: an orphan's FIN_WAIT2 timeout
-/// or a reset (the counter did not grow). Corner case: data that arrives in
-/// FIN_WAIT2 and is followed by a reset instead of a FIN reads as "FIN
-/// received" and is one byte low.
+/// (no FIN can be in it then: a FIN in FIN_WAIT1 leads to CLOSING), or `None`
+/// for an untracked connection (no `LIVE` entry, so no snapshot was taken).
+/// From FIN_WAIT2 the socket closes either through the client's FIN (the
+/// counter grew by at least that byte) or without it: an orphan's FIN_WAIT2
+/// timeout or a reset (the counter did not grow). Corner case: data that
+/// arrives in FIN_WAIT2 and is followed by a reset instead of a FIN reads as
+/// "FIN received" and is one byte low.
+///
+/// Without the snapshot the rule assumes the FIN arrived (the usual close
+/// after the server's FIN): exact then, one byte low after a timeout or a
+/// reset, never high. Assuming no FIN would bill every normal close of an
+/// untracked connection one byte high (issue #12, item 10).
 #[inline(always)]
-pub fn final_bytes_in(bytes_received: u64, old_state: u32, in_at_fin_wait2: u64) -> u64 {
-    let fin = match old_state {
-        CLOSE_WAIT | CLOSING | LAST_ACK => true,
-        FIN_WAIT2 => bytes_received > in_at_fin_wait2,
+pub fn final_bytes_in(bytes_received: u64, old_state: u32, in_at_fin_wait2: Option<u64>) -> u64 {
+    let fin = match (old_state, in_at_fin_wait2) {
+        // Untracked from FIN_WAIT2: assume the FIN, see above.
+        (CLOSE_WAIT | CLOSING | LAST_ACK, _) | (FIN_WAIT2, None) => true,
+        (FIN_WAIT2, Some(at_fin_wait2)) => bytes_received > at_fin_wait2,
         _ => false,
     };
     bytes_received.saturating_sub(u64::from(fin))
@@ -111,18 +118,18 @@ mod tests {
     fn server_closes_first_and_client_fin_follows() {
         // 1000 bytes sent, FIN acked (1001), client sent 10 bytes + FIN (11).
         assert_eq!(final_bytes_out(1001, FIN_WAIT2, 7, 7), 1000);
-        assert_eq!(final_bytes_in(11, FIN_WAIT2, 10), 10);
+        assert_eq!(final_bytes_in(11, FIN_WAIT2, Some(10)), 10);
     }
 
     #[test]
     fn orphan_fin_wait2_timeout_has_no_client_fin() {
-        assert_eq!(final_bytes_in(10, FIN_WAIT2, 10), 10);
+        assert_eq!(final_bytes_in(10, FIN_WAIT2, Some(10)), 10);
     }
 
     #[test]
     fn client_closes_first() {
         // Client's FIN came (CLOSE_WAIT), server's FIN acked in LAST_ACK.
-        assert_eq!(final_bytes_in(501, LAST_ACK, 0), 500);
+        assert_eq!(final_bytes_in(501, LAST_ACK, Some(0)), 500);
         assert_eq!(final_bytes_out(2001, LAST_ACK, 42, 42), 2000);
         // Reset in LAST_ACK with the FIN outstanding.
         assert_eq!(final_bytes_out(2000, LAST_ACK, 41, 42), 2000);
@@ -131,9 +138,73 @@ mod tests {
     #[test]
     fn reset_while_established_counts_everything() {
         assert_eq!(final_bytes_out(123, ESTABLISHED, 1, 9), 123);
-        assert_eq!(final_bytes_in(77, ESTABLISHED, 0), 77);
+        assert_eq!(final_bytes_in(77, ESTABLISHED, Some(0)), 77);
         // FIN_WAIT1 -> CLOSE: our FIN was never acknowledged.
         assert_eq!(final_bytes_out(123, FIN_WAIT1, 5, 5), 123);
+    }
+
+    /// How a server socket can reach CLOSE, per RFC 793 and Linux: the
+    /// state it leaves and whether the client's FIN is in `bytes_received`
+    /// then. The FIN takes one sequence number, so the counter is the
+    /// payload plus one when it is there: the truth the rules are held to.
+    const CLOSES: &[(u32, bool, &str)] = &[
+        (SYN_RECV, false, "reset before establishment"),
+        (ESTABLISHED, false, "reset"),
+        (
+            FIN_WAIT1,
+            false,
+            "reset or retransmission timeout, our FIN unacknowledged",
+        ),
+        (
+            FIN_WAIT2,
+            true,
+            "server closed first, the client's FIN follows",
+        ),
+        (FIN_WAIT2, false, "orphan FIN_WAIT2 timeout or reset"),
+        (CLOSE_WAIT, true, "client's FIN, then a reset"),
+        (CLOSING, true, "simultaneous close"),
+        (
+            LAST_ACK,
+            true,
+            "client closed first, our FIN acknowledged or reset",
+        ),
+    ];
+
+    #[test]
+    fn close_counts_are_exact_or_one_low_in_every_state() {
+        for &(state, fin, path) in CLOSES {
+            // Payload before FIN_WAIT2 (when the snapshot is taken) and after.
+            for before in 0..4u64 {
+                for after in 0..3u64 {
+                    if after > 0 && state != FIN_WAIT2 {
+                        continue;
+                    }
+                    let payload = before + after;
+                    let received = payload + u64::from(fin);
+                    let tracked = final_bytes_in(received, state, Some(before));
+                    let untracked = final_bytes_in(received, state, None);
+                    // The documented corner: data in FIN_WAIT2, then a reset.
+                    let corner = state == FIN_WAIT2 && !fin && after > 0;
+                    let want = if corner { payload - 1 } else { payload };
+                    assert_eq!(
+                        tracked, want,
+                        "tracked, {path} (state {state}): {before}+{after} bytes, FIN {fin}"
+                    );
+                    assert!(
+                        untracked <= payload,
+                        "untracked billed high, {path} (state {state}): {payload} bytes, FIN {fin}"
+                    );
+                    // Untracked: exact whenever the FIN came (every normal
+                    // close), one byte low only from FIN_WAIT2 without it.
+                    let low = state == FIN_WAIT2 && !fin && payload > 0;
+                    let want = if low { payload - 1 } else { payload };
+                    assert_eq!(
+                        untracked, want,
+                        "untracked, {path} (state {state}): {payload} bytes, FIN {fin}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ use aya_ebpf::{
 };
 use meterd_common::{
     AF_INET6, CONN_CLOSED, CONN_FIN_IN, CONN_FIN_OUT, CONN_UNTRACKED, Closed, ConnInfo, Counts,
-    IPPROTO_TCP, Stat,
+    IPPROTO_TCP, SOCK_OPS_STATE_CB_FLAG, Stat, sock_ops_cb_flags,
     tcp::{final_bytes_in, final_bytes_out, live_bytes_in, live_bytes_out, state},
 };
 
@@ -46,6 +46,9 @@ use crate::{
     activity::{OnRingFull, Reading, fold},
     maps::{CLOSED, CUT, INFO, LIVE, SkMeter, TCP_PORTS, bump, service_of, sk_meter},
 };
+
+// The shared rule's flag is the kernel's.
+const _: () = assert!(SOCK_OPS_STATE_CB_FLAG == BPF_SOCK_OPS_STATE_CB_FLAG);
 
 #[sock_ops]
 pub fn meterd_sockops(ctx: SockOpsContext) -> u32 {
@@ -159,7 +162,7 @@ fn on_established(ctx: &SockOpsContext) {
     // record then still carries exact totals (flagged CONN_UNTRACKED).
     // OR'd into what is set: another program on the socket may have asked
     // for callbacks of its own, and replacing its flags would silence it.
-    let flags = ctx_field!(ctx, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG;
+    let flags = sock_ops_cb_flags(ctx_field!(ctx, bpf_sock_ops_cb_flags));
     if ctx.set_cb_flags(flags as i32).is_err() {
         bump(Stat::LiveFull);
         return;
@@ -255,11 +258,10 @@ fn on_close(
     una: u32,
     nxt: u32,
 ) {
-    // Without a LIVE entry there is no FIN_WAIT2 snapshot: from FIN_WAIT2,
-    // assume the client's FIN arrived (as if bytes_received grew by it),
-    // so the count is at worst one byte low, never high.
+    // Without a LIVE entry there is no FIN_WAIT2 snapshot: final_bytes_in
+    // then assumes the client's FIN arrived, at worst one byte low.
     // SAFETY: valid map value pointer.
-    let in_at_fin_wait2 = live.map_or(received.saturating_sub(1), |l| unsafe { (*l).bytes_in });
+    let in_at_fin_wait2 = live.map(|l| unsafe { (*l).bytes_in });
     let now = Reading::now(
         final_bytes_out(acked, old_state, una, nxt),
         final_bytes_in(received, old_state, in_at_fin_wait2),

@@ -70,6 +70,9 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// `agent.udp_idle_timeout`.
     pub udp_idle_timeout: Duration,
+    /// `agent.max_connections` (`None`: the agent's default): a small live
+    /// map a test can fill.
+    pub max_connections: Option<u32>,
     /// `session_idle` of the `web` service, and of every service of
     /// `services` whose table does not set its own.
     pub session_idle: Duration,
@@ -94,6 +97,7 @@ impl Default for AgentConfig {
             udp_ports: Vec::new(),
             interval: Duration::from_secs(1),
             udp_idle_timeout: Duration::from_secs(2),
+            max_connections: None,
             session_idle: Duration::from_secs(2),
             services: Vec::new(),
             accounts: Vec::new(),
@@ -122,7 +126,7 @@ cgroup = "{cgroup}"
 pin_dir = "{pin_dir}"
 interval = "{interval}"
 udp_idle_timeout = "{idle}"
-
+{max_connections}
 [billing]
 currency = "EUR"
 ledger = "{ledger}"
@@ -132,6 +136,9 @@ ledger = "{ledger}"
             ledger = ledger.display(),
             interval = duration(self.interval),
             idle = duration(self.udp_idle_timeout),
+            max_connections = self
+                .max_connections
+                .map_or(String::new(), |n| format!("max_connections = {n}\n")),
         );
         if let Some(hook) = &self.limit_hook {
             let _ = writeln!(toml, "limit_hook = \"{}\"", hook.display());

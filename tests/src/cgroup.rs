@@ -62,8 +62,7 @@ impl Cgroup {
     /// Creates `<v2 root>/<name>`; a leftover of that name (from a crashed
     /// run with the same pid) is emptied and replaced.
     pub fn create(name: &str) -> Cgroup {
-        let root = v2_root().expect("no cgroup v2 mount in /proc/mounts");
-        let path = root.join(name);
+        let path = Cgroup::path_of(name);
         let cgroup = Cgroup {
             relative: format!("/{name}"),
             path,
@@ -77,9 +76,26 @@ impl Cgroup {
         cgroup
     }
 
+    /// Where [`Cgroup::create`] puts the group `name`.
+    pub fn path_of(name: &str) -> PathBuf {
+        v2_root()
+            .expect("no cgroup v2 mount in /proc/mounts")
+            .join(name)
+    }
+
     /// The group's directory (what meterd's `agent.cgroup` points at).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The group's id: the inode of its directory, which is what BPF links
+    /// name as their cgroup. A group removed and created again at the same
+    /// path has a new one (cgroup ids are never reused within a boot).
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::metadata(&self.path)
+            .unwrap_or_else(|e| panic!("cannot stat cgroup {}: {e}", self.path.display()))
+            .ino()
     }
 
     /// `cgroup.procs`: writing a pid there moves that process in.

@@ -389,6 +389,40 @@ impl TestEnv {
         self.cgroup.as_ref().expect("cgroup exists until drop")
     }
 
+    /// Does to the test's cgroup what `systemctl restart` does to a
+    /// service's: stops the servers still running in it (SIGTERM, then
+    /// whatever is left is killed), removes the directory and creates it
+    /// again at the same path. The new cgroup has a new id and nothing
+    /// attached to it; servers started from now on run in it. Returns the
+    /// old and the new id.
+    pub fn recreate_cgroup(&mut self) -> (u64, u64) {
+        let old = self.cgroup().id();
+        for proc in &mut self.servers {
+            if proc.try_wait().is_none() {
+                proc.signal(libc::SIGTERM);
+                assert!(
+                    proc.wait_timeout(Duration::from_secs(10)).is_some(),
+                    "a server did not exit on SIGTERM; its output:\n{}",
+                    proc.output_tail(30)
+                );
+            }
+        }
+        // Drop kills what is left and removes the directory; create would
+        // replace a directory that is still there, so check it is gone.
+        drop(self.cgroup.take());
+        let path = Cgroup::path_of(&self.unique);
+        assert!(
+            !path.exists(),
+            "cgroup {} could not be removed",
+            path.display()
+        );
+        let cgroup = Cgroup::create(&self.unique);
+        let new = cgroup.id();
+        assert_ne!(old, new, "the recreated cgroup has the old one's id");
+        self.cgroup = Some(cgroup);
+        (old, new)
+    }
+
     /// The test's namespace, if it has one.
     pub fn netns(&self) -> Option<&NetNs> {
         self.netns.as_ref()

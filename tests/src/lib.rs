@@ -7,9 +7,10 @@
 //! the charging rules written out on the test side ([`tariff`]), reading
 //! `/metrics` ([`metrics`], over [`http`]), a NATS JetStream cluster for
 //! the fleet tests ([`nats`]), a test's own Prometheus
-//! ([`prometheus`]), CPU saturation ([`stress`]), and a per-test environment
-//! that puts all of these together and tears them down on drop, panics
-//! included ([`env`]). The truth the tests compare against comes from the
+//! ([`prometheus`]), CPU saturation ([`stress`]), a sock_ops program
+//! standing for another program on the metered cgroup ([`sockops_probe`]),
+//! and a per-test environment that puts all of these together and tears
+//! them down on drop, panics included ([`env`]). The truth the tests compare against comes from the
 //! `meterd-traffic` binary of this crate, whose wire format is [`wire`],
 //! or, for viewing sessions, from Debian's nginx ([`nginx`]) serving an HLS
 //! stream to ffmpeg players ([`hls`]), whose access log [`viewing`] turns
@@ -33,6 +34,7 @@ pub mod privilege;
 pub mod process;
 pub mod prometheus;
 pub mod records;
+pub mod sockops_probe;
 pub mod stress;
 pub mod tariff;
 pub mod viewing;

@@ -13,6 +13,11 @@
 //! - UDP flows the server never answered bill nobody.
 //! - Config and startup errors name the field and the fix; the status
 //!   report is on the API, not on the metrics port.
+//! - The metered cgroup recreated (item 1), with the agent running and
+//!   stopped: metered again, every connection billed exactly.
+//! - Another sock_ops program's callback flags survive meterd's (item 9),
+//!   and an untracked close from FIN_WAIT2 is not billed the client's FIN
+//!   (item 10).
 //!
 //! Every verdict is a real outcome: files still there with their contents,
 //! `meterd`'s exit status and stderr, the ledger export and the closed log
@@ -46,7 +51,9 @@ use meterd_tests::{
     port,
     privilege::BPFFS,
     process::{Proc, read_lossy, wait_until},
-    records, traffic_bin,
+    records,
+    sockops_probe::RttProbe,
+    traffic_bin,
     wire::ConnLog,
 };
 
@@ -1777,4 +1784,235 @@ fn spoofed_udp_sources_do_not_block_real_flows() {
 /// Whether `addr` is one of [`SPOOF_FLOOD`]'s sources (198.18.0.0/15).
 fn is_spoofed(addr: IpAddr) -> bool {
     matches!(addr, IpAddr::V4(v4) if v4.octets()[0] == 198 && v4.octets()[1] & 0xfe == 18)
+}
+
+// ---------------------------------------------------------------------
+// The metered cgroup recreated (item 1)
+// ---------------------------------------------------------------------
+
+/// What the agent logs when a cycle finds the cgroup recreated.
+const REATTACH_LOG: &str = "the metered cgroup was recreated";
+/// What a start logs when the pinned links are on a cgroup that is gone.
+const RESUME_REATTACH_LOG: &str = "attached to a cgroup that is no longer at this path";
+
+/// `count` downloads from distinct viewers, half of them closed by the
+/// server first and half by the client.
+fn downloads(listen: SocketAddr, count: usize) -> TcpClient {
+    TcpClient {
+        count,
+        parallel: 4,
+        close: CloseOrder::Alternate,
+        source: Source::Distinct,
+        ..TcpClient::new(listen, 300_000, 2000)
+    }
+}
+
+/// Item 1, with the agent running: what `systemctl restart nginx` does.
+/// Traffic is billed; the server is stopped and its cgroup removed and
+/// created again at the configured path (a new cgroup id, nothing
+/// attached); once the agent has logged that it attached to the new one,
+/// a server in the new cgroup serves 20 downloads, and every connection,
+/// before and after, is billed exactly once with the bytes the servers
+/// logged (closed log and ledger).
+#[test]
+fn recreated_cgroup_is_metered_again_while_the_agent_runs() {
+    let Some(mut env) = TestEnv::new("hard-recreate", traffic_bin!(), Setup::default()) else {
+        return;
+    };
+    let listen = loopback4(port(13, 0));
+    let first = env.tcp_server(&[listen]);
+    env.start_agent(tcp_config(&[listen.port()]));
+    let _files = run_files(&pin_dir(&env));
+    let before = env.run_tcp_client(&downloads(listen, 4));
+    let truth_before = env.tcp_truth(&first, &[&before]);
+    env.wait_for_exact_records(&truth_before);
+
+    let (old_id, new_id) = env.recreate_cgroup();
+    // Connections accepted before the next cycle reattaches are not
+    // metered (a known limit): wait for the agent to say it reattached.
+    let reattached = wait_until(Duration::from_secs(10), || {
+        env.agent_ref().log().contains(REATTACH_LOG)
+    });
+    assert!(
+        reattached,
+        "the cgroup was recreated (id {old_id} -> {new_id}) 10 s ago and the agent \
+         did not reattach; its log:\n{}",
+        env.agent_ref().log_tail(30)
+    );
+    let second = env.tcp_server(&[listen]);
+    let after = env.run_tcp_client(&downloads(listen, 20));
+    let truth_after = env.tcp_truth(&second, &[&after]);
+    let truth: Vec<ConnLog> = truth_before.into_iter().chain(truth_after).collect();
+    env.wait_for_exact_records(&truth);
+    env.wait_for_exact_ledger(&truth, &|_| records::SERVICE.to_owned());
+    env.agent().assert_running();
+    eprintln!(
+        "hard-recreate: cgroup {old_id} -> {new_id}, {} connections exact",
+        truth.len()
+    );
+}
+
+/// Item 1, with the agent stopped across the recreation: the pinned links
+/// stay on the removed cgroup, so a start that took the pins as they are
+/// ("Resumed") would meter nothing. The start must see that the links'
+/// cgroup is not the one at the path, say so, and attach to the new one;
+/// 20 downloads after it are billed exactly, and so are those before.
+#[test]
+fn recreated_cgroup_while_the_agent_is_stopped_is_metered_at_start() {
+    let Some(mut env) = TestEnv::new("hard-recreate-stopped", traffic_bin!(), Setup::default())
+    else {
+        return;
+    };
+    let listen = loopback4(port(13, 1));
+    let first = env.tcp_server(&[listen]);
+    env.start_agent(tcp_config(&[listen.port()]));
+    let _files = run_files(&pin_dir(&env));
+    let before = env.run_tcp_client(&downloads(listen, 4));
+    let truth_before = env.tcp_truth(&first, &[&before]);
+    env.wait_for_exact_records(&truth_before);
+    env.agent().stop();
+
+    let (old_id, new_id) = env.recreate_cgroup();
+    let second = env.tcp_server(&[listen]);
+    env.agent().start();
+    let log = env.agent_ref().log();
+    assert!(
+        log.contains(RESUME_REATTACH_LOG),
+        "the agent started on pins attached to the removed cgroup {old_id} (now {new_id}) \
+         and did not say so; its log:\n{}",
+        env.agent_ref().log_tail(30)
+    );
+    let after = env.run_tcp_client(&downloads(listen, 20));
+    let truth_after = env.tcp_truth(&second, &[&after]);
+    let truth: Vec<ConnLog> = truth_before.into_iter().chain(truth_after).collect();
+    env.wait_for_exact_records(&truth);
+    env.wait_for_exact_ledger(&truth, &|_| records::SERVICE.to_owned());
+    env.agent().assert_running();
+}
+
+// ---------------------------------------------------------------------
+// sock_ops callback flags and the untracked close (items 9, 10)
+// ---------------------------------------------------------------------
+
+/// Item 9: another sock_ops program on the metered cgroup, attached before
+/// meterd (so it runs first on every connection), asks for RTT callbacks.
+/// Its callbacks still come after meterd's program set its own flag (they
+/// would stop if meterd replaced the socket's flags), and meterd still
+/// bills every connection exactly (its own state callback is set too).
+/// Without meterd the probe is checked to work at all.
+#[test]
+fn another_sock_ops_programs_callbacks_survive_meterd() {
+    let Some(mut env) = TestEnv::new("hard-cb-flags", traffic_bin!(), Setup::default()) else {
+        return;
+    };
+    let listen = loopback4(port(14, 0));
+    let server = env.tcp_server(&[listen]);
+    let probe = RttProbe::attach(env.cgroup().path());
+    let alone = env.run_tcp_client(&TcpClient::new(listen, 1_000_000, 0));
+    env.tcp_truth(&server, &[&alone]);
+    let without = probe.counts();
+    assert!(
+        without.established == 1 && without.rtt > 0,
+        "the probe does not work on its own, the test is invalid: {without:?}"
+    );
+
+    env.start_agent(tcp_config(&[listen.port()]));
+    let _files = run_files(&pin_dir(&env));
+    let metered = env.run_tcp_client(&TcpClient {
+        count: 5,
+        source: Source::Distinct,
+        ..TcpClient::new(listen, 1_000_000, 100)
+    });
+    let truth = env.tcp_truth(&server, &[&metered]);
+    let with = probe.counts();
+    assert_eq!(
+        with.established - without.established,
+        5,
+        "the probe did not see the 5 connections: {with:?}"
+    );
+    // Each 1 MB download is acknowledged many times; one RTT callback per
+    // connection is the least that shows the flag survived.
+    assert!(
+        with.rtt - without.rtt >= 5,
+        "the probe's RTT callbacks stopped once meterd ran on the sockets: {} before, \
+         {} after 5 connections (meterd replaced the socket's callback flags)",
+        without.rtt,
+        with.rtt
+    );
+    env.wait_for_exact_records(&truth);
+    eprintln!(
+        "hard-cb-flags: {} RTT callbacks without meterd, {} with it over 5 connections",
+        without.rtt,
+        with.rtt - without.rtt
+    );
+}
+
+/// Item 10: with the live map full (`agent.max_connections` at its minimum,
+/// 1024, and more idle connections than that held open), connections open
+/// untracked and are billed from their close record alone. Those the server
+/// closes first end in FIN_WAIT2 with the client's FIN in `bytes_received`:
+/// billed with the bytes the server logged, not one more (the README's
+/// "never high"); those the client closes first (LAST_ACK) too.
+#[test]
+fn untracked_close_from_fin_wait2_is_not_billed_the_fin() {
+    const LIVE_SLOTS: u32 = 1024;
+    const FILLERS: usize = 1100;
+    let Some(mut env) = TestEnv::new("hard-untracked-fin", traffic_bin!(), Setup::default()) else {
+        return;
+    };
+    // The fillers' sockets here and in their server (started after this,
+    // so it inherits the limit).
+    assert!(
+        raise_own_nofile() > FILLERS + 200,
+        "the open-file limit is too low for {FILLERS} connections"
+    );
+    let listen = loopback4(port(14, 1));
+    let filler_at = loopback4(port(14, 2));
+    let server = env.tcp_server(&[listen]);
+    let _filler_server = env.tcp_server(&[filler_at]);
+    env.start_agent(AgentConfig {
+        max_connections: Some(LIVE_SLOTS),
+        ..tcp_config(&[listen.port(), filler_at.port()])
+    });
+    let _files = run_files(&pin_dir(&env));
+    let fillers: Vec<TcpStream> = (0..FILLERS)
+        .map(|i| {
+            TcpStream::connect(filler_at)
+                .unwrap_or_else(|e| panic!("filler connection {i} to {filler_at}: {e}"))
+        })
+        .collect();
+    let live_map_full = || {
+        meterd_tests::metrics::Exposition::parse(&env.agent_ref().metrics_text())
+            .unwrap()
+            .value("meterd_kernel_events_total", &[("event", "live_map_full")])
+            .unwrap_or(0.0)
+    };
+    let overflow = f64::from(u32::try_from(FILLERS).unwrap() - LIVE_SLOTS);
+    assert!(
+        wait_until(Duration::from_secs(10), || live_map_full() >= overflow),
+        "the live map did not fill: {} live_map_full events for {FILLERS} connections into \
+         {LIVE_SLOTS} slots",
+        live_map_full()
+    );
+
+    let closes = env.run_tcp_client(&TcpClient {
+        count: 8,
+        parallel: 2,
+        close: CloseOrder::Alternate,
+        source: Source::Distinct,
+        ..TcpClient::new(listen, 200_000, 3000)
+    });
+    let truth = env.tcp_truth(&server, &[&closes]);
+    // Exactly these 8 records (the fillers are still open), bytes exact.
+    env.wait_for_exact_records(&truth);
+    // `meterd_common::CONN_UNTRACKED`, as the closed log carries it.
+    let untracked = 1u64 << 1;
+    let records = env.agent_ref().closed_records();
+    assert!(
+        records
+            .iter()
+            .all(|r| r.flags.is_some_and(|f| f & untracked != 0)),
+        "not every record is untracked, the live map was not full: {records:#?}"
+    );
+    drop(fillers);
 }
