@@ -313,7 +313,7 @@ fn profile(agent: &Agent, work: &Path, span: Duration) -> Result<Vec<String>> {
     let data = work.join(format!("active-{}.perf", agent.pid()));
     host::output(
         Command::new("perf")
-            .args(["record", "-q", "-F", "499", "-g", "-p"])
+            .args(["record", "-q", "-F", "499", "-p"])
             .arg(agent.pid().to_string())
             .arg("-o")
             .arg(&data)
@@ -321,19 +321,26 @@ fn profile(agent: &Agent, work: &Path, span: Duration) -> Result<Vec<String>> {
             .arg("sleep")
             .arg(span.as_secs().to_string()),
     )?;
-    let report = host::output(
-        Command::new("perf")
-            .args(["report", "--stdio", "--no-children", "-g", "none", "-q"])
-            .args(["--sort", "dso,sym", "--percent-limit", "2", "-i"])
-            .arg(&data),
-    )?;
+    let report = |args: &[&str]| {
+        host::output(
+            Command::new("perf")
+                .args(["report", "--stdio", "-g", "none", "-q", "--percent-limit", "2"])
+                .args(args)
+                .arg("-i")
+                .arg(&data),
+        )
+    };
+    // Self time only: the release build has no frame pointers, so the
+    // call chains perf unwinds are too short to apportion by caller.
+    let flat = report(&["--no-children", "--sort", "dso,sym"])?;
     let _ = fs::remove_file(&data);
-    Ok(report
+    let top = flat
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .filter(|l| l.ends_with(|c: char| !c.is_whitespace()) && l.contains('%'))
+        .filter(|l| l.contains('%'))
         .take(10)
-        .collect())
+        .collect();
+    Ok(top)
 }
 
 /// The rows of one size: cycle, CPU, charge upserts, fsyncs.
