@@ -324,7 +324,15 @@ fn profile(agent: &Agent, work: &Path, span: Duration) -> Result<Vec<String>> {
     let report = |args: &[&str]| {
         host::output(
             Command::new("perf")
-                .args(["report", "--stdio", "-g", "none", "-q", "--percent-limit", "2"])
+                .args([
+                    "report",
+                    "--stdio",
+                    "-g",
+                    "none",
+                    "-q",
+                    "--percent-limit",
+                    "2",
+                ])
                 .args(args)
                 .arg("-i")
                 .arg(&data),
