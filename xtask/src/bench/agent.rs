@@ -30,7 +30,21 @@ pub struct AgentSpec<'a> {
     pub interval: &'a str,
     /// Appended to the config as is (e.g. a `[fleet]` table).
     pub extra_toml: &'a str,
+    /// The bench service's settings after its name and ports, with its
+    /// `[service.tariff]` table; `None`: [`DEFAULT_SERVICE`].
+    pub service_toml: Option<&'a str>,
 }
+
+/// The bench service unless a bench says otherwise: 1 minor unit per
+/// started MB of egress, so idle connections are charged nothing.
+pub const DEFAULT_SERVICE: &str = r#"
+[service.tariff]
+kind = "volume"
+price_minor = 1
+unit_bytes = "1MB"
+direction = "egress"
+rounding = "per_started_unit"
+"#;
 
 /// A running `meterd run`.
 pub struct Agent {
@@ -189,7 +203,8 @@ impl Drop for Agent {
     }
 }
 
-/// The bench config: one volume-tariff service on `spec.tcp_ports`, its own
+/// The bench config: one service on `spec.tcp_ports` (a volume tariff unless
+/// `spec.service_toml` says otherwise), its own
 /// ledger and API socket in `dir`, metrics on an ephemeral loopback port.
 fn write_config(path: &Path, dir: &Path, spec: &AgentSpec<'_>) -> Result<()> {
     let ports = spec
@@ -220,14 +235,9 @@ socket = "{socket}"
 [[service]]
 name = "bench"
 tcp_ports = [{ports}]
-
-[service.tariff]
-kind = "volume"
-price_minor = 1
-unit_bytes = "1MB"
-direction = "egress"
-rounding = "per_started_unit"
+{service}
 {extra}"#,
+            service = spec.service_toml.unwrap_or(DEFAULT_SERVICE),
             extra = spec.extra_toml,
             name = spec.name,
             cgroup = spec.cgroup.display(),
@@ -269,6 +279,7 @@ pub fn unload_leftover(meterd: &Path, work: &Path) -> Result<()> {
             tcp_ports: &[1],
             interval: "1s",
             extra_toml: "",
+            service_toml: None,
         },
     )?;
     unload(meterd, &config).context("unloading a leftover bench pin dir")

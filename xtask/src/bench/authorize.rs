@@ -695,12 +695,12 @@ fn agent_window(before: &Scrape, after: &Scrape) -> AgentWindow {
 /// stat` on the syscall tracepoints (counting only, no per-event cost to
 /// speak of). In WAL mode with `synchronous = NORMAL`, SQLite syncs only
 /// when it checkpoints.
-struct Fsyncs {
+pub(super) struct Fsyncs {
     perf: Option<std::process::Child>,
 }
 
 impl Fsyncs {
-    fn start(pid: u32) -> Option<Fsyncs> {
+    pub(super) fn start(pid: u32) -> Option<Fsyncs> {
         let perf = Command::new("perf")
             .args(["stat", "-x,", "-e"])
             .arg("syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync")
@@ -716,7 +716,7 @@ impl Fsyncs {
     }
 
     /// Stops perf (SIGINT makes it print its counts) and sums them.
-    fn finish(mut self) -> Option<u64> {
+    pub(super) fn finish(mut self) -> Option<u64> {
         let perf = self.perf.take()?;
         host::signal(perf.id(), libc::SIGINT);
         let out = perf.wait_with_output().ok()?;

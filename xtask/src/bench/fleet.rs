@@ -1,10 +1,15 @@
-//! Many open TCP connections to a metered port, held idle.
+//! Many open TCP connections to a metered port, held idle or streaming.
 //!
 //! Pairs of helper processes, both this xtask binary re-run with a hidden
 //! subcommand (`cargo xtask bench-helper serve|connect`), one pair per
 //! server port, since one process may hold only `RLIMIT_NOFILE` sockets:
 //! - the server runs inside the metered cgroup (so meterd meters the sockets
-//!   it accepts), listens on `0.0.0.0:PORT` and holds every accepted socket;
+//!   it accepts), listens on `0.0.0.0:PORT` and holds every accepted socket.
+//!   A line `rate B` on its stdin (answered `rate B`) makes it write B bytes
+//!   per second to every accepted socket, one write per socket per second,
+//!   the sockets' writes spread evenly over the second (a paced stream, as
+//!   a server sends a live stream's segments; `rate 0` stops); a line
+//!   `written` is answered `written N`, the bytes it wrote so far;
 //! - the client runs outside it, opens connections on command (a line `N` on
 //!   its stdin: "have N open"), answers `open N` when done, and spreads them
 //!   over destinations 127.0.0.1..127.0.0.8. Each connection has a source
@@ -12,7 +17,11 @@
 //!   it is a viewing session of its own (meterd keys unattributed sessions
 //!   by client address), and no shard is ever short of ephemeral ports. A
 //!   line `send B` writes B bytes on every open connection (answered `sent
-//!   N`): the connections stay open but are then viewing sessions.
+//!   N`): the connections stay open but are then viewing sessions. A line
+//!   `close` resets every connection (answered `open 0`).
+//!
+//!   The client reads and discards whatever the server sends (an epoll
+//!   thread), so a streaming connection's receive window never closes.
 //!
 //! Both raise their own open-file limit to the hard limit, and exit when their stdin
 //! closes (so they die with the bench); the client's sockets linger 0, so
@@ -23,6 +32,9 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd as _, FromRawFd as _};
 use std::path::Path;
 use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -58,36 +70,112 @@ pub enum Helper {
 pub fn helper(cmd: &Helper) -> Result<()> {
     host::raise_nofile()?;
     match cmd {
-        Helper::Serve { port } => {
-            exit_when_stdin_closes();
-            serve(*port)
-        }
+        Helper::Serve { port } => serve(*port),
         // Reads its commands from stdin and returns at EOF.
         Helper::Connect { port, shard } => connect(*port, *shard),
     }
 }
 
-/// The bench exits or drops its pipe: so does the server.
-fn exit_when_stdin_closes() {
-    thread::spawn(|| {
-        let mut sink = String::new();
-        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
-        std::process::exit(0);
-    });
+/// The server's pacing: bytes per second per socket, and bytes written.
+#[derive(Default)]
+struct Pace {
+    rate: AtomicU64,
+    written: AtomicU64,
 }
+
+/// Slots per second of the pacer: each socket is written in one of them.
+const PACE_SLOTS: usize = 20;
 
 fn serve(port: u16) -> Result<()> {
     let listener = listen(port)?;
+    let pace = Arc::new(Pace::default());
+    let (accepted, streams) = mpsc::channel::<TcpStream>();
+    {
+        let pace = Arc::clone(&pace);
+        thread::spawn(move || pacer(&pace, &streams));
+    }
     println!("ready");
     std::io::stdout().flush()?;
-    let mut held = Vec::new();
+    {
+        let pace = Arc::clone(&pace);
+        // The bench exits or drops its pipe: so does the server.
+        thread::spawn(move || {
+            let _ = serve_commands(&pace);
+            std::process::exit(0);
+        });
+    }
+    let mut accepted_count = 0usize;
     loop {
         match listener.accept() {
-            Ok((stream, _)) => held.push(stream),
+            Ok((stream, _)) => {
+                // The pacer owns the socket; nothing else writes to it.
+                if accepted.send(stream).is_err() {
+                    bail!("the pacer thread ended");
+                }
+                accepted_count += 1;
+            }
             Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
-                bail!("out of file descriptors after {} connections", held.len());
+                bail!("out of file descriptors after {accepted_count} connections");
             }
             Err(_) => {}
+        }
+    }
+}
+
+/// `rate B` and `written` from the bench, until its pipe closes.
+fn serve_commands(pace: &Pace) -> Result<()> {
+    let mut out = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let line = line.trim();
+        if let Some(rate) = line.strip_prefix("rate ") {
+            let rate: u64 = rate.parse().context("expected bytes per second")?;
+            pace.rate.store(rate, Ordering::Relaxed);
+            writeln!(out, "rate {rate}")?;
+        } else if line == "written" {
+            writeln!(out, "written {}", pace.written.load(Ordering::Relaxed))?;
+        } else {
+            writeln!(out, "error unknown command {line:?}")?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// Holds the accepted sockets and, at a rate above 0, writes `rate` bytes
+/// to each once per second: socket `i` in slot `i % PACE_SLOTS` of the
+/// second, so the writes (and meterd's per-packet work) are spread evenly.
+/// A write that does not fit the send buffer is cut short, never waited
+/// for: the bytes written are what is counted.
+fn pacer(pace: &Pace, streams: &mpsc::Receiver<TcpStream>) {
+    let mut held: Vec<TcpStream> = Vec::new();
+    let mut payload = Vec::new();
+    let slot = Duration::from_secs(1) / u32::try_from(PACE_SLOTS).unwrap_or(1);
+    let mut next = Instant::now();
+    let mut n = 0usize;
+    loop {
+        held.extend(streams.try_iter().inspect(|s| {
+            let _ = s.set_nonblocking(true);
+        }));
+        let rate = usize::try_from(pace.rate.load(Ordering::Relaxed)).unwrap_or(0);
+        if rate > 0 {
+            payload.resize(rate, b'x');
+            let mut written = 0u64;
+            for stream in held.iter_mut().skip(n % PACE_SLOTS).step_by(PACE_SLOTS) {
+                if let Ok(k) = stream.write(&payload) {
+                    written += k as u64;
+                }
+            }
+            pace.written.fetch_add(written, Ordering::Relaxed);
+        }
+        n += 1;
+        next += slot;
+        let now = Instant::now();
+        if next > now {
+            thread::sleep(next - now);
+        } else {
+            // Fell behind (a loaded machine): skip ahead, never burst.
+            next = now;
         }
     }
 }
@@ -133,10 +221,18 @@ fn listen(port: u16) -> Result<TcpListener> {
 
 fn connect(port: u16, shard: u8) -> Result<()> {
     let mut held: Vec<TcpStream> = Vec::new();
+    let drain = Drain::start()?;
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     for line in stdin.lock().lines() {
         let line = line?;
+        if line.trim() == "close" {
+            // Linger 0: each close resets its connection at once.
+            held.clear();
+            writeln!(out, "open 0")?;
+            out.flush()?;
+            continue;
+        }
         if let Some(bytes) = line.trim().strip_prefix("send ") {
             let bytes: usize = bytes.parse().context("expected a byte count")?;
             let payload = vec![b'x'; bytes];
@@ -166,6 +262,7 @@ fn connect(port: u16, shard: u8) -> Result<()> {
             match connect_from(source, SocketAddrV4::new(dest, port)) {
                 Ok(stream) => {
                     linger_zero(&stream);
+                    drain.add(&stream)?;
                     held.push(stream);
                 }
                 Err(e) => {
@@ -181,6 +278,70 @@ fn connect(port: u16, shard: u8) -> Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// An epoll thread that reads and discards what arrives on the client's
+/// sockets (nonblocking; the main thread's few-byte `send` writes fit an
+/// empty send buffer).
+struct Drain {
+    epoll: i32,
+}
+
+impl Drain {
+    fn start() -> Result<Drain> {
+        // SAFETY: epoll_create1 has no memory-safety preconditions.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            bail!("epoll_create1: {}", std::io::Error::last_os_error());
+        }
+        thread::spawn(move || drain(epoll));
+        Ok(Drain { epoll })
+    }
+
+    fn add(&self, stream: &TcpStream) -> Result<()> {
+        stream.set_nonblocking(true)?;
+        let fd = stream.as_raw_fd();
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: u64::try_from(fd).unwrap_or(0),
+        };
+        // SAFETY: valid epoll and socket fds, and an event struct.
+        if unsafe { libc::epoll_ctl(self.epoll, libc::EPOLL_CTL_ADD, fd, &raw mut event) } != 0 {
+            bail!("epoll_ctl: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Reads every readable socket of `epoll` until it would block, forever
+/// (the process exits at the end of its commands).
+fn drain(epoll: i32) {
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: `events` has room for the count passed.
+        let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), 1024, 1000) };
+        for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+            let fd = i32::try_from(e.u64).unwrap_or(-1);
+            loop {
+                // SAFETY: reads into our buffer; a closed fd just fails.
+                let k = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if k > 0 {
+                    continue;
+                }
+                let again =
+                    k < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN);
+                if !again {
+                    // Closed or reset: level-triggered, it would wake us forever.
+                    // SAFETY: removing an fd from our epoll set.
+                    unsafe {
+                        libc::epoll_ctl(epoll, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut());
+                    }
+                }
+                break;
+            }
+        }
+    }
 }
 
 /// A TCP connection to `dest` from `source` (any port): every 127/8
@@ -242,7 +403,8 @@ struct Shard {
     client_in: ChildStdin,
     client_out: BufReader<ChildStdout>,
     _client: Proc,
-    _server_in: Option<ChildStdin>,
+    server_in: ChildStdin,
+    server_out: BufReader<ChildStdout>,
     _server: Proc,
 }
 
@@ -256,7 +418,7 @@ impl Shard {
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped()),
         )?;
-        let server_in = server.take_stdin();
+        let server_in = server.take_stdin().context("server stdin")?;
         let mut server_out = BufReader::new(server.take_stdout().context("server stdout")?);
         let line = host::read_line(&mut server_out, Duration::from_secs(10))?;
         if line != "ready" {
@@ -276,7 +438,8 @@ impl Shard {
             client_in: client.take_stdin().context("client stdin")?,
             client_out: BufReader::new(client.take_stdout().context("client stdout")?),
             _client: client,
-            _server_in: server_in,
+            server_in,
+            server_out,
             _server: server,
         })
     }
@@ -372,6 +535,58 @@ impl Fleet {
         ));
         let error = (!errors.is_empty()).then(|| errors.join("; "));
         Ok((self.open, error))
+    }
+
+    /// Resets every open connection from the client side (the servers'
+    /// sockets see the RST and close).
+    pub fn close(&mut self) -> Result<()> {
+        for shard in &mut self.shards {
+            host::send_line(&mut shard.client_in, "close")?;
+        }
+        for shard in &mut self.shards {
+            let line = host::read_line(&mut shard.client_out, Duration::from_secs(60))?;
+            if line != "open 0" {
+                bail!(
+                    "the connection client for port {} said {line:?}",
+                    shard.port
+                );
+            }
+            shard.open = 0;
+        }
+        self.open = 0;
+        Ok(())
+    }
+
+    /// Has every server write `bytes_per_s` bytes per second to each of its
+    /// accepted sockets (server to client, the metered direction), once per
+    /// second per socket; 0 stops.
+    pub fn set_rate(&mut self, bytes_per_s: u64) -> Result<()> {
+        for shard in &mut self.shards {
+            host::send_line(&mut shard.server_in, &format!("rate {bytes_per_s}"))?;
+        }
+        for shard in &mut self.shards {
+            let line = host::read_line(&mut shard.server_out, Duration::from_secs(10))?;
+            if line != format!("rate {bytes_per_s}") {
+                bail!("the connection server on port {} said {line:?}", shard.port);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the servers have written to their sockets so far.
+    pub fn written(&mut self) -> Result<u64> {
+        let mut total = 0;
+        for shard in &mut self.shards {
+            host::send_line(&mut shard.server_in, "written")?;
+            let line = host::read_line(&mut shard.server_out, Duration::from_secs(10))?;
+            total += line
+                .strip_prefix("written ")
+                .and_then(|n| n.parse::<u64>().ok())
+                .with_context(|| {
+                    format!("the connection server on port {} said {line:?}", shard.port)
+                })?;
+        }
+        Ok(total)
     }
 
     /// Writes `bytes` bytes on every open connection (client to server), so

@@ -6,7 +6,9 @@
 //! agent CPU and memory with many open connections (`connections`), the
 //! governor under overload (`overload`), its timeline during a load ramp
 //! (`governor`), admission latency (`authorize`) and the fleet outbox's
-//! throughput to NATS JetStream (`outbox`). Writes `results.json`,
+//! throughput to NATS JetStream (`outbox`), the billing cycle, agent CPU,
+//! charge rows and fsyncs with every session streaming (`active`), and the
+//! ledger's bytes per viewer (`ledger`). Writes `results.json`,
 //! `results.md` and SVG plots to `target/bench/`, and prints progress as it
 //! goes.
 //!
@@ -24,6 +26,7 @@
     reason = "benchmark statistics: counts and totals far below 2^52"
 )]
 
+mod active;
 mod agent;
 mod authorize;
 mod datapath;
@@ -69,6 +72,10 @@ pub enum Bench {
     Authorize,
     /// Fleet outbox throughput to NATS JetStream (R1 and R3).
     Outbox,
+    /// 1k..100k sessions streaming 16 kbit/s each: cycle, CPU, charge rows, fsyncs.
+    Active,
+    /// Ledger bytes per viewer-hour (10k streaming) and per settled session.
+    Ledger,
 }
 
 impl Bench {
@@ -81,6 +88,8 @@ impl Bench {
             Self::Governor => "governor",
             Self::Authorize => "authorize",
             Self::Outbox => "outbox",
+            Self::Active => "active",
+            Self::Ledger => "ledger",
         }
     }
 
@@ -93,6 +102,8 @@ impl Bench {
             Self::Governor => governor::timeline(ctx),
             Self::Authorize => authorize::run(ctx),
             Self::Outbox => outbox::run(ctx),
+            Self::Active => active::active(ctx),
+            Self::Ledger => active::ledger(ctx),
         }
     }
 }

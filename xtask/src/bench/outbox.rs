@@ -181,6 +181,7 @@ fn drain(ctx: &Ctx, replicas: usize, n: usize) -> Result<Drain> {
             tcp_ports: &[port],
             interval: "1s",
             extra_toml: &extra,
+            service_toml: None,
         },
     )?;
     agent.wait_for(Duration::from_secs(60), "connecting to NATS", |s| {

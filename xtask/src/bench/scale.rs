@@ -38,18 +38,31 @@ impl Population {
     /// Starts the servers, the agent and the clients, with no connection
     /// open; room for `capacity` connections.
     pub fn start(ctx: &Ctx, capacity: usize) -> Result<Population> {
-        let cgroup = Cgroup::create(&ctx.cgroups, "connections")?;
+        Self::start_with(ctx, capacity, "connections", None)
+    }
+
+    /// [`Population::start`] with a run name of its own (its cgroup and
+    /// work dir) and the bench service's settings and tariff
+    /// ([`AgentSpec::service_toml`]).
+    pub fn start_with(
+        ctx: &Ctx,
+        capacity: usize,
+        name: &str,
+        service_toml: Option<&str>,
+    ) -> Result<Population> {
+        let cgroup = Cgroup::create(&ctx.cgroups, name)?;
         let fleet = Fleet::start(&cgroup, capacity)?;
         let ports = fleet.ports();
         let agent = Agent::start(
             &ctx.meterd,
             &ctx.work,
             &AgentSpec {
-                name: "connections",
+                name,
                 cgroup: cgroup.path(),
                 tcp_ports: &ports,
                 interval: "1s",
                 extra_toml: "",
+                service_toml,
             },
         )?;
         // A few cycles with nothing to meter: the idle footprint.
@@ -215,7 +228,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
 
 /// Times `ss -tin FILTER` (output discarded after one counted run): median
 /// wall ms, mean CPU ms per run, and its connection rows.
-fn time_ss(filter: &str, reps: usize) -> Result<(f64, f64, usize)> {
+pub(super) fn time_ss(filter: &str, reps: usize) -> Result<(f64, f64, usize)> {
     let listing = host::output(Command::new("ss").args(["-tin", filter]))?;
     let rows = listing.lines().filter(|l| l.starts_with("ESTAB")).count();
     let mut wall = Vec::new();
@@ -255,14 +268,14 @@ fn read_live(bin: &Path, reps: usize) -> Result<(Option<f64>, Option<f64>)> {
 
 /// Agent CPU seconds per wall second over `span`.
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct CpuUse {
+pub(super) struct CpuUse {
     pub connections: usize,
     pub wall_s: f64,
     pub busy_s: f64,
     pub cycles: f64,
 }
 
-fn agent_cpu(agent: &Agent, span: Duration) -> Result<CpuUse> {
+pub(super) fn agent_cpu(agent: &Agent, span: Duration) -> Result<CpuUse> {
     let s0 = agent.scrape()?;
     let c0 = host::process_cpu(agent.pid())?;
     let t0 = Instant::now();

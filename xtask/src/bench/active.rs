@@ -1,0 +1,803 @@
+//! Active viewers: what billing costs when every session moves bytes every
+//! cycle (`active`), and what the ledger keeps per viewer (`ledger`).
+//!
+//! The connections bench measures idle connections, whose cycles write no
+//! charge rows. Here the servers of [`super::fleet`] write [`RATE`] bytes per
+//! second to every accepted socket (16 kbit/s, one write per socket per
+//! second, spread over the second), from inside the metered cgroup, and
+//! each connection has its own source address, so each is a viewing session
+//! of its own. The bench service charges 1 minor unit per started KB, so
+//! every session is charged every cycle (2 units a second).
+//!
+//! `active` starts a fresh agent and connections at each size, measures
+//! them idle first (the baseline: same agent, same sockets, no writes), then
+//! streaming; `ss -tin` over the same sockets is the userspace peer, as in
+//! the connections bench. `ledger` streams 10k sessions for a measured
+//! window, then closes them and measures the ledger after settlement.
+//! Owns no agent code: it reads /metrics, /proc, perf and the ledger file
+//! (through the sqlite3 CLI, read-only while the agent runs).
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use serde_json::json;
+
+use super::agent::{Agent, Scrape, mean_cycle};
+use super::authorize::Fsyncs;
+use super::host;
+use super::report::{Measure, num};
+use super::scale::{self, CpuUse, Population};
+use super::{Ctx, progress};
+
+/// Bytes per second each session streams: 16 kbit/s.
+pub const RATE: u64 = 2_000;
+/// The tariff's unit, bytes ("1KB").
+pub const UNIT_BYTES: u64 = 1_000;
+/// Its price, minor units per started unit.
+pub const PRICE_MINOR: u64 = 1;
+
+/// The bench service: 1 minor unit per started KB of egress, and a short
+/// `session_idle` so that closed sessions settle soon.
+fn service_toml(session_idle: &str) -> String {
+    format!(
+        r#"session_idle = "{session_idle}"
+
+[service.tariff]
+kind = "volume"
+price_minor = {PRICE_MINOR}
+unit_bytes = "1KB"
+direction = "egress"
+rounding = "per_started_unit"
+"#
+    )
+}
+
+/// What one window of the agent at one size and state showed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Window {
+    pub connections: usize,
+    pub sessions: f64,
+    /// Mean cycle (histogram sum / count), ms.
+    pub cycle_ms: f64,
+    pub cycles: f64,
+    pub overruns: f64,
+    /// The interval at the window's end, s.
+    pub interval_s: f64,
+    pub cpu: CpuUse,
+    /// fsync + fdatasync calls in the window (perf stat); None without perf.
+    pub fsyncs: Option<u64>,
+    /// `meterd_charged_minor_total` growth in the window.
+    pub charged_minor: f64,
+    pub vm_rss: u64,
+}
+
+impl Window {
+    fn cpu_share(&self) -> f64 {
+        self.cpu.busy_s / self.cpu.wall_s
+    }
+
+    fn cycles_per_s(&self) -> f64 {
+        self.cycles / self.cpu.wall_s
+    }
+
+    fn fsyncs_per_cycle(&self) -> Option<f64> {
+        self.fsyncs.map(|f| f as f64 / self.cycles.max(1.0))
+    }
+}
+
+/// Everything measured at one size.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub connections: usize,
+    pub idle: Window,
+    pub active: Window,
+    /// Sessions whose `<session>:cycles` row changed per cycle, over
+    /// consecutive ledger snapshots.
+    pub charged_per_cycle: Option<f64>,
+    /// `ss -tin` over the same (streaming) sockets: median wall ms, CPU ms
+    /// per run, rows.
+    pub ss_ms: f64,
+    pub ss_cpu_ms: f64,
+    pub ss_rows: usize,
+    /// Top frames of a perf profile of the agent while active.
+    pub profile: Vec<String>,
+    /// The machine's busy cores over the active window (all processes).
+    pub machine_busy_cores: f64,
+}
+
+impl Point {
+    fn upserts_per_s(&self) -> Option<f64> {
+        self.charged_per_cycle
+            .map(|c| c * self.active.cycles_per_s())
+    }
+}
+
+pub fn active(ctx: &mut Ctx) -> Result<()> {
+    let sizes: &[usize] = if ctx.quick {
+        &[1_000, 5_000]
+    } else {
+        &[1_000, 10_000, 50_000, 100_000]
+    };
+    let secs = if ctx.quick { 8 } else { 30 };
+    // The connections of other benches would count in this one's cycles.
+    if let Some(old) = ctx.population.take() {
+        progress("stopping the other benches' connections: this bench opens its own");
+        old.stop()?;
+    }
+    let service = service_toml("30s");
+    let mut points = Vec::new();
+    for &n in sizes {
+        let mut pop = Population::start_with(ctx, n, "active", Some(&service))?;
+        let point = measure_size(ctx, &mut pop, n, secs);
+        pop.stop()?;
+        let point = point?;
+        progress(format!(
+            "{} active: cycle {} ms (idle {} ms), agent CPU {:.2}% (idle {:.2}%), {} \
+             sessions charged per cycle, {} fsyncs per cycle; ss -tin {} ms",
+            point.connections,
+            num(point.active.cycle_ms),
+            num(point.idle.cycle_ms),
+            point.active.cpu_share() * 100.0,
+            point.idle.cpu_share() * 100.0,
+            point.charged_per_cycle.map_or_else(|| "?".into(), num),
+            point
+                .active
+                .fsyncs_per_cycle()
+                .map_or_else(|| "?".into(), num),
+            num(point.ss_ms),
+        ));
+        let short = point.connections < n;
+        points.push(point);
+        if short {
+            break;
+        }
+    }
+    for p in &points {
+        ctx.results.measures.extend(rows(p, ctx.quick));
+    }
+    ctx.results.details.insert(
+        "active".into(),
+        json!({ "rate_bytes_per_s": RATE, "unit_bytes": UNIT_BYTES, "window_s": secs,
+                "points": points }),
+    );
+    Ok(())
+}
+
+fn measure_size(ctx: &Ctx, pop: &mut Population, n: usize, secs: u64) -> Result<Point> {
+    let (open, error) = pop.grow(n)?;
+    if let Some(e) = &error {
+        progress(format!("only {open} of {n} connections opened: {e}"));
+    }
+    // Past the cycle that first saw them (an INFO lookup each).
+    pop.agent.cycles(2.0, Duration::from_secs(60))?;
+    progress(format!("{open} connections idle: measuring for {secs} s"));
+    let idle = window(&pop.agent, open, Duration::from_secs(secs))?;
+
+    pop.fleet.set_rate(RATE)?;
+    let want = (open * 99 / 100) as f64;
+    pop.agent.wait_for(
+        Duration::from_secs(120),
+        "a viewing session per streaming connection",
+        |s| s.viewer_sessions() >= want,
+    )?;
+    pop.agent.cycles(2.0, Duration::from_secs(120))?;
+    progress(format!(
+        "{open} connections streaming {RATE} B/s each: measuring for {secs} s"
+    ));
+    let machine0 = host::machine_cpu()?;
+    let active = window(&pop.agent, open, Duration::from_secs(secs))?;
+    let machine1 = host::machine_cpu()?;
+    let machine_busy_cores = host::ticks_to_secs(machine1.0 - machine0.0) / active.cpu.wall_s;
+    let ledger = ledger_path(&pop.agent);
+    let charged_per_cycle = charged_per_cycle(&pop.agent, &ledger, if ctx.quick { 2 } else { 4 })
+        .map_err(|e| progress(format!("counting charged sessions failed: {e:#}")))
+        .ok();
+    let (ss_ms, ss_cpu_ms, ss_rows) =
+        scale::time_ss(&pop.fleet.ss_filter(), if ctx.quick { 3 } else { 7 })?;
+    // A profile where a target is judged (10k: CPU; 100k: cycle time), and
+    // at the largest quick size.
+    let profile = if open == 10_000 || open >= 100_000 || (ctx.quick && open >= 5_000) {
+        profile(
+            &pop.agent,
+            &ctx.work,
+            Duration::from_secs(if ctx.quick { 5 } else { 10 }),
+        )
+        .unwrap_or_else(|e| vec![format!("perf record failed: {e:#}")])
+    } else {
+        Vec::new()
+    };
+    pop.fleet.set_rate(0)?;
+    Ok(Point {
+        connections: open,
+        idle,
+        active,
+        charged_per_cycle,
+        ss_ms,
+        ss_cpu_ms,
+        ss_rows,
+        profile,
+        machine_busy_cores,
+    })
+}
+
+/// The agent over `span`: cycles, CPU, fsyncs and charges.
+fn window(agent: &Agent, connections: usize, span: Duration) -> Result<Window> {
+    let fsyncs = Fsyncs::start(agent.pid());
+    let s0 = agent.scrape()?;
+    let cpu = scale::agent_cpu(agent, span)?;
+    let s1 = agent.scrape()?;
+    let fsyncs = fsyncs.and_then(Fsyncs::finish);
+    Ok(Window {
+        connections,
+        sessions: s1.viewer_sessions(),
+        cycle_ms: mean_cycle(&s0, &s1).unwrap_or(f64::NAN) * 1e3,
+        cycles: s1.cycles() - s0.cycles(),
+        overruns: s1.overruns() - s0.overruns(),
+        interval_s: s1.interval(),
+        cpu: CpuUse { connections, ..cpu },
+        fsyncs,
+        charged_minor: charged(&s1) - charged(&s0),
+        vm_rss: host::status_kb(agent.pid(), "VmRSS")?,
+    })
+}
+
+fn charged(s: &Scrape) -> f64 {
+    s.sum("meterd_charged_minor_total")
+}
+
+/// The bench agent's ledger (next to its log).
+fn ledger_path(agent: &Agent) -> PathBuf {
+    agent.log.with_file_name("ledger.sqlite")
+}
+
+/// `sqlite3 -readonly LEDGER SQL`'s output.
+fn sqlite(ledger: &Path, sql: &str) -> Result<String> {
+    host::output(
+        Command::new("sqlite3")
+            .arg("-readonly")
+            .arg(ledger)
+            .arg(sql),
+    )
+}
+
+/// Sessions charged per cycle: the `<session>:cycles` rows whose units
+/// changed between snapshots of the ledger taken right after consecutive
+/// cycles (a read transaction sees whole commits only), `samples` times.
+fn charged_per_cycle(agent: &Agent, ledger: &Path, samples: usize) -> Result<f64> {
+    let snapshot = || -> Result<HashMap<String, u64>> {
+        Ok(
+            sqlite(ledger, "SELECT id, units FROM charges WHERE kind = 'cycle'")?
+                .lines()
+                .filter_map(|l| {
+                    let (id, units) = l.rsplit_once('|')?;
+                    Some((id.to_owned(), units.parse().ok()?))
+                })
+                .collect(),
+        )
+    };
+    let next_cycle = || -> Result<f64> {
+        let c = agent.scrape()?.cycles();
+        let s = agent.wait_for(Duration::from_secs(60), "a cycle", |s| s.cycles() > c)?;
+        Ok(s.cycles())
+    };
+    let mut cycle = next_cycle()?;
+    let mut before = snapshot()?;
+    let mut per_cycle = Vec::new();
+    for _ in 0..samples {
+        let now = next_cycle()?;
+        let after = snapshot()?;
+        let changed = after
+            .iter()
+            .filter(|(id, units)| before.get(*id) != Some(units))
+            .count();
+        // The scrape may lag the commit by one cycle; only clean pairs count.
+        if (now - cycle - 1.0).abs() < 0.5 {
+            per_cycle.push(changed as f64);
+        }
+        cycle = now;
+        before = after;
+    }
+    if per_cycle.is_empty() {
+        bail!("no two snapshots one cycle apart");
+    }
+    Ok(host::mean(&per_cycle))
+}
+
+/// `perf record` on the agent for `span`; the top symbols of `perf report`.
+fn profile(agent: &Agent, work: &Path, span: Duration) -> Result<Vec<String>> {
+    let data = work.join(format!("active-{}.perf", agent.pid()));
+    host::output(
+        Command::new("perf")
+            .args(["record", "-q", "-F", "499", "-p"])
+            .arg(agent.pid().to_string())
+            .arg("-o")
+            .arg(&data)
+            .arg("--")
+            .arg("sleep")
+            .arg(span.as_secs().to_string()),
+    )?;
+    let report = |args: &[&str]| {
+        host::output(
+            Command::new("perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "-g",
+                    "none",
+                    "-q",
+                    "--percent-limit",
+                    "2",
+                ])
+                .args(args)
+                .arg("-i")
+                .arg(&data),
+        )
+    };
+    // Self time only: the release build has no frame pointers, so the
+    // call chains perf unwinds are too short to apportion by caller.
+    let flat = report(&["--no-children", "--sort", "dso,sym"])?;
+    let _ = fs::remove_file(&data);
+    let top = flat
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| l.contains('%'))
+        .take(10)
+        .collect();
+    Ok(top)
+}
+
+/// The rows of one size: cycle, CPU, charge upserts, fsyncs.
+fn rows(p: &Point, quick: bool) -> Vec<Measure> {
+    let profile = if p.profile.is_empty() {
+        String::new()
+    } else {
+        format!(" perf (agent, active): {}.", p.profile.join("; "))
+    };
+    let load = format!(
+        " Machine busy {:.2} of {} cores during the active window (helpers streaming, \
+         agent, everything else).",
+        p.machine_busy_cores,
+        host::cpus()
+    );
+    let context = format!("{profile}{load}");
+    let mut rows = vec![cycle_row(p, &context), cpu_row(p, &context)];
+    rows.extend(charge_row(p, quick));
+    rows.extend(fsync_row(p));
+    rows
+}
+
+fn size_label(p: &Point) -> String {
+    format!("{}k", p.connections / 1000)
+}
+
+fn cycle_row(p: &Point, context: &str) -> Measure {
+    let (act, idle) = (&p.active, &p.idle);
+    let size = size_label(p);
+    let judged = p.connections >= 100_000;
+    let met = act.cycle_ms <= 100.0;
+    Measure {
+        bench: "active",
+        name: format!("billing cycle, {size} active viewers (16 kbit/s each)"),
+        value: act.cycle_ms,
+        unit: "ms".into(),
+        baseline_name: format!("same {size} connections idle"),
+        baseline: Some(idle.cycle_ms),
+        ratio: Some(act.cycle_ms / idle.cycle_ms),
+        ratio_meaning: "active / idle".into(),
+        target: if judged {
+            "<= 100 ms at 100k active".into()
+        } else {
+            "-".into()
+        },
+        met: judged.then_some(met),
+        note: format!(
+            "Mean of {} read + billing cycles (meterd_cycle_duration_seconds sum/count) over \
+             {:.0} s with {:.0} viewing sessions streaming {RATE} B/s each, 1 KB units; idle: \
+             {} cycles of the same agent and sockets before any write. `ss -tin` over the \
+             same {} sockets: {} ms ({} ms CPU), {:.2}x the active cycle. Interval at the end \
+             {} s, {} overruns in the window.{}{}",
+            act.cycles,
+            act.cpu.wall_s,
+            act.sessions,
+            idle.cycles,
+            p.ss_rows,
+            num(p.ss_ms),
+            num(p.ss_cpu_ms),
+            p.ss_ms / act.cycle_ms,
+            num(act.interval_s),
+            act.overruns,
+            if judged && !met {
+                format!(
+                    " Missed by {} ms ({:.1}x the target).",
+                    num(act.cycle_ms - 100.0),
+                    act.cycle_ms / 100.0
+                )
+            } else {
+                String::new()
+            },
+            if judged { context } else { "" },
+        ),
+    }
+}
+
+fn cpu_row(p: &Point, context: &str) -> Measure {
+    let (act, idle) = (&p.active, &p.idle);
+    let share = act.cpu_share();
+    let per_cycle_s = act.cpu.busy_s / act.cycles.max(1.0);
+    // Widened intervals run fewer cycles: judge the CPU a 1 s interval costs.
+    let at_base = per_cycle_s.max(share);
+    let judged = p.connections == 10_000;
+    let ss_share = p.ss_cpu_ms / 1e3;
+    Measure {
+        bench: "active",
+        name: format!("agent CPU, {} active viewers, 1 s interval", size_label(p)),
+        value: share * 100.0,
+        unit: "% of one core".into(),
+        baseline_name: "`ss -tin` polled once per second".into(),
+        baseline: Some(ss_share * 100.0),
+        ratio: Some(share / ss_share),
+        ratio_meaning: "agent / ss peer".into(),
+        target: if judged {
+            "<= 2% of one core at 10k active".into()
+        } else {
+            "-".into()
+        },
+        met: judged.then_some(at_base <= 0.02),
+        note: format!(
+            "utime+stime from /proc/PID/stat over {:.0} s (10 ms ticks): {:.2} CPU s, {} \
+             cycles, {:.1} ms CPU per cycle ({:.2}% of a core at one cycle a second). Same \
+             connections idle: {:.3}% ({:.1} ms per cycle), so streaming costs {:.1}x idle.{}{}",
+            act.cpu.wall_s,
+            act.cpu.busy_s,
+            act.cycles,
+            per_cycle_s * 1e3,
+            per_cycle_s * 100.0,
+            idle.cpu_share() * 100.0,
+            idle.cpu.busy_s / idle.cycles.max(1.0) * 1e3,
+            share / idle.cpu_share().max(1e-9),
+            if judged && at_base > 0.02 {
+                format!(
+                    " Missed by {:.2} points ({:.1}x the target).",
+                    at_base * 100.0 - 2.0,
+                    at_base / 0.02
+                )
+            } else {
+                String::new()
+            },
+            if judged { context } else { "" },
+        ),
+    }
+}
+
+fn charge_row(p: &Point, quick: bool) -> Option<Measure> {
+    let act = &p.active;
+    let size = size_label(p);
+    let per_cycle = p.charged_per_cycle?;
+    Some(Measure {
+        bench: "active",
+        name: format!("charge rows written, {size} active viewers"),
+        value: p.upserts_per_s()?,
+        unit: "upserts/s".into(),
+        baseline_name: format!("same {size} idle: 0 (no session)"),
+        baseline: Some(0.0),
+        ratio: Some(per_cycle / act.sessions.max(1.0)),
+        ratio_meaning: "sessions charged per cycle / open sessions".into(),
+        target: "every session charged every cycle".into(),
+        met: Some(per_cycle >= act.sessions * 0.95),
+        note: format!(
+            "The ledger keeps one cycle-charge row per session (`<session>:cycles`), \
+             updated in place, so this counts upserts, not new rows: {} sessions charged \
+             per cycle (the `:cycles` rows whose units changed between sqlite3 snapshots \
+             of the ledger right after consecutive cycles, mean of {} pairs) x {:.2} \
+             cycles/s. meterd_charged_minor_total grew {:.0} in the {:.0} s window, \
+             {:.2} minor units per session per second (2 KB/s at 1 per KB: 2 expected).",
+            num(per_cycle),
+            if quick { 2 } else { 4 },
+            act.cycles_per_s(),
+            act.charged_minor,
+            act.cpu.wall_s,
+            act.charged_minor / act.cpu.wall_s / act.sessions.max(1.0),
+        ),
+    })
+}
+
+fn fsync_row(p: &Point) -> Option<Measure> {
+    let (act, idle) = (&p.active, &p.idle);
+    let size = size_label(p);
+    let (per_cycle, idle_per_cycle) = (act.fsyncs_per_cycle()?, idle.fsyncs_per_cycle()?);
+    Some(Measure {
+        bench: "active",
+        name: format!("ledger fsyncs per cycle, {size} active viewers"),
+        value: per_cycle,
+        unit: "fsync+fdatasync/cycle".into(),
+        baseline_name: format!("same {size} idle"),
+        baseline: Some(idle_per_cycle),
+        ratio: (idle_per_cycle > 0.0).then(|| per_cycle / idle_per_cycle),
+        ratio_meaning: "active / idle".into(),
+        target: "-".into(),
+        met: None,
+        note: format!(
+            "`perf stat -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -p PID` \
+             over the window: {} calls in {} cycles (idle: {} in {}). WAL mode with \
+             synchronous = NORMAL syncs only at checkpoints (every 1000 WAL pages): \
+             each cycle rewrites every streaming session's rows, so the pages it \
+             dirties set how often it checkpoints.",
+            act.fsyncs.unwrap_or(0),
+            act.cycles,
+            idle.fsyncs.unwrap_or(0),
+            idle.cycles
+        ),
+    })
+}
+
+/// Bytes of the ledger and its WAL.
+fn ledger_bytes(ledger: &Path) -> (u64, u64) {
+    let len = |p: PathBuf| fs::metadata(p).map_or(0, |m| m.len());
+    let mut wal = ledger.as_os_str().to_owned();
+    wal.push("-wal");
+    (len(ledger.to_owned()), len(PathBuf::from(wal)))
+}
+
+/// One reading of the ledger while sessions stream.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Growth {
+    t: f64,
+    db: u64,
+    wal: u64,
+    sessions: f64,
+}
+
+pub fn ledger(ctx: &mut Ctx) -> Result<()> {
+    let n: usize = if ctx.quick { 1_000 } else { 10_000 };
+    let window_s = if ctx.quick { 15.0 } else { 60.0 };
+    if let Some(old) = ctx.population.take() {
+        progress("stopping the other benches' connections: this bench opens its own");
+        old.stop()?;
+    }
+    let idle_s = 3;
+    let mut pop =
+        Population::start_with(ctx, n, "ledger", Some(&service_toml(&format!("{idle_s}s"))))?;
+    let result = ledger_run(ctx, &mut pop, n, window_s, idle_s);
+    let ledger = ledger_path(&pop.agent);
+    pop.stop()?;
+    let mut run = result?;
+    // After the agent stopped: fold the WAL in and measure what stays.
+    host::output(
+        Command::new("sqlite3")
+            .arg(&ledger)
+            .arg("PRAGMA wal_checkpoint(TRUNCATE);"),
+    )?;
+    let (db, wal) = ledger_bytes(&ledger);
+    let settled: f64 = sqlite(
+        &ledger,
+        "SELECT COUNT(*) FROM viewer_sessions WHERE state = 'settled'",
+    )?
+    .trim()
+    .parse()
+    .context("settled count")?;
+    let dbstat = sqlite(
+        &ledger,
+        "SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC",
+    )?;
+    let tables: Vec<(String, u64)> = dbstat
+        .lines()
+        .filter_map(|l| {
+            let (name, size) = l.rsplit_once('|')?;
+            Some((name.to_owned(), size.parse().ok()?))
+        })
+        .collect();
+    let rows = sqlite(
+        &ledger,
+        "SELECT 'viewer_sessions', COUNT(*) FROM viewer_sessions UNION ALL \
+         SELECT 'connections', COUNT(*) FROM connections UNION ALL \
+         SELECT 'charges', COUNT(*) FROM charges",
+    )?;
+    run.settled = settled;
+    run.final_db = db;
+    run.final_wal = wal;
+    run.tables = tables;
+    run.row_counts = rows.lines().map(|l| l.replace('|', ": ")).collect();
+    ctx.results.measures.extend(ledger_rows(&run));
+    ctx.results.details.insert("ledger".into(), json!(run));
+    Ok(())
+}
+
+#[derive(Debug, Default, Serialize)]
+struct LedgerRun {
+    sessions: usize,
+    window_s: f64,
+    session_idle_s: u64,
+    growth: Vec<Growth>,
+    written_bytes: u64,
+    settled: f64,
+    settled_minor: f64,
+    final_db: u64,
+    final_wal: u64,
+    tables: Vec<(String, u64)>,
+    row_counts: Vec<String>,
+}
+
+fn ledger_run(
+    ctx: &Ctx,
+    pop: &mut Population,
+    n: usize,
+    window_s: f64,
+    idle_s: u64,
+) -> Result<LedgerRun> {
+    let (open, error) = pop.grow(n)?;
+    if let Some(e) = &error {
+        progress(format!("only {open} of {n} connections opened: {e}"));
+    }
+    let ledger = ledger_path(&pop.agent);
+    pop.fleet.set_rate(RATE)?;
+    let want = (open * 99 / 100) as f64;
+    pop.agent.wait_for(
+        Duration::from_secs(120),
+        "a viewing session per streaming connection",
+        |s| s.viewer_sessions() >= want,
+    )?;
+    // A few cycles, so the WAL has reached its working size.
+    pop.agent.cycles(5.0, Duration::from_secs(120))?;
+    progress(format!(
+        "ledger: {open} sessions streaming {RATE} B/s at a 1 s interval; measuring for \
+         {window_s:.0} s"
+    ));
+    let start = Instant::now();
+    let mut growth = Vec::new();
+    let step = window_s / 6.0;
+    for i in 0..=6 {
+        let t = step * f64::from(i);
+        let ahead = t - start.elapsed().as_secs_f64();
+        if ahead > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(ahead));
+        }
+        let (db, wal) = ledger_bytes(&ledger);
+        growth.push(Growth {
+            t: start.elapsed().as_secs_f64(),
+            db,
+            wal,
+            sessions: pop.agent.scrape()?.viewer_sessions(),
+        });
+    }
+    pop.fleet.set_rate(0)?;
+    let written = pop.fleet.written()?;
+    // Idle past session_idle, then closed: every session can settle.
+    std::thread::sleep(Duration::from_secs(idle_s + 1));
+    pop.fleet.close()?;
+    progress("ledger: traffic stopped and connections closed; waiting for settlement");
+    let s = pop.agent.wait_for(
+        Duration::from_secs(if ctx.quick { 60 } else { 180 }),
+        "every session settled",
+        |s| s.viewer_sessions() == 0.0 && s.live() == 0.0,
+    )?;
+    Ok(LedgerRun {
+        sessions: open,
+        window_s,
+        session_idle_s: idle_s,
+        growth,
+        written_bytes: written,
+        settled_minor: charged(&s),
+        ..LedgerRun::default()
+    })
+}
+
+fn ledger_rows(run: &LedgerRun) -> Vec<Measure> {
+    let mut rows: Vec<Measure> = growth_row(run).into_iter().collect();
+    rows.push(settled_row(run));
+    rows
+}
+
+fn growth_row(run: &LedgerRun) -> Option<Measure> {
+    let first = run.growth.first().copied()?;
+    let last = run.growth.last().copied()?;
+    let total = |g: &Growth| (g.db + g.wal) as f64;
+    let span_h = (last.t - first.t) / 3600.0;
+    let viewer_hours = run.sessions as f64 * span_h;
+    let per_viewer_hour = (total(&last) - total(&first)) / viewer_hours;
+    let per_open: Vec<String> = run
+        .growth
+        .iter()
+        .map(|g| {
+            format!(
+                "{:.0} s: {:.0} B ({} KiB db + {} KiB WAL)",
+                g.t - first.t,
+                total(g) / g.sessions.max(1.0),
+                g.db / 1024,
+                g.wal / 1024
+            )
+        })
+        .collect();
+    let db_per_open: Vec<f64> = run
+        .growth
+        .iter()
+        .map(|g| g.db as f64 / g.sessions.max(1.0))
+        .collect();
+    let spread = db_per_open.iter().copied().fold(f64::MIN, f64::max)
+        - db_per_open.iter().copied().fold(f64::MAX, f64::min);
+    Some(Measure {
+        bench: "ledger",
+        name: format!(
+            "ledger growth per viewer-hour, {}k active viewers, 1 s interval (extrapolated)",
+            run.sessions / 1000
+        ),
+        value: per_viewer_hour,
+        unit: "bytes/viewer-hour".into(),
+        baseline_name: "ledger + WAL per open session at the window's start".into(),
+        baseline: Some(total(&first) / first.sessions.max(1.0)),
+        ratio: Some(per_viewer_hour / (total(&first) / first.sessions.max(1.0))),
+        ratio_meaning: "growth per hour / size per open session".into(),
+        target: "constant per open session while live".into(),
+        met: Some(per_viewer_hour * span_h * 10.0 < total(&first) / first.sessions.max(1.0)),
+        note: format!(
+            "Extrapolated: (ledger + WAL bytes at the end - at the start) / ({} sessions x \
+                 {:.0} s) over a {:.0} s window at {RATE} B/s per session, 1 KB units, every \
+                 session charged every cycle: {:.0} -> {:.0} bytes. Per open session over the \
+                 window (total / open sessions): {}. The ledger file alone per open session \
+                 varies by {:.0} B over the window; the WAL holds its size once a checkpoint \
+                 has run (SQLite reuses it from the start), so it is a constant, not growth. \
+                 Met means the window's growth is under a tenth of the size per session.",
+            run.sessions,
+            last.t - first.t,
+            run.window_s,
+            total(&first),
+            total(&last),
+            per_open.join("; "),
+            spread,
+        ),
+    })
+}
+
+fn settled_row(run: &LedgerRun) -> Measure {
+    let per_settled = run.final_db as f64 / run.settled.max(1.0);
+    let tables = run
+        .tables
+        .iter()
+        .map(|(t, b)| format!("{t} {:.0} B", *b as f64 / run.settled.max(1.0)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let expected_minor = run.written_bytes.div_ceil(UNIT_BYTES) * PRICE_MINOR;
+    Measure {
+        bench: "ledger",
+        name: "ledger bytes per settled viewing session".into(),
+        value: per_settled,
+        unit: "bytes/session".into(),
+        baseline_name: "1 KB target".into(),
+        baseline: Some(1000.0),
+        ratio: Some(per_settled / 1000.0),
+        ratio_meaning: "measured / target".into(),
+        target: "<= 1 KB per settled session".into(),
+        met: Some(per_settled <= 1000.0),
+        note: format!(
+            "Traffic stopped, connections reset, {:.0} sessions settled after session_idle = \
+                 {}s, agent stopped, then `PRAGMA wal_checkpoint(TRUNCATE)`: ledger {} bytes \
+                 (WAL {} bytes) / {:.0} settled sessions. By table and index (dbstat, bytes per \
+                 session): {tables}. Rows: {}. Billed {:.0} minor units; the helpers wrote {} \
+                 bytes, {} minor units at 1 per started KB of the total ({}).{}",
+            run.settled,
+            run.session_idle_s,
+            run.final_db,
+            run.final_wal,
+            run.settled,
+            run.row_counts.join(", "),
+            run.settled_minor,
+            run.written_bytes,
+            expected_minor,
+            "per-session rounding bills each session's started KB, so up to one unit more \
+                 per session",
+            if per_settled > 1000.0 {
+                format!(
+                    " Missed by {:.0} B ({:.2}x the target).",
+                    per_settled - 1000.0,
+                    per_settled / 1000.0
+                )
+            } else {
+                String::new()
+            },
+        ),
+    }
+}
