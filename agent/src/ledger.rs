@@ -667,7 +667,6 @@ impl Ledger {
         let key = format!("fleet_backfilled:{}", policy.host);
         let mut staged = 0;
         if self.load_meta(&key)?.is_none() {
-            let sessions = self.sessions(None)?;
             let at = ms(SystemTime::now());
             let path = self.path.clone();
             let err = |source| LedgerError::Sqlite {
@@ -675,10 +674,23 @@ impl Ledger {
                 source,
             };
             let tx = self.conn.transaction().map_err(err)?;
-            for s in &sessions {
-                let record = serde_json::to_value(s).unwrap_or_default();
-                outbox::stage(&tx, &policy.host, Kind::Session, &s.session_id, record, at)
+            {
+                // Row by row: a ledger of millions of sessions is never
+                // held in memory.
+                let mut settled = tx
+                    .prepare(&format!(
+                        "SELECT {SESSION_FIELDS} FROM viewer_sessions WHERE state = 'settled'
+                         ORDER BY ended_ms, session_id"
+                    ))
                     .map_err(err)?;
+                let mut rows = settled.query([]).map_err(err)?;
+                while let Some(row) = rows.next().map_err(err)? {
+                    let s = session_record(row).map_err(err)?;
+                    let record = serde_json::to_value(&s).unwrap_or_default();
+                    outbox::stage(&tx, &policy.host, Kind::Session, &s.session_id, record, at)
+                        .map_err(err)?;
+                    staged += 1;
+                }
             }
             tx.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')",
@@ -686,7 +698,6 @@ impl Ledger {
             )
             .map_err(err)?;
             tx.commit().map_err(err)?;
-            staged = sessions.len();
         }
         self.fleet = Some((policy, HashMap::new()));
         Ok(staged)
@@ -1514,6 +1525,49 @@ mod tests {
             l.spent_by_account().unwrap(),
             HashMap::from([("a".to_owned(), 2_500_000), ("b".to_owned(), 7)])
         );
+    }
+
+    #[test]
+    fn first_fleet_start_stages_settled_sessions_as_exported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite");
+        let policy = || outbox::Policy {
+            host: "h1".into(),
+            interim_ms: 300_000,
+        };
+        let mut l = Ledger::open(&path, "EUR").unwrap();
+        l.conn
+            .execute_batch(
+                "INSERT INTO viewer_sessions (session_id, state, service, tariff, account, content,
+                 attributed, client_addr, first_ns, last_ns, started_ms, ended_ms, bytes_out,
+                 bytes_in, connections, units, charged_micro, seq, duration_ms, charge_minor,
+                 currency)
+                 VALUES ('v1', 'settled', 'web', '{}', 'alice', 'm', 1, '10.0.0.1', 1, 2,
+                 1796000000000, 1796000060123, 5000, 10, 2, 5, 5000000, 5, 60123, 5, 'EUR'),
+                 ('v2', 'open', 'web', '{}', 'bob', '', 0, '10.0.0.2', 1, 2, 1796000000000,
+                 NULL, 1, 1, 1, 0, 0, 0, NULL, NULL, 'EUR');",
+            )
+            .unwrap();
+        assert_eq!(l.set_fleet(policy()).unwrap(), 1, "the settled one only");
+        let (id, payload): (String, String) = l
+            .conn
+            .query_row("SELECT record_id, payload FROM fleet_outbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(id, "h1:session:v1");
+        let envelope: crate::fleet::record::Envelope = serde_json::from_str(&payload).unwrap();
+        let mut exported = Vec::new();
+        l.export(None, ExportFormat::Jsonl, false, &mut exported)
+            .unwrap();
+        let exported: serde_json::Value = serde_json::from_slice(&exported).unwrap();
+        assert_eq!(
+            envelope.record, exported,
+            "the export's row, field for field"
+        );
+        drop(l);
+        let mut l = Ledger::open(&path, "EUR").unwrap();
+        assert_eq!(l.set_fleet(policy()).unwrap(), 0, "staged once per host");
     }
 
     #[test]
