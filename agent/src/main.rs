@@ -214,8 +214,10 @@ enum FleetCommand {
         #[arg(long, value_parser = parse_since)]
         since: Option<SystemTime>,
     },
-    /// Publish this host's records again: to rebuild a stream from the
-    /// ledgers. Every record in the outbox is marked unshipped (the
+    /// Publish this host's records again, to rebuild a stream from the
+    /// ledgers.
+    ///
+    /// Every record in the outbox is marked unshipped (the
     /// running agent sends them at once), and the next start of the agent
     /// stages every settled session of the ledger again, including those
     /// pruned from the outbox (shipped records are kept 7 days). Consumers

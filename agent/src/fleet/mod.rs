@@ -47,7 +47,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// Why the fleet link failed a step (each is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    #[error("connecting to NATS {urls}: {source}")]
+    #[error(
+        "connecting to NATS {urls}: {source} (check fleet.nats_url, that a server listens there, and the credentials)"
+    )]
     Connect {
         urls: String,
         source: async_nats::ConnectError,
