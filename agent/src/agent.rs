@@ -1165,7 +1165,7 @@ impl Agent {
         if n > 0 {
             tracing::warn!(
                 connections = n,
-                "live-connection map full: these are billed at close without a start time; raise agent.max_connections"
+                "live-connection map full: these are read only at their close (bytes exact, times from their sockets); raise agent.max_connections"
             );
         }
         let n = grew(Stat::RingFull);

@@ -147,7 +147,19 @@ fn slow_path(ctx: &SkBuffContext, sk: *mut bpf_sock, meter: &mut SkMeter, jiffie
         // Nothing to fold into (the connection was untracked or its entry
         // taken): stay on the fast path.
         // SAFETY: helper without arguments.
-        meter.sync(jiffies, unsafe { bpf_ktime_get_boot_ns() });
+        let now_ns = unsafe { bpf_ktime_get_boot_ns() };
+        if meter.is_untracked() {
+            // Its establishment stays in `synced_ns`; a packet of an
+            // established connection dates its last payload (its FIN and
+            // what follows it do not).
+            meter.synced_jiffies = jiffies;
+            // SAFETY: non-NULL full socket.
+            if unsafe { (*sk).state } == state::ESTABLISHED {
+                meter.untracked_sent(now_ns);
+            }
+        } else {
+            meter.sync(jiffies, now_ns);
+        }
         return;
     };
     // SAFETY: non-NULL tcp_sock and full socket, fields read at their

@@ -103,6 +103,15 @@ pub struct SkMeter {
 /// and at the first packet of a quiet one.
 pub const METER_CUT: u32 = 1 << 0;
 
+/// [`SkMeter::flags`]: the connection is metered but has no `LIVE` entry
+/// (the live map was full when it opened). Its storage then keeps what the
+/// close record needs to date it: `synced_ns` is its establishment, never
+/// refreshed, and `service` the milliseconds from then to the last packet
+/// the egress hook saw it send while established (at most one refresh
+/// period early, as for any connection). `synced_jiffies` still paces the
+/// fast path.
+pub const METER_UNTRACKED: u32 = 1 << 1;
+
 impl SkMeter {
     /// Records a fold at `now`.
     #[inline(always)]
@@ -127,6 +136,33 @@ impl SkMeter {
     #[inline(always)]
     pub fn is_cut(&self) -> bool {
         self.flags & METER_CUT != 0
+    }
+
+    /// Whether the connection has no `LIVE` entry (see [`METER_UNTRACKED`]).
+    #[inline(always)]
+    pub fn is_untracked(&self) -> bool {
+        self.flags & METER_UNTRACKED != 0
+    }
+
+    /// An untracked connection sent a packet at `now_ns` (established):
+    /// its last payload is dated there.
+    #[inline(always)]
+    pub fn untracked_sent(&mut self, now_ns: u64) {
+        let ms = now_ns.saturating_sub(self.synced_ns) / 1_000_000;
+        self.service = if ms > u64::from(u32::MAX) {
+            u32::MAX
+        } else {
+            ms as u32
+        };
+    }
+
+    /// An untracked connection's establishment and last payload, boot ns.
+    #[inline(always)]
+    pub fn untracked_times(&self) -> (u64, u64) {
+        (
+            self.synced_ns,
+            self.synced_ns + u64::from(self.service) * 1_000_000,
+        )
     }
 }
 

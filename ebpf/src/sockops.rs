@@ -44,7 +44,9 @@ use meterd_common::{
 
 use crate::{
     activity::{OnRingFull, Reading, fold},
-    maps::{CLOSED, CUT, INFO, LIVE, SkMeter, TCP_PORTS, bump, service_of, sk_meter},
+    maps::{
+        CLOSED, CUT, INFO, LIVE, METER_UNTRACKED, SkMeter, TCP_PORTS, bump, service_of, sk_meter,
+    },
 };
 
 // The shared rule's flag is the kernel's.
@@ -170,32 +172,37 @@ fn on_established(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
     let now = Reading::now(0, 0);
     let info = conn_info(ctx, service - 1, now.ns);
-    if INFO.insert(&cookie, &info, u64::from(BPF_NOEXIST)).is_err() {
-        bump(Stat::LiveFull);
-        return;
-    }
-    if LIVE
+    let tracked = if INFO.insert(&cookie, &info, u64::from(BPF_NOEXIST)).is_err() {
+        false
+    } else if LIVE
         .insert(&cookie, &Counts::default(), u64::from(BPF_NOEXIST))
         .is_err()
     {
         let _ = INFO.remove(&cookie);
-        bump(Stat::LiveFull);
-        return;
-    }
+        false
+    } else {
+        true
+    };
     // Mark the socket metered for the egress hook (see maps::SkMeter).
     // Synced at establishment: the handshake moved no payload, and the
-    // first packets within the refresh period take the fast path.
+    // first packets within the refresh period take the fast path. Without
+    // room in the maps, the storage is what dates the close record
+    // (METER_UNTRACKED: its start, and its last packet, 0 ms after it).
     let sk = socket(ctx);
     if !sk.is_null() {
         let mut init = SkMeter {
             synced_jiffies: now.jiffies,
             synced_ns: now.ns,
-            service: service - 1,
-            flags: 0,
+            service: if tracked { service - 1 } else { 0 },
+            flags: if tracked { 0 } else { METER_UNTRACKED },
         };
         sk_meter(sk, Some(&mut init));
     }
-    bump(Stat::Opened);
+    bump(if tracked {
+        Stat::Opened
+    } else {
+        Stat::LiveFull
+    });
 }
 
 fn on_state(ctx: &SockOpsContext) {
@@ -269,8 +276,8 @@ fn on_close(
     let mut counts = Counts {
         bytes_out: now.bytes_out,
         bytes_in: now.bytes_in,
-        // Untracked: no history to date the payload from; the agent has
-        // only the close time.
+        // Tracked: dated by the fold below; untracked: from the socket's
+        // storage, further below.
         last_ns: 0,
     };
     let mut flags = 0;
@@ -300,6 +307,20 @@ fn on_close(
         );
         counts.last_ns = live.last_ns;
     }
+    // Untracked: the socket's storage has its start and last packet.
+    let mut untracked_start = 0;
+    if live.is_none() {
+        let sk = socket(ctx);
+        if !sk.is_null() {
+            let meter = sk_meter(sk, None);
+            // SAFETY: valid storage pointer, under the socket's lock.
+            if !meter.is_null() && unsafe { (*meter).is_untracked() } {
+                let (start, last) = unsafe { (*meter).untracked_times() };
+                untracked_start = start;
+                counts.last_ns = last;
+            }
+        }
+    }
     let info = INFO.get_ptr_mut(&cookie);
 
     if let Some(mut entry) = CLOSED.reserve::<Closed>(0) {
@@ -308,7 +329,7 @@ fn on_close(
             Some(info) => unsafe { *info },
             None => {
                 let service = service_of(&TCP_PORTS, ctx_field!(ctx, local_port));
-                conn_info(ctx, service.wrapping_sub(1), 0)
+                conn_info(ctx, service.wrapping_sub(1), untracked_start)
             }
         };
         info_value.end_ns = now.ns;

@@ -2016,3 +2016,115 @@ fn untracked_close_from_fin_wait2_is_not_billed_the_fin() {
     );
     drop(fillers);
 }
+
+/// Issue #12 item 12: a connection the live map had no room for is timed
+/// from what its socket's storage kept (its establishment, and the last
+/// packet it sent established), not billed 0 s: under a time tariff, a
+/// lone untracked viewer that downloads for ~1.8 s and then holds its
+/// connection idle for 2 s is billed the ~1.8 s its server logged, not 0
+/// and not the idle tail.
+#[test]
+fn untracked_connection_is_timed_by_its_payload() {
+    use meterd_tests::tariff::{Rounding, Service, Tariff};
+    const LIVE_SLOTS: u32 = 1024;
+    const FILLERS: usize = 1100;
+    let Some(mut env) = TestEnv::new("hard-untracked-time", traffic_bin!(), Setup::default())
+    else {
+        return;
+    };
+    assert!(
+        raise_own_nofile() > FILLERS + 200,
+        "the open-file limit is too low for {FILLERS} connections"
+    );
+    let listen = loopback4(port(14, 3));
+    let filler_at = loopback4(port(14, 4));
+    let server = env.tcp_server(&[listen]);
+    let _filler_server = env.tcp_server(&[filler_at]);
+    // 10 minor units per started second of watching time.
+    let live = Service::tcp(
+        "live",
+        &[listen.port()],
+        Tariff::time(10_000_000, 1, Rounding::PerStartedUnit),
+    );
+    let fill = Service::tcp(
+        "fill",
+        &[filler_at.port()],
+        Tariff::time(1, 1, Rounding::PerStartedUnit),
+    );
+    env.start_agent(AgentConfig {
+        max_connections: Some(LIVE_SLOTS),
+        services: vec![live, fill],
+        ..AgentConfig::default()
+    });
+    let _files = run_files(&pin_dir(&env));
+    let fillers: Vec<TcpStream> = (0..FILLERS)
+        .map(|i| {
+            TcpStream::connect(filler_at)
+                .unwrap_or_else(|e| panic!("filler connection {i} to {filler_at}: {e}"))
+        })
+        .collect();
+    let live_map_full = || {
+        meterd_tests::metrics::Exposition::parse(&env.agent_ref().metrics_text())
+            .unwrap()
+            .value("meterd_kernel_events_total", &[("event", "live_map_full")])
+            .unwrap_or(0.0)
+    };
+    let overflow = f64::from(u32::try_from(FILLERS).unwrap() - LIVE_SLOTS);
+    assert!(
+        wait_until(Duration::from_secs(10), || live_map_full() >= overflow),
+        "the live map did not fill: {} live_map_full events",
+        live_map_full()
+    );
+    // 1 MB in 100 kB steps 200 ms apart (~1.8 s of payload), then 2 s idle
+    // before the client closes.
+    let viewer = env.run_tcp_client(&TcpClient {
+        chunk: 100_000,
+        pause_ms: 200,
+        hold_ms: 2_000,
+        close: CloseOrder::Client,
+        source: Source::Addr(env.fresh_source()),
+        ..TcpClient::new(listen, 1_000_000, 0)
+    });
+    let truth = env.tcp_truth(&server, &[&viewer]);
+    assert!(
+        wait_until(Duration::from_secs(10), || !env
+            .agent_ref()
+            .closed_records()
+            .is_empty()),
+        "no close record of the viewer's connection"
+    );
+    let untracked = 1u64 << 1;
+    let records = env.agent_ref().closed_records();
+    assert!(
+        records
+            .iter()
+            .all(|r| r.flags.is_some_and(|f| f & untracked != 0)),
+        "the viewer's connection was tracked: the live map was not full: {records:#?}"
+    );
+    let t = &truth[0];
+    let span_ms = (t.last_payload_unix_us.unwrap() - t.first_payload_unix_us.unwrap()) / 1000;
+    let settled = wait_until(Duration::from_secs(20), || {
+        env.agent_ref()
+            .ledger_records()
+            .iter()
+            .any(|s| s.service == "live")
+    });
+    assert!(settled, "the viewer's session never settled");
+    let s: Vec<_> = env
+        .agent_ref()
+        .ledger_records()
+        .into_iter()
+        .filter(|s| s.service == "live")
+        .collect();
+    assert_eq!(s.len(), 1, "one session: {s:#?}");
+    let billed = i64::try_from(s[0].duration_ms).unwrap();
+    let span = i64::try_from(span_ms).unwrap();
+    assert!(
+        (billed - span).abs() <= 300,
+        "the untracked viewer is billed {billed} ms of watching time; its server moved \
+         payload for {span} ms (before the fix: 0 ms; the 2 s idle tail must not count)"
+    );
+    assert_eq!(s[0].bytes_out, t.bytes_sent);
+    assert_eq!(s[0].charge_minor, 10 * s[0].duration_ms.div_ceil(1000));
+    drop(fillers);
+}

@@ -1580,15 +1580,15 @@ fn segment_row(boot: &str, conn: &Conn, open: bool, end_ns: u64) -> SegmentRow {
 }
 
 /// A close record as the core bills it. One flagged `CONN_UNTRACKED` (the
-/// live map had no room when the connection opened) has exact bytes but
-/// neither a start nor a last-payload time (both 0, boot time's origin):
-/// taken as they are, its payload joined a session at the boot clock's 0
-/// (billing hours of watching time) or made one of 0 s. Its close is the
-/// one time the kernel knows, and its payload moved at the latest then, so
-/// both are dated there: the connection joins (and extends to its close)
-/// its viewer's session open at that moment, or opens one at its close.
-/// Its watching time before the close is not known, so not billed (see the
-/// README's known limits).
+/// live map had no room when the connection opened) has exact bytes, and
+/// its start and last payload from its socket's storage. From an older
+/// eBPF object (or a socket whose storage could not be made) both are 0,
+/// the boot clock's origin: taken as they are, its payload would join a
+/// session at the boot clock's 0 or make one of 0 s. Its close is then the
+/// one time known, and its payload moved at the latest then, so what is
+/// missing is dated there: the connection joins (and extends to its
+/// close) its viewer's session open at that moment, or opens one at its
+/// close.
 fn dated(rec: &Closed) -> Closed {
     let mut rec = *rec;
     if rec.info.flags & CONN_UNTRACKED != 0 && rec.info.flags & CONN_GAP == 0 {
