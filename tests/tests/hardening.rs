@@ -1947,6 +1947,33 @@ fn another_sock_ops_programs_callbacks_survive_meterd() {
     );
 }
 
+/// Opens `n` idle connections to `filler_at` (metered) and waits until
+/// the agent reports the live map's overflow (`n - slots` connections
+/// untracked): from then on, a new connection is untracked too. The
+/// connections stay open while the returned streams live.
+fn fill_live_map(env: &TestEnv, filler_at: SocketAddr, n: usize, slots: u32) -> Vec<TcpStream> {
+    let fillers: Vec<TcpStream> = (0..n)
+        .map(|i| {
+            TcpStream::connect(filler_at)
+                .unwrap_or_else(|e| panic!("filler connection {i} to {filler_at}: {e}"))
+        })
+        .collect();
+    let live_map_full = || {
+        meterd_tests::metrics::Exposition::parse(&env.agent_ref().metrics_text())
+            .unwrap()
+            .value("meterd_kernel_events_total", &[("event", "live_map_full")])
+            .unwrap_or(0.0)
+    };
+    let overflow = f64::from(u32::try_from(n).unwrap() - slots);
+    assert!(
+        wait_until(Duration::from_secs(10), || live_map_full() >= overflow),
+        "the live map did not fill: {} live_map_full events for {n} connections into {slots} \
+         slots",
+        live_map_full()
+    );
+    fillers
+}
+
 /// Item 10: with the live map full (`agent.max_connections` at its minimum,
 /// 1024, and more idle connections than that held open), connections open
 /// untracked and are billed from their close record alone. Those the server
@@ -1975,25 +2002,7 @@ fn untracked_close_from_fin_wait2_is_not_billed_the_fin() {
         ..tcp_config(&[listen.port(), filler_at.port()])
     });
     let _files = run_files(&pin_dir(&env));
-    let fillers: Vec<TcpStream> = (0..FILLERS)
-        .map(|i| {
-            TcpStream::connect(filler_at)
-                .unwrap_or_else(|e| panic!("filler connection {i} to {filler_at}: {e}"))
-        })
-        .collect();
-    let live_map_full = || {
-        meterd_tests::metrics::Exposition::parse(&env.agent_ref().metrics_text())
-            .unwrap()
-            .value("meterd_kernel_events_total", &[("event", "live_map_full")])
-            .unwrap_or(0.0)
-    };
-    let overflow = f64::from(u32::try_from(FILLERS).unwrap() - LIVE_SLOTS);
-    assert!(
-        wait_until(Duration::from_secs(10), || live_map_full() >= overflow),
-        "the live map did not fill: {} live_map_full events for {FILLERS} connections into \
-         {LIVE_SLOTS} slots",
-        live_map_full()
-    );
+    let fillers = fill_live_map(&env, filler_at, FILLERS, LIVE_SLOTS);
 
     let closes = env.run_tcp_client(&TcpClient {
         count: 8,
@@ -2057,24 +2066,7 @@ fn untracked_connection_is_timed_by_its_payload() {
         ..AgentConfig::default()
     });
     let _files = run_files(&pin_dir(&env));
-    let fillers: Vec<TcpStream> = (0..FILLERS)
-        .map(|i| {
-            TcpStream::connect(filler_at)
-                .unwrap_or_else(|e| panic!("filler connection {i} to {filler_at}: {e}"))
-        })
-        .collect();
-    let live_map_full = || {
-        meterd_tests::metrics::Exposition::parse(&env.agent_ref().metrics_text())
-            .unwrap()
-            .value("meterd_kernel_events_total", &[("event", "live_map_full")])
-            .unwrap_or(0.0)
-    };
-    let overflow = f64::from(u32::try_from(FILLERS).unwrap() - LIVE_SLOTS);
-    assert!(
-        wait_until(Duration::from_secs(10), || live_map_full() >= overflow),
-        "the live map did not fill: {} live_map_full events",
-        live_map_full()
-    );
+    let fillers = fill_live_map(&env, filler_at, FILLERS, LIVE_SLOTS);
     // 1 MB in 100 kB steps 200 ms apart (~1.8 s of payload), then 2 s idle
     // before the client closes.
     let viewer = env.run_tcp_client(&TcpClient {
