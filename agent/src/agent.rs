@@ -814,14 +814,13 @@ impl Agent {
                     .own()
                     .map(|(a, spent_micro, credited_minor)| {
                         (
-                            a.to_owned(),
+                            a,
                             fleet::record::Spend {
                                 spent_micro,
                                 credited_minor,
                             },
                         )
-                    })
-                    .collect(),
+                    }),
             );
         }
     }

@@ -37,6 +37,23 @@ pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
     )
 }
 
+/// `GET path` on a unix socket with extra header lines (`Name: value`).
+pub fn get_unix(socket: &Path, path: &str, headers: &[String]) -> io::Result<Response> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let extra = headers.join("\r\n");
+    let extra = if extra.is_empty() {
+        extra
+    } else {
+        extra + "\r\n"
+    };
+    exchange(
+        &mut stream,
+        &format!("GET {path} HTTP/1.1\r\nHost: meterd\r\n{extra}Connection: close\r\n\r\n"),
+    )
+}
+
 /// `POST path` with a JSON body on a unix socket.
 pub fn post_json_unix(socket: &Path, path: &str, body: &str) -> io::Result<Response> {
     let mut stream = UnixStream::connect(socket)?;
@@ -50,6 +67,16 @@ pub fn post_json_unix(socket: &Path, path: &str, body: &str) -> io::Result<Respo
             body.len()
         ),
     )
+}
+
+impl Response {
+    /// The value of header `name` (case-insensitive), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
 }
 
 fn exchange(stream: &mut (impl Read + Write), request: &str) -> io::Result<Response> {

@@ -59,12 +59,36 @@ struct Host {
     services: Vec<Service>,
 }
 
-/// The `[fleet]` table of one host.
-fn fleet_toml(cluster: &Cluster, host: &str, stream: &str) -> String {
-    format!(
-        "\n[fleet]\nnats_url = {}\nhost_id = \"{host}\"\nstream = \"{stream}\"\nbucket = \"{stream}_spend\"\nreplicas = 3\n",
-        cluster.urls_toml()
-    )
+/// Where a host's `[fleet]` points: the cluster, the stream (its bucket
+/// is `<stream>_spend`), replicas, and any further lines.
+struct FleetOf<'a> {
+    cluster: &'a Cluster,
+    stream: &'a str,
+    replicas: usize,
+    extra: String,
+}
+
+impl<'a> FleetOf<'a> {
+    fn new(cluster: &'a Cluster, stream: &'a str) -> Self {
+        FleetOf {
+            cluster,
+            stream,
+            replicas: 3,
+            extra: String::new(),
+        }
+    }
+
+    /// The `[fleet]` table of host `host`.
+    fn toml(&self, host: &str) -> String {
+        format!(
+            "\n[fleet]\nnats_url = {}\nhost_id = \"{host}\"\nstream = \"{stream}\"\n\
+             bucket = \"{stream}_spend\"\nreplicas = {}\n{}",
+            self.cluster.urls_toml(),
+            self.replicas,
+            self.extra,
+            stream = self.stream,
+        )
+    }
 }
 
 /// Starts a host; `None` when privileged tests are skipped.
@@ -72,8 +96,7 @@ fn host(
     test: &str,
     name: &'static str,
     slot: u16,
-    cluster: &Cluster,
-    stream: &str,
+    fleet: &FleetOf<'_>,
     accounts: Vec<(String, u64)>,
     env_vars: &[(&str, &str)],
 ) -> Option<Host> {
@@ -83,7 +106,7 @@ fn host(
     let config = AgentConfig {
         services: services.clone(),
         accounts,
-        extra_toml: fleet_toml(cluster, name, stream),
+        extra_toml: fleet.toml(name),
         ..AgentConfig::default()
     };
     // Started by hand for the environment variables.
@@ -274,10 +297,11 @@ fn records_reach_the_stream_once_through_a_node_kill() {
     };
     let mut cluster = Cluster::start(dir.path(), 3);
     let stream = "FLEETNODE";
-    let Some(a) = host("fleet-node", "host-a", 0, &cluster, stream, vec![], &[]) else {
+    let fleet = FleetOf::new(&cluster, stream);
+    let Some(a) = host("fleet-node", "host-a", 0, &fleet, vec![], &[]) else {
         return;
     };
-    let Some(b) = host("fleet-node", "host-b", 1, &cluster, stream, vec![], &[]) else {
+    let Some(b) = host("fleet-node", "host-b", 1, &fleet, vec![], &[]) else {
         return;
     };
     connected(&[&a, &b]);
@@ -307,10 +331,11 @@ fn an_outage_of_every_node_is_drained_after() {
     };
     let mut cluster = Cluster::start(dir.path(), 3);
     let stream = "FLEETOUT";
-    let Some(a) = host("fleet-outage", "host-a", 2, &cluster, stream, vec![], &[]) else {
+    let fleet = FleetOf::new(&cluster, stream);
+    let Some(a) = host("fleet-outage", "host-a", 2, &fleet, vec![], &[]) else {
         return;
     };
-    let Some(b) = host("fleet-outage", "host-b", 3, &cluster, stream, vec![], &[]) else {
+    let Some(b) = host("fleet-outage", "host-b", 3, &fleet, vec![], &[]) else {
         return;
     };
     connected(&[&a, &b]);
@@ -364,14 +389,14 @@ fn a_kill_between_acknowledgement_and_mark_duplicates_nothing() {
     };
     let cluster = Cluster::start(dir.path(), 3);
     let stream = "FLEETKILL";
+    let fleet = FleetOf::new(&cluster, stream);
     let held = dir.path().join("held");
     let held_s = held.display().to_string();
     let Some(mut a) = host(
         "fleet-kill",
         "host-a",
         4,
-        &cluster,
-        stream,
+        &fleet,
         vec![],
         &[("METERD_TEST_FLEET_HOLD_AFTER_ACK", held_s.as_str())],
     ) else {
@@ -412,10 +437,11 @@ fn a_replay_after_the_duplicate_window_counts_once() {
     };
     let cluster = Cluster::start(dir.path(), 3);
     let stream = "FLEETREPLAY";
+    let fleet = FleetOf::new(&cluster, stream);
     // Made here with a 1 s duplicate window, so a replay 2 s later is
     // past it: the stream stores every record again.
     nats::create_stream(&cluster.urls(), stream, "meterd.>", Duration::from_secs(1));
-    let Some(a) = host("fleet-replay", "host-a", 5, &cluster, stream, vec![], &[]) else {
+    let Some(a) = host("fleet-replay", "host-a", 5, &fleet, vec![], &[]) else {
         return;
     };
     connected(&[&a]);
@@ -477,19 +503,12 @@ fn a_prepaid_account_stops_at_the_fleet_sum() {
     };
     let cluster = Cluster::start(dir.path(), 3);
     let stream = "FLEETCREDIT";
+    let fleet = FleetOf::new(&cluster, stream);
     let accounts = vec![("alice".to_owned(), PREPAID)];
-    let Some(mut a) = host(
-        "fleet-credit",
-        "host-a",
-        6,
-        &cluster,
-        stream,
-        accounts.clone(),
-        &[],
-    ) else {
+    let Some(mut a) = host("fleet-credit", "host-a", 6, &fleet, accounts.clone(), &[]) else {
         return;
     };
-    let Some(mut b) = host("fleet-credit", "host-b", 7, &cluster, stream, accounts, &[]) else {
+    let Some(mut b) = host("fleet-credit", "host-b", 7, &fleet, accounts, &[]) else {
         return;
     };
     connected(&[&a, &b]);
@@ -586,29 +605,17 @@ fn tls_and_a_token_to_nats() {
     };
     let (ca, cert, key) = nats::make_certs(dir.path());
     let cluster = Cluster::start_secured(dir.path(), &cert, &key);
-    let Some(mut env) = TestEnv::new("fleet-tls-host-a", traffic_bin!(), Setup::default()) else {
-        return;
-    };
-    let at = SocketAddr::from((Ipv4Addr::LOCALHOST, port(8, 0)));
-    let services = vec![vod(at.port())];
-    env.start_agent(AgentConfig {
-        services: services.clone(),
-        extra_toml: format!(
-            "\n[fleet]\nnats_url = {}\nhost_id = \"host-a\"\nstream = \"FLEETTLS\"\n\
-             bucket = \"FLEETTLS_spend\"\nreplicas = 1\ntoken = \"{}\"\ntls_ca_file = \"{}\"\n",
-            cluster.urls_toml(),
+    let fleet = FleetOf {
+        replicas: 1,
+        extra: format!(
+            "token = \"{}\"\ntls_ca_file = \"{}\"\n",
             nats::TOKEN,
             ca.display()
         ),
-        ..AgentConfig::default()
-    });
-    let server = env.tcp_server(&[at]);
-    let a = Host {
-        name: "host-a",
-        env,
-        at,
-        server,
-        services,
+        ..FleetOf::new(&cluster, "FLEETTLS")
+    };
+    let Some(a) = host("fleet-tls", "host-a", 8, &fleet, vec![], &[]) else {
+        return;
     };
     connected(&[&a]);
     let s = a.traffic(5, 20).finish(Duration::from_secs(60));

@@ -7,9 +7,7 @@
 //! what the server logged) and the charges computed here from the tariff.
 
 use std::{
-    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    os::unix::net::UnixStream,
     path::Path,
     thread,
     time::Duration,
@@ -45,31 +43,20 @@ fn vod(tcp: &[u16], udp: &[u16]) -> Service {
 /// `GET /v1/authorize` as nginx's `auth_request` sends it: (status,
 /// `X-Meterd-Reason`).
 fn authorize(socket: &Path, client: SocketAddr, server_port: u16, account: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /v1/authorize HTTP/1.1\r\nHost: meterd\r\nX-Meterd-Client: {client}\r\n\
-         X-Meterd-Server-Port: {server_port}\r\nX-Meterd-Account: {account}\r\n\
-         Connection: close\r\n\r\n"
+    let r = http::get_unix(
+        socket,
+        "/v1/authorize",
+        &[
+            format!("X-Meterd-Client: {client}"),
+            format!("X-Meterd-Server-Port: {server_port}"),
+            format!("X-Meterd-Account: {account}"),
+        ],
     )
-    .unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let reason = text
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("x-meterd-reason")
-                .then(|| v.trim().to_owned())
-        })
-        .unwrap_or_default();
-    (status, reason)
+    .unwrap_or_else(|e| panic!("GET /v1/authorize on {}: {e}", socket.display()));
+    (
+        r.status,
+        r.header("x-meterd-reason").unwrap_or_default().to_owned(),
+    )
 }
 
 /// A download of `size` bytes in 1 MB steps `pause_ms` apart that may be

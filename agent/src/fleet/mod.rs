@@ -166,11 +166,16 @@ impl Fleet {
     }
 
     /// This host's cumulative figures per account, to share.
-    pub fn share(&self, figures: HashMap<String, Spend>) {
+    /// Called every cycle: only an account whose figures moved is copied
+    /// (and only then are the writers woken).
+    pub fn share<'a>(&self, figures: impl Iterator<Item = (&'a str, Spend)>) {
         self.spend.send_if_modified(|current| {
-            let changed = *current != figures;
-            if changed {
-                *current = figures;
+            let mut changed = false;
+            for (account, spend) in figures {
+                if current.get(account) != Some(&spend) {
+                    current.insert(account.to_owned(), spend);
+                    changed = true;
+                }
             }
             changed
         });
