@@ -282,6 +282,7 @@ fn open_core(config: &Config, ledger: &mut Ledger, boot_id: &str) -> Result<Core
         limits,
         Pending::with_capacity(config.api.max_pending),
     );
+    core.set_open_write_interval(config.billing.open_write_interval);
     let open = ledger.load_open()?;
     core.restore(open.viewers, open.segments, open.orphans);
     Ok(core)
@@ -441,6 +442,7 @@ struct Agent {
 impl Agent {
     /// The last drain and cycle before exiting; the pins stay.
     fn stop(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), AgentError> {
+        self.core.save_all();
         self.cycle(ring)?;
         if let Some(socket) = self.config.api.socket_path(&self.config.agent) {
             let _ = std::fs::remove_file(socket);
@@ -502,6 +504,7 @@ impl Agent {
     /// the per-service totals, the limit hooks and the log lines.
     fn commit(&mut self, batch: &Batch) -> Result<Committed, AgentError> {
         let proof = self.ledger.commit(batch)?;
+        self.persisted.session_writes += (batch.viewers.len() + batch.settled.len()) as u64;
         if let Some(f) = &self.fleet {
             f.wake();
         }
@@ -776,6 +779,7 @@ impl Agent {
             .expire_pending(Instant::now(), self.config.api.pending_ttl);
         self.apply_fleet_view();
         let live = self.core.on_cycle(now_ns);
+        self.persisted.cycle_charges += live.values().map(|t| t.charges).sum::<u64>();
         // Before the commit and the cut-offs: an account the check has
         // just marked is refused from here on.
         self.publish_standings();

@@ -220,6 +220,11 @@ pub struct BillingConfig {
     /// `http://127.0.0.1:PORT/PATH` (loopback only) that receives a JSON
     /// POST when an account reaches its limit.
     pub limit_webhook: Option<String>,
+    /// At most this long between writes of an open session's newer
+    /// accrual and counts (structural changes, settlements and limit
+    /// events are written at once; 0s: every cycle).
+    #[serde(with = "duration_str")]
+    pub open_write_interval: Duration,
 }
 
 impl Default for BillingConfig {
@@ -229,6 +234,7 @@ impl Default for BillingConfig {
             ledger: PathBuf::from("/var/lib/meterd/ledger.sqlite"),
             limit_hook: None,
             limit_webhook: None,
+            open_write_interval: Duration::from_secs(10),
         }
     }
 }
@@ -339,7 +345,7 @@ pub enum ConfigError {
     TooManyServices { max: u32 },
     #[error("config: service {name:?}: tariff: {source}")]
     Tariff { name: String, source: TariffError },
-    #[error("config: agent.{field} = {value:?} must be between {min:?} and {max:?}")]
+    #[error("config: {field} = {value:?} must be between {min:?} and {max:?}")]
     DurationRange {
         field: &'static str,
         value: Duration,
@@ -423,13 +429,13 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let a = &self.agent;
         check_range(
-            "interval",
+            "agent.interval",
             a.interval,
             Duration::from_millis(100),
             Duration::from_secs(3600),
         )?;
         check_range(
-            "udp_idle_timeout",
+            "agent.udp_idle_timeout",
             a.udp_idle_timeout,
             Duration::from_secs(1),
             Duration::from_hours(24),
@@ -453,6 +459,12 @@ impl Config {
         {
             return Err(ConfigError::PinDir(a.pin_dir.clone()));
         }
+        check_range(
+            "billing.open_write_interval",
+            self.billing.open_write_interval,
+            Duration::ZERO,
+            Duration::from_secs(300),
+        )?;
         let c = &self.billing.currency;
         if !crate::tariff::is_iso_4217(c) {
             return Err(ConfigError::Currency(c.clone()));

@@ -229,20 +229,12 @@ impl Drop for Checkpointer {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Every amount billed: cycle charges and settlement adjustments.
-CREATE TABLE IF NOT EXISTS charges (
-    id TEXT PRIMARY KEY,
-    session_id TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('cycle', 'settlement')),
-    service TEXT NOT NULL,
-    account TEXT NOT NULL,
-    at_ms INTEGER NOT NULL,
-    units INTEGER NOT NULL,
-    amount_micro INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS charges_account ON charges (account);
--- Viewing sessions: open ones with their accrual (a restart resumes them),
--- settled ones with their charge. first_ns/last_ns are kernel boot-time ns.
+-- Viewing sessions: open ones with their accrual (the cycles' charges so
+-- far: units, charged_micro and the seq of the last one; a restart resumes
+-- them), settled ones with their charge (cycles_micro + adjustment_micro =
+-- charge_minor in millionths). Every amount billed is here: ledgers of
+-- older versions also have a `charges` table, a row per charge, kept as it
+-- was and no longer written. first_ns/last_ns are kernel boot-time ns.
 CREATE TABLE IF NOT EXISTS viewer_sessions (
     session_id TEXT PRIMARY KEY,
     state TEXT NOT NULL CHECK (state IN ('open', 'settled')),
@@ -451,7 +443,6 @@ impl Ledger {
         self.conn
             .execute_batch(outbox::SCHEMA)
             .map_err(self.err())?;
-        self.fold_cycle_charges()?;
         let found: Option<String> = self
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'currency'", [], |r| {
@@ -476,31 +467,6 @@ impl Ledger {
                 Ok(())
             }
         }
-    }
-
-    /// Ledgers written before charges were folded had a row per cycle
-    /// (`<session>:<seq>`): folded once into each session's
-    /// `<session>:cycles` row, sums unchanged.
-    fn fold_cycle_charges(&self) -> Result<(), LedgerError> {
-        const KEY: &str = "charges_folded";
-        if self.load_meta(KEY)?.is_some() {
-            return Ok(());
-        }
-        self.conn
-            .execute_batch(
-                "BEGIN IMMEDIATE;
-                 INSERT INTO charges (id, session_id, kind, service, account, at_ms, units, amount_micro)
-                   SELECT session_id || ':cycles', session_id, 'cycle', MIN(service), MIN(account),
-                          MIN(at_ms), SUM(units), SUM(amount_micro)
-                   FROM charges WHERE kind = 'cycle' AND id <> session_id || ':cycles'
-                   GROUP BY session_id
-                 ON CONFLICT (id) DO UPDATE SET units = charges.units + excluded.units,
-                   amount_micro = charges.amount_micro + excluded.amount_micro;
-                 DELETE FROM charges WHERE kind = 'cycle' AND id <> session_id || ':cycles';
-                 INSERT OR REPLACE INTO meta (key, value) VALUES ('charges_folded', '1');
-                 COMMIT;",
-            )
-            .map_err(self.err())
     }
 
     /// The open viewing sessions, the open connection segments, and the
@@ -650,7 +616,7 @@ impl Ledger {
         let at = ms(SystemTime::now());
         let tx = self.conn.transaction().map_err(err)?;
         write_viewers(&tx, batch, &self.currency).map_err(err)?;
-        write_charges(&tx, batch, at).map_err(err)?;
+        write_settlements(&tx, batch).map_err(err)?;
         write_segments(&tx, batch).map_err(err)?;
         write_events(&tx, batch, at, &self.currency, &self.targets).map_err(err)?;
         if let Some((policy, interims)) = &mut self.fleet {
@@ -880,12 +846,16 @@ impl Ledger {
             .map_err(self.err())
     }
 
-    /// Everything charged to each account so far (cycles and settlements),
-    /// in millionths of a minor unit.
+    /// Everything charged to each account so far (open sessions' cycles,
+    /// settled sessions' charges), in millionths of a minor unit.
     pub fn spent_by_account(&self) -> Result<HashMap<String, i64>, LedgerError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT account, SUM(amount_micro) FROM charges GROUP BY account")
+            .prepare(
+                "SELECT account, SUM(CASE state WHEN 'open' THEN charged_micro
+                 ELSE COALESCE(cycles_micro + adjustment_micro, charge_minor * 1000000) END)
+                 FROM viewer_sessions GROUP BY account",
+            )
             .map_err(self.err())?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
@@ -1050,17 +1020,6 @@ impl Ledger {
         Ok(())
     }
 
-    /// Number of charge records and the sum of their amounts (micro).
-    pub fn charge_totals(&self) -> Result<(u64, i64), LedgerError> {
-        self.conn
-            .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(amount_micro), 0) FROM charges",
-                [],
-                |r| Ok((to_u64(r.get(0)?), r.get(1)?)),
-            )
-            .map_err(self.err())
-    }
-
     /// Writes settled viewing sessions (or, with `connections`, ended
     /// connection segments) as JSON lines or CSV (with a header); returns
     /// how many.
@@ -1181,28 +1140,48 @@ fn write_outbox(
 }
 
 /// Open sessions (and settled ones seen for the first time) as rows; rows
-/// only ever move forward from `open`.
+/// only ever move forward from `open`. A session's cycle charges are its
+/// accrual, updated in place (cumulative units and amount, and the seq of
+/// the last charge): the ledger grows by session, not by cycle. Writing a
+/// cumulative value twice changes nothing, and an older one never replaces
+/// a newer, so a replayed commit cannot charge twice.
 fn write_viewers(
     tx: &rusqlite::Transaction<'_>,
     batch: &Batch,
     currency: &str,
 ) -> rusqlite::Result<()> {
-    let mut upsert = tx.prepare_cached(
-        "INSERT INTO viewer_sessions (session_id, state, service, tariff, account, content,
-         attributed, client_addr, first_ns, last_ns, started_ms, bytes_out, bytes_in,
+    let mut update = tx.prepare_cached(
+        "UPDATE viewer_sessions SET first_ns = ?2, last_ns = ?3, bytes_out = ?4, bytes_in = ?5,
+         connections = ?6, units = ?7, charged_micro = ?8, seq = ?9
+         WHERE session_id = ?1 AND state = 'open' AND seq <= ?9",
+    )?;
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO viewer_sessions (session_id, state, service, tariff, account,
+         content, attributed, client_addr, first_ns, last_ns, started_ms, bytes_out, bytes_in,
          connections, units, charged_micro, seq, currency)
-         VALUES (?1, 'open', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
-         ON CONFLICT (session_id) DO UPDATE SET first_ns = ?8, last_ns = ?9,
-         bytes_out = ?11, bytes_in = ?12, connections = ?13, units = ?14,
-         charged_micro = ?15, seq = ?16 WHERE state = 'open'",
+         VALUES (?1, 'open', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?;
     for v in batch
         .viewers
         .iter()
         .chain(batch.settled.iter().map(|s| &s.row))
     {
+        let updated = update.execute(params![
+            v.id,
+            to_i64(v.first_ns),
+            to_i64(v.last_ns),
+            to_i64(v.bytes_out),
+            to_i64(v.bytes_in),
+            v.connections,
+            to_i64(v.accrual.units),
+            to_i64(v.accrual.charged_micro),
+            to_i64(v.accrual.seq),
+        ])?;
+        if updated == 1 {
+            continue;
+        }
         let tariff = serde_json::to_string(&v.tariff).unwrap_or_default();
-        upsert.execute(params![
+        insert.execute(params![
             v.id,
             v.service,
             tariff,
@@ -1225,62 +1204,23 @@ fn write_viewers(
     Ok(())
 }
 
-/// Cycle charges, settlements and their settlement charges.
-///
-/// A session's cycle charges are one row, `<session>:cycles`, updated in
-/// place with its accrual (cumulative units and amount; the seq is the
-/// session's): the ledger grows by session, not by cycle. Writing a
-/// cumulative value twice changes nothing, and an older one never
-/// replaces a newer. The row keeps the time of the first cycle charge. A
-/// session settles once: its settlement charge, `<session>:settle`, is
-/// written only when the row moved from `open` to `settled` now.
-fn write_charges(tx: &rusqlite::Transaction<'_>, batch: &Batch, at: i64) -> rusqlite::Result<()> {
-    let mut cycles = tx.prepare_cached(
-        "INSERT INTO charges (id, session_id, kind, service, account, at_ms, units, amount_micro)
-         VALUES (?1, ?2, 'cycle', ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT (id) DO UPDATE SET units = excluded.units,
-         amount_micro = excluded.amount_micro WHERE excluded.amount_micro >= charges.amount_micro",
-    )?;
-    for c in &batch.charges {
-        cycles.execute(params![
-            format!("{}:cycles", c.session_id),
-            c.session_id,
-            c.service,
-            c.account,
-            at,
-            to_i64(c.accrual.units),
-            to_i64(c.accrual.charged_micro),
-        ])?;
-    }
-    let mut charge = tx.prepare_cached(
-        "INSERT OR IGNORE INTO charges (id, session_id, kind, service, account, at_ms, units, amount_micro)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?;
+/// Settlements: a session settles once, when its row moves from `open` to
+/// `settled`, with its charge and how it splits into the cycles' accrual
+/// and the settlement's adjustment.
+fn write_settlements(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> {
     let mut settle = tx.prepare_cached(
         "UPDATE viewer_sessions SET state = 'settled', ended_ms = started_ms + ?2,
          duration_ms = ?2, charge_minor = ?3, cycles_micro = ?4, adjustment_micro = ?5
          WHERE session_id = ?1 AND state = 'open'",
     )?;
     for s in &batch.settled {
-        let settled = settle.execute(params![
+        settle.execute(params![
             s.row.id,
             to_i64(s.duration_ms),
             to_i64(s.charge_minor),
             to_i64(s.cycles_micro),
             s.adjustment_micro,
         ])?;
-        if settled == 1 {
-            charge.execute(params![
-                format!("{}:settle", s.row.id),
-                s.row.id,
-                "settlement",
-                s.row.service,
-                s.row.account,
-                at,
-                0,
-                s.adjustment_micro,
-            ])?;
-        }
     }
     Ok(())
 }
@@ -1330,6 +1270,20 @@ fn write_segments(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Re
             ended,
             g.flags,
             g.denied,
+        ])?;
+    }
+    // Counts only rise: an older value never replaces a newer one.
+    let mut progress = tx.prepare_cached(
+        "UPDATE connections SET counts_out = MAX(counts_out, ?2),
+         counts_in = MAX(counts_in, ?3), last_ns = MAX(last_ns, ?4)
+         WHERE connection_id = ?1 AND state = 'open'",
+    )?;
+    for p in &batch.progress {
+        progress.execute(params![
+            p.id,
+            to_i64(p.counts.bytes_out),
+            to_i64(p.counts.bytes_in),
+            to_i64(p.counts.last_ns),
         ])?;
     }
     Ok(())
@@ -1476,6 +1430,7 @@ fn csv_field(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::SettledRow;
 
     #[test]
     fn a_deleted_ledger_commits_nothing() {
@@ -1488,43 +1443,75 @@ mod tests {
         assert!(matches!(e, LedgerError::Gone { .. }), "{e}");
     }
 
+    fn open_row(id: &str, account: &str, charged_micro: u64, seq: u64) -> ViewerRow {
+        ViewerRow {
+            id: id.into(),
+            service: "web".into(),
+            tariff: serde_json::from_str(
+                r#"{"kind":"volume","price_minor":"1","unit_bytes":"1KB"}"#,
+            )
+            .unwrap(),
+            account: account.into(),
+            content: String::new(),
+            attributed: true,
+            client_addr: "127.0.0.1".into(),
+            first_ns: 1,
+            last_ns: 2,
+            bytes_out: 0,
+            bytes_in: 0,
+            connections: 1,
+            accrual: Accrual {
+                units: charged_micro / 1_000_000,
+                charged_micro,
+                seq,
+            },
+            started_ms: None,
+        }
+    }
+
     #[test]
-    fn per_cycle_charge_rows_of_old_ledgers_are_folded_once() {
+    fn accruals_move_forward_only_and_are_the_accounts_spend() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.sqlite");
-        let l = Ledger::open(&path, "EUR").unwrap();
-        l.conn
-            .execute_batch(
-                "DELETE FROM meta WHERE key = 'charges_folded';
-                 INSERT INTO charges VALUES ('s1:1', 's1', 'cycle', 'web', 'a', 10, 1, 1000000);
-                 INSERT INTO charges VALUES ('s1:2', 's1', 'cycle', 'web', 'a', 20, 2, 2000000);
-                 INSERT INTO charges VALUES ('s1:settle', 's1', 'settlement', 'web', 'a', 30, 0, -500000);
-                 INSERT INTO charges VALUES ('s2:1', 's2', 'cycle', 'web', 'b', 15, 1, 7);",
-            )
+        let mut l = Ledger::open(&path, "EUR").unwrap();
+        let commit = |l: &mut Ledger, viewers: Vec<ViewerRow>, settled: Vec<SettledRow>| {
+            l.commit(&Batch {
+                viewers,
+                settled,
+                ..Batch::default()
+            })
             .unwrap();
-        drop(l);
-        let l = Ledger::open(&path, "EUR").unwrap();
-        let rows: Vec<(String, i64, i64, i64)> = l
-            .conn
-            .prepare("SELECT id, at_ms, units, amount_micro FROM charges ORDER BY id")
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let want = [
-            ("s1:cycles", 10, 3, 3_000_000),
-            ("s1:settle", 30, 0, -500_000),
-            ("s2:cycles", 15, 1, 7),
-        ];
+        };
+        commit(&mut l, vec![open_row("s1", "a", 3_000_000, 3)], vec![]);
+        commit(&mut l, vec![open_row("s2", "b", 7, 1)], vec![]);
+        // A replayed older accrual changes nothing.
+        commit(&mut l, vec![open_row("s1", "a", 1_000_000, 1)], vec![]);
+        let spent = l.spent_by_account().unwrap();
         assert_eq!(
-            rows,
-            want.map(|(a, b, c, d)| (a.to_owned(), b, c, d)).to_vec()
+            spent,
+            HashMap::from([("a".to_owned(), 3_000_000), ("b".to_owned(), 7)])
+        );
+        // Settled once: 3 units charged by the cycles, 0.5 refunded.
+        let settled = SettledRow {
+            row: open_row("s1", "a", 3_000_000, 3),
+            duration_ms: 1,
+            charge_minor: 2,
+            cycles_micro: 3_000_000,
+            adjustment_micro: -1_000_000,
+        };
+        commit(&mut l, vec![], vec![settled.clone()]);
+        commit(
+            &mut l,
+            vec![open_row("s1", "a", 9_000_000, 9)],
+            vec![settled],
         );
         assert_eq!(
             l.spent_by_account().unwrap(),
-            HashMap::from([("a".to_owned(), 2_500_000), ("b".to_owned(), 7)])
+            HashMap::from([("a".to_owned(), 2_000_000), ("b".to_owned(), 7)])
         );
+        let s1 = l.sessions(None).unwrap();
+        assert_eq!(s1.len(), 1);
+        assert_eq!((s1[0].session_id.as_str(), s1[0].charge_minor), ("s1", 2));
     }
 
     #[test]

@@ -117,6 +117,11 @@ impl Limits {
         }
     }
 
+    /// Whether any account has a limit (else [`Self::add`] does nothing).
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty()
+    }
+
     /// Adds a recorded charge (negative for a settlement below the cycles).
     pub fn add(&mut self, account: &str, micro: i64) {
         if self.accounts.contains_key(account) {

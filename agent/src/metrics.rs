@@ -69,6 +69,13 @@ pub struct Persisted {
     /// Attributions refused because `api.max_pending` were waiting.
     #[serde(default)]
     pub attributions_refused: u64,
+    /// Charges the cycles made (one per session charged per cycle).
+    #[serde(default)]
+    pub cycle_charges: u64,
+    /// Open-session rows written to the ledger (see
+    /// `billing.open_write_interval`).
+    #[serde(default)]
+    pub session_writes: u64,
 }
 
 impl Persisted {
@@ -465,6 +472,22 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
             COUNTER,
         )
         .sample(&none, f(m.persisted.attributions_refused)),
+    );
+    push(
+        Family::new(
+            "meterd_cycle_charges_total",
+            "Charges the billing cycles made: one per viewing session charged per cycle.",
+            COUNTER,
+        )
+        .sample(&none, f(m.persisted.cycle_charges)),
+    );
+    push(
+        Family::new(
+            "meterd_ledger_session_writes_total",
+            "Rows of viewing sessions written to the ledger (new, changed, settled; newer accruals at most every billing.open_write_interval).",
+            COUNTER,
+        )
+        .sample(&none, f(m.persisted.session_writes)),
     );
     push(
         Family::new(

@@ -488,7 +488,11 @@ fn a_replay_after_the_duplicate_window_counts_once() {
 fn charged(h: &Host, account: &str) -> i64 {
     let rows = sqlite(
         h.env.agent_ref().ledger_path(),
-        &format!("SELECT COALESCE(SUM(amount_micro), 0) FROM charges WHERE account = '{account}'"),
+        &format!(
+            "SELECT COALESCE(SUM(CASE state WHEN 'open' THEN charged_micro \
+             ELSE cycles_micro + adjustment_micro END), 0) FROM viewer_sessions \
+             WHERE account = '{account}'"
+        ),
     );
     rows[0][0].parse::<i64>().unwrap() / 1_000_000
 }

@@ -120,8 +120,8 @@ pub struct Segment {
     pub start_ns: u64,
     /// The viewing session it feeds, once it has moved a payload byte.
     pub viewer: Option<Arc<str>>,
-    /// Changed since the ledger last saw it.
-    pub dirty: bool,
+    /// What the ledger lacks of it.
+    pub save: super::Save,
 }
 
 impl Segment {
@@ -175,7 +175,7 @@ impl Conn {
                 base: Counts::default(),
                 start_ns,
                 viewer: None,
-                dirty: true,
+                save: super::Save::Now,
             },
         }
     }

@@ -22,21 +22,23 @@
 //! attributions (applied and pending), accruals and spending limits.
 
 pub mod conn;
+pub mod save;
 pub mod viewer;
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Instant,
 };
 
+use foldhash::{HashMap, HashMapExt as _};
 use meterd_common::{
     CONN_GAP, CONN_UNTRACKED, Closed, ConnInfo, Counts, IPPROTO_UDP, UdpFlow, UdpFlowKey,
 };
 
 pub use self::{
     conn::{Conn, ConnKey, Peer, Protocol},
+    save::Save,
     viewer::{Viewer, ViewerKey, Who},
 };
 use crate::{
@@ -159,18 +161,12 @@ impl SegmentRow {
     }
 }
 
-/// One cycle charge.
+/// Newer counts of an open segment whose row the ledger has.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChargeRow {
-    pub session_id: Arc<str>,
-    pub seq: u64,
-    pub service: Arc<str>,
-    pub account: String,
-    pub units: u64,
-    pub amount_micro: u64,
-    /// The session's cycle charges so far, this one included: what the
-    /// ledger keeps (one row per session, updated in place).
-    pub accrual: Accrual,
+pub struct SegmentProgress {
+    /// The segment's id (its row's `connection_id`).
+    pub id: String,
+    pub counts: Counts,
 }
 
 /// A connection that closed, for the closed-connection log.
@@ -230,7 +226,9 @@ pub struct Batch {
     pub viewers: Vec<ViewerRow>,
     pub settled: Vec<SettledRow>,
     pub segments: Vec<SegmentRow>,
-    pub charges: Vec<ChargeRow>,
+    /// Newer counts of open segments the ledger has (only their counts
+    /// changed).
+    pub progress: Vec<SegmentProgress>,
     pub limits: Vec<LimitEvent>,
     pub cut_offs: Vec<CutOffEvent>,
     /// Not for the ledger: the closed log and the log lines.
@@ -248,7 +246,7 @@ impl Batch {
         self.viewers.is_empty()
             && self.settled.is_empty()
             && self.segments.is_empty()
-            && self.charges.is_empty()
+            && self.progress.is_empty()
             && self.limits.is_empty()
             && self.cut_offs.is_empty()
             && self.closed.is_empty()
@@ -267,6 +265,8 @@ pub struct LiveTotals {
     pub charged_minor: u64,
     pub connections: u64,
     pub viewers: u64,
+    /// Sessions the cycle charged.
+    pub charges: u64,
 }
 
 /// Reads to remember a closed connection for: a live read is at most one
@@ -306,20 +306,82 @@ pub struct Core {
     cut_tally: HashMap<Arc<str>, CutOffEvent>,
     /// Attributions refused since start: too many were pending.
     refused: u64,
-    /// Sessions changed since the last batch: every batch carries them, so
-    /// a segment's end and its session's new totals commit together.
-    dirty: Vec<Arc<str>>,
+    /// Sessions owing the ledger a structural change ([`Save::Now`]):
+    /// the next batch carries them, so a segment's end and its session's
+    /// new totals commit together. Lazy ones wait for the cycle.
+    due_now: Vec<Arc<str>>,
+    /// When lazily changed rows are written.
+    save: save::Policy,
+    /// Kernel time of the last cycle: when rows staged since were written.
+    now_ns: u64,
     /// Segments that ended before the cycle gave them a session (their
     /// rows are in the ledger with an empty session id until it does).
     orphans: Vec<(Waiting, SegmentRow)>,
     batch: Batch,
 }
 
-/// Marks a session changed (once per batch).
-fn mark(dirty: &mut Vec<Arc<str>>, v: &mut Viewer) {
-    if !v.dirty {
-        v.dirty = true;
-        dirty.push(Arc::clone(&v.id));
+/// A session's bytes so far (out, in): its ended segments' and its live
+/// ones'.
+fn totals_of(conns: &HashMap<ConnKey, Conn>, v: &Viewer) -> (u64, u64) {
+    v.open.iter().fold(v.done, |(o, i), key| {
+        conns.get(key).map_or((o, i), |c| {
+            let (co, ci) = c.seg.bytes(&c.counts);
+            (o + co, i + ci)
+        })
+    })
+}
+
+/// Live sums by service, for the few services a host has: found by the
+/// service's shared name (a pointer compare), not hashed per session.
+#[derive(Default)]
+struct PerService(Vec<(Arc<str>, LiveTotals)>);
+
+impl PerService {
+    fn of(&mut self, service: &Arc<str>) -> &mut LiveTotals {
+        let at = self
+            .0
+            .iter()
+            .position(|(s, _)| Arc::ptr_eq(s, service) || s == service);
+        let at = at.unwrap_or_else(|| {
+            self.0.push((Arc::clone(service), LiveTotals::default()));
+            self.0.len() - 1
+        });
+        &mut self.0[at].1
+    }
+}
+
+/// Marks what a session owes the ledger ([`Save::Now`]: the next batch).
+fn mark(due_now: &mut Vec<Arc<str>>, v: &mut Viewer, owed: Save) {
+    if v.save.raise(owed) {
+        due_now.push(Arc::clone(&v.id));
+    }
+}
+
+/// Stages a session's row, and with it the rows of its live segments that
+/// changed: the ledger never has a session newer than its segments.
+fn stage_viewer(
+    batch: &mut Batch,
+    conns: &mut HashMap<ConnKey, Conn>,
+    boot: &str,
+    v: &mut Viewer,
+    at_ns: u64,
+) {
+    v.save = Save::Clean;
+    v.saved_ns = at_ns;
+    batch.viewers.push(viewer_row(v, v.done));
+    for key in &v.open {
+        let Some(conn) = conns.get_mut(key) else {
+            continue;
+        };
+        match std::mem::take(&mut conn.seg.save) {
+            Save::Clean => {}
+            // Written when it joined the session: only its counts moved.
+            Save::Lazy => batch.progress.push(SegmentProgress {
+                id: conn.segment_id(boot),
+                counts: conn.counts,
+            }),
+            Save::Now => batch.segments.push(segment_row(boot, conn, true, 0)),
+        }
     }
 }
 
@@ -357,7 +419,9 @@ impl Core {
             cut: HashMap::new(),
             cut_tally: HashMap::new(),
             refused: 0,
-            dirty: Vec::new(),
+            due_now: Vec::new(),
+            save: save::Policy::default(),
+            now_ns: 0,
             orphans: Vec::new(),
             batch: Batch::default(),
         }
@@ -368,21 +432,37 @@ impl Core {
         &self.boot
     }
 
-    /// Takes what the ledger has to write, with every session changed
-    /// since the last batch.
+    /// Writes sessions' and live segments' newer cumulative values at most
+    /// every `every` (structural changes still go into the next batch); 0
+    /// writes every change at once. See [`save`].
+    pub fn set_open_write_interval(&mut self, every: std::time::Duration) {
+        self.save.every_ns = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
+    }
+
+    /// Owes the ledger everything it lacks at the next batch (the agent is
+    /// stopping).
+    pub fn save_all(&mut self) {
+        for v in self.viewers.values_mut() {
+            if v.save != Save::Clean {
+                mark(&mut self.due_now, v, Save::Now);
+            }
+        }
+    }
+
+    /// Takes what the ledger has to write, with every session owing it a
+    /// structural change.
     pub fn take_batch(&mut self) -> Batch {
         self.stage_viewers();
         std::mem::take(&mut self.batch)
     }
 
-    /// Stages the open sessions that changed.
+    /// Stages the open sessions owing a structural change.
     fn stage_viewers(&mut self) {
-        for id in std::mem::take(&mut self.dirty) {
+        for id in std::mem::take(&mut self.due_now) {
             if let Some(v) = self.viewers.get_mut(&id)
-                && v.dirty
+                && v.save == Save::Now
             {
-                v.dirty = false;
-                self.batch.viewers.push(viewer_row(v, v.done));
+                stage_viewer(&mut self.batch, &mut self.conns, &self.boot, v, self.now_ns);
             }
         }
     }
@@ -419,12 +499,7 @@ impl Core {
 
     /// A session's totals (out, in) now.
     pub fn totals(&self, v: &Viewer) -> (u64, u64) {
-        v.open.iter().fold(v.done, |(o, i), key| {
-            self.conns.get(key).map_or((o, i), |c| {
-                let (co, ci) = c.seg.bytes(&c.counts);
-                (o + co, i + ci)
-            })
-        })
+        totals_of(&self.conns, v)
     }
 
     /// Picks up open sessions and segments from the ledger after a
@@ -494,7 +569,8 @@ impl Core {
                     connections: row.connections,
                     accrual: row.accrual,
                     started_ms: row.started_ms,
-                    dirty: false,
+                    save: Save::Clean,
+                    saved_ns: 0,
                 },
             );
         }
@@ -651,7 +727,7 @@ impl Core {
             base: Counts { last_ns: 0, ..at },
             start_ns,
             viewer: None,
-            dirty: false,
+            save: Save::Clean,
         };
         self.batch
             .segments
@@ -1076,53 +1152,48 @@ impl Core {
     /// session for the whole units it used since the last cycle, settles
     /// the sessions that ended, stages what changed, and checks limits.
     /// Returns the live sums per service.
-    pub fn on_cycle(&mut self, now_ns: u64) -> HashMap<Arc<str>, LiveTotals> {
+    pub fn on_cycle(&mut self, now_ns: u64) -> std::collections::HashMap<Arc<str>, LiveTotals> {
         if self.restoring {
             self.restoring = false;
             self.end_unmatched();
         }
         self.assign_waiting();
-        let mut live: HashMap<Arc<str>, LiveTotals> = HashMap::new();
-        let ids: Vec<Arc<str>> = self.viewers.keys().cloned().collect();
+        let mut live = PerService::default();
         let this_boot = format!("v{}-", self.boot);
-        for id in ids {
-            let totals = match self.viewers.get(&id) {
-                Some(v) => self.totals(v),
-                None => continue,
-            };
-            let Some(v) = self.viewers.get_mut(&id) else {
-                continue;
-            };
+        self.now_ns = now_ns;
+        let limited = !self.limits.is_empty();
+        let mut ended = Vec::new();
+        for (id, v) in &mut self.viewers {
+            let totals = totals_of(&self.conns, v);
             let quantity = v.quantity(totals);
             if let Some(charge) = billing::cycle_charge(&v.service.tariff, quantity, &mut v.accrual)
             {
-                mark(&mut self.dirty, v);
-                let account = v.account();
-                self.limits.add(
-                    &account,
-                    i64::try_from(charge.amount_micro).unwrap_or(i64::MAX),
-                );
-                self.batch.charges.push(ChargeRow {
-                    session_id: Arc::clone(&id),
-                    seq: charge.seq,
-                    service: Arc::clone(&v.service.name),
-                    account,
-                    units: charge.units,
-                    amount_micro: charge.amount_micro,
-                    accrual: v.accrual,
-                });
+                mark(&mut self.due_now, v, Save::Lazy);
+                live.of(&v.service.name).charges += 1;
+                if limited {
+                    self.limits.add(
+                        &v.account(),
+                        i64::try_from(charge.amount_micro).unwrap_or(i64::MAX),
+                    );
+                }
             }
             let of_old_boot = !id.starts_with(&this_boot);
             if v.ended(now_ns) || (of_old_boot && v.open.is_empty()) {
-                self.settle(&id, totals);
+                ended.push((Arc::clone(id), totals));
                 continue;
             }
-            let t = live.entry(Arc::clone(&v.service.name)).or_default();
+            if self.save.due(v.save, v.saved_ns, now_ns) {
+                stage_viewer(&mut self.batch, &mut self.conns, &self.boot, v, now_ns);
+            }
+            let t = live.of(&v.service.name);
             t.viewers += 1;
             t.charged_minor += v.accrual.charged_micro / MICRO;
         }
-        for conn in self.conns.values_mut() {
-            let t = live.entry(Arc::clone(&conn.service.name)).or_default();
+        for (id, totals) in ended {
+            self.settle(&id, totals);
+        }
+        for conn in self.conns.values() {
+            let t = live.of(&conn.service.name);
             let (o, i) = conn.seg.bytes(&conn.counts);
             t.bytes_out += o;
             t.bytes_in += i;
@@ -1138,6 +1209,12 @@ impl Core {
                     .and_then(|c| c.service.on_limit)
                     .unwrap_or(OnLimit::Cut)
             });
+            // The ledger's accruals at the event add up to what it says.
+            for v in self.viewers.values_mut() {
+                if v.save != Save::Clean && v.account() == account {
+                    mark(&mut self.due_now, v, Save::Now);
+                }
+            }
             self.batch.limits.push(LimitEvent {
                 account,
                 spent_minor,
@@ -1146,15 +1223,19 @@ impl Core {
             });
         }
         self.order_cuts(now_ns);
-        live
+        live.0.into_iter().collect()
     }
 
-    /// Stages the open sessions and segments that changed.
+    /// Stages the open sessions owing a structural change, and the
+    /// segments not staged with their session: new ones, and changed ones
+    /// of no session yet.
     fn stage_dirty(&mut self) {
         self.stage_viewers();
         let boot = self.boot.clone();
-        for conn in self.conns.values_mut().filter(|c| c.seg.dirty) {
-            conn.seg.dirty = false;
+        for conn in self.conns.values_mut().filter(|c| {
+            c.seg.save == Save::Now || (c.seg.save == Save::Lazy && c.seg.viewer.is_none())
+        }) {
+            conn.seg.save = Save::Clean;
             if conn.seg.viewer.is_none() && conn.attribution.is_none() && conn.seg.n == 0 {
                 // Nothing to remember yet: it would come back from the kernel.
                 continue;
@@ -1183,7 +1264,7 @@ impl Core {
                 v.done.0 += o;
                 v.done.1 += i;
                 v.last_ns = v.last_ns.max(ended.counts.last_ns);
-                mark(&mut self.dirty, v);
+                mark(&mut self.due_now, v, Save::Now);
             } else {
                 self.adopt_orphan(ended.clone());
             }
@@ -1259,7 +1340,7 @@ impl Core {
                 base: r.base,
                 start_ns: r.start_ns,
                 viewer,
-                dirty: false,
+                save: Save::Clean,
             };
             if conn.start_ns == 0 {
                 conn.start_ns = r.start_ns;
@@ -1308,14 +1389,13 @@ impl Core {
         if !conn.seg.has_payload(&conn.counts) || !conn.answered() {
             return;
         }
-        conn.seg.dirty = true;
+        conn.seg.save.raise(Save::Lazy);
         let last = conn.counts.last_ns.max(conn.seg.start_ns);
-        match conn.seg.viewer.clone() {
+        match &conn.seg.viewer {
             Some(id) => {
-                if let Some(v) = self.viewers.get_mut(&id)
-                    && last > v.last_ns
-                {
-                    v.last_ns = last;
+                if let Some(v) = self.viewers.get_mut(id) {
+                    v.last_ns = v.last_ns.max(last);
+                    mark(&mut self.due_now, v, Save::Lazy);
                 }
             }
             None => {
@@ -1411,7 +1491,8 @@ impl Core {
                 connections: 0,
                 accrual: Accrual::default(),
                 started_ms: None,
-                dirty: false,
+                save: Save::Clean,
+                saved_ns: 0,
             },
         );
         self.current.insert(w.key.clone(), Arc::clone(&id));
@@ -1431,7 +1512,7 @@ impl Core {
                 v.open.push(key);
                 if let Some(conn) = self.conns.get_mut(&key) {
                     conn.seg.viewer = Some(Arc::clone(id));
-                    conn.seg.dirty = true;
+                    conn.seg.save = Save::Now;
                 }
             }
             Seat::Ended(mut row) => {
@@ -1442,7 +1523,7 @@ impl Core {
                 self.batch.segments.push(*row);
             }
         }
-        mark(&mut self.dirty, v);
+        mark(&mut self.due_now, v, Save::Now);
     }
 
     /// Ends a connection's current segment at `at`: its bytes up to there
@@ -1482,7 +1563,7 @@ impl Core {
             if has_payload {
                 v.last_ns = v.last_ns.max(at.last_ns.max(conn.seg.start_ns));
             }
-            mark(&mut self.dirty, v);
+            mark(&mut self.due_now, v, Save::Now);
         }
         // Kept for audit: every connection, and every part of one that moved
         // payload; not a UDP flow the server never answered (spoofed

@@ -3,7 +3,7 @@
 //! restarts from what the ledger holds, and the invariant that the total
 //! billed does not depend on how often billing ran.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
 use meterd_common::{
     AF_INET, CONN_GAP, Closed, ConnInfo, Counts, IPPROTO_TCP, UdpFlow, UdpFlowKey,
@@ -118,22 +118,25 @@ struct Store {
     viewers: HashMap<String, ViewerRow>,
     settled: HashMap<String, SettledRow>,
     segments: HashMap<String, SegmentRow>,
-    charges: HashMap<String, u64>,
+    /// Each session's cycle charges as the ledger has them: the largest
+    /// cumulative accrual written.
+    accruals: HashMap<String, u64>,
     settlements: HashMap<String, i64>,
 }
 
 impl Store {
     fn apply(&mut self, b: Batch) {
         self.batch_limits += b.limits.len();
+        for v in b.viewers.iter().chain(b.settled.iter().map(|s| &s.row)) {
+            if !self.settled.contains_key(&v.id) {
+                let a = self.accruals.entry(v.id.clone()).or_default();
+                *a = (*a).max(v.accrual.charged_micro);
+            }
+        }
         for v in b.viewers {
             if !self.settled.contains_key(&v.id) {
                 self.viewers.insert(v.id.clone(), v);
             }
-        }
-        for c in b.charges {
-            self.charges
-                .entry(format!("{}:{}", c.session_id, c.seq))
-                .or_insert(c.amount_micro);
         }
         for s in b.settled {
             if self.settled.contains_key(&s.row.id) {
@@ -153,6 +156,11 @@ impl Store {
                 self.segments.insert(g.id.clone(), g);
             }
         }
+        for p in b.progress {
+            if let Some(g) = self.segments.get_mut(&p.id).filter(|g| g.open) {
+                g.counts = p.counts;
+            }
+        }
     }
 
     /// Every settled session, sorted by id.
@@ -162,15 +170,12 @@ impl Store {
         v
     }
 
-    /// Σ charges of a session == its charge: cycles plus settlement.
+    /// A session's charge == what the ledger has of its cycles plus its
+    /// settlement.
     fn check_sums(&self) {
         for s in self.settled.values() {
-            let cycles: u64 = self
-                .charges
-                .iter()
-                .filter(|(id, _)| id.rsplit_once(':').unwrap().0 == s.row.id)
-                .map(|(_, a)| *a)
-                .sum();
+            let cycles = self.accruals[&s.row.id];
+            assert_eq!(cycles, s.cycles_micro, "{s:?}");
             assert_eq!(
                 i128::from(cycles) + i128::from(self.settlements[&s.row.id]),
                 i128::from(s.charge_minor) * i128::from(MICRO),
@@ -535,7 +540,28 @@ fn connections() -> impl Strategy<Value = Vec<Script>> {
 
 /// Bills the scripted viewer with reads at `reads` (ns), then settles.
 fn bill(tariff: &Tariff, conns: &[Script], reads: &[u64]) -> (Store, u64) {
-    let mut core = new_core(tariff.clone(), 5);
+    bill_with(tariff, conns, reads, Duration::ZERO, &[])
+}
+
+/// As [`bill`], with open rows written every `write_every`, and the agent
+/// killed (what is not committed is gone; the kernel's counts stay) right
+/// after the reads whose index is in `crashes`.
+fn bill_with(
+    tariff: &Tariff,
+    conns: &[Script],
+    reads: &[u64],
+    write_every: Duration,
+    crashes: &[usize],
+) -> (Store, u64) {
+    let start = |store: Option<&Store>| {
+        let mut core = new_core(tariff.clone(), 5);
+        core.set_open_write_interval(write_every);
+        if let Some(store) = store {
+            store.restore_into(&mut core);
+        }
+        core
+    };
+    let mut core = start(None);
     let mut store = Store::default();
     let infos: HashMap<u64, ConnInfo> = conns
         .iter()
@@ -544,7 +570,7 @@ fn bill(tariff: &Tariff, conns: &[Script], reads: &[u64]) -> (Store, u64) {
         .collect();
     let mut closed = vec![false; conns.len()];
     let end = conns.iter().map(|c| c.end).max().unwrap();
-    for &t in reads.iter().chain([end + 10 * S].iter()) {
+    for (n, &t) in reads.iter().chain([end + 10 * S].iter()).enumerate() {
         let mut live = Vec::new();
         for (n, c) in conns.iter().enumerate() {
             let cookie = n as u64 + 1;
@@ -558,6 +584,9 @@ fn bill(tariff: &Tariff, conns: &[Script], reads: &[u64]) -> (Store, u64) {
         read(&mut core, &live, &infos);
         core.on_cycle(t);
         drive(&mut core, &mut store);
+        if crashes.contains(&n) {
+            core = start(Some(&store));
+        }
     }
     (store, conns.iter().map(|c| c.bytes).sum())
 }
@@ -597,6 +626,35 @@ proptest! {
             // Billing every read or only at the end gives the same.
             let (once, _) = bill(&tariff, &conns, &[]);
             prop_assert_eq!(once.sessions()[0].charge_minor, s.charge_minor);
+        }
+    }
+
+    /// Invariant 3 with open rows written lazily: an agent killed after
+    /// any cycles, whose ledger lacks up to `write_every` of its open
+    /// sessions' accruals and counts, bills the same session, bytes and
+    /// charge as one that never stopped, and what the ledger has of the
+    /// cycles plus the settlement is the charge.
+    #[test]
+    fn lazy_open_writes_lose_nothing_across_crashes(
+        conns in connections(),
+        read_ms in prop::collection::btree_set(0u64..40_000, 1..30),
+        crashes in prop::collection::btree_set(0usize..30, 0..4),
+        write_every_s in 0u64..20,
+        unit in 1u64..2_000_000,
+        price in 1u64..100,
+        time_unit in 1u64..10,
+    ) {
+        let reads: Vec<u64> = read_ms.iter().map(|ms| S + ms * MS).collect();
+        let crashes: Vec<usize> = crashes.into_iter().collect();
+        let every = Duration::from_secs(write_every_s);
+        for tariff in [volume(price, unit, 0), time(price, time_unit)] {
+            let (straight, _) = bill(&tariff, &conns, &reads);
+            let (crashed, _) = bill_with(&tariff, &conns, &reads, every, &crashes);
+            crashed.check_sums();
+            let view = |s: &Store| -> Vec<(String, u64, u64)> {
+                s.sessions().iter().map(|s| (s.row.id.clone(), s.row.bytes_out, s.charge_minor)).collect()
+            };
+            prop_assert_eq!(view(&crashed), view(&straight));
         }
     }
 }

@@ -58,8 +58,10 @@ pub struct Viewer {
     /// The wall-clock ms of its start, once the ledger has it (kept from
     /// the first write, so a settlement after a reboot still has it).
     pub started_ms: Option<i64>,
-    /// Changed since the ledger last saw it.
-    pub dirty: bool,
+    /// What the ledger lacks of it, and the kernel time it was last
+    /// written (see [`super::save`]).
+    pub save: super::Save,
+    pub saved_ns: u64,
 }
 
 impl Viewer {

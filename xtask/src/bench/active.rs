@@ -17,13 +17,12 @@
 //! Owns no agent code: it reads /metrics, /proc, perf and the ledger file
 //! (through the sqlite3 CLI, read-only while the agent runs).
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use serde::Serialize;
 use serde_json::json;
 
@@ -73,6 +72,11 @@ pub struct Window {
     pub fsyncs: Option<u64>,
     /// `meterd_charged_minor_total` growth in the window.
     pub charged_minor: f64,
+    /// `meterd_cycle_charges_total` growth: sessions charged, summed over
+    /// the window's cycles.
+    pub charges: f64,
+    /// `meterd_ledger_session_writes_total` growth: session rows written.
+    pub session_writes: f64,
     pub vm_rss: u64,
 }
 
@@ -81,8 +85,12 @@ impl Window {
         self.cpu.busy_s / self.cpu.wall_s
     }
 
-    fn cycles_per_s(&self) -> f64 {
-        self.cycles / self.cpu.wall_s
+    fn charges_per_cycle(&self) -> f64 {
+        self.charges / self.cycles.max(1.0)
+    }
+
+    fn writes_per_s(&self) -> f64 {
+        self.session_writes / self.cpu.wall_s
     }
 
     fn fsyncs_per_cycle(&self) -> Option<f64> {
@@ -96,9 +104,6 @@ pub struct Point {
     pub connections: usize,
     pub idle: Window,
     pub active: Window,
-    /// Sessions whose `<session>:cycles` row changed per cycle, over
-    /// consecutive ledger snapshots.
-    pub charged_per_cycle: Option<f64>,
     /// `ss -tin` over the same (streaming) sockets: median wall ms, CPU ms
     /// per run, rows.
     pub ss_ms: f64,
@@ -108,13 +113,6 @@ pub struct Point {
     pub profile: Vec<String>,
     /// The machine's busy cores over the active window (all processes).
     pub machine_busy_cores: f64,
-}
-
-impl Point {
-    fn upserts_per_s(&self) -> Option<f64> {
-        self.charged_per_cycle
-            .map(|c| c * self.active.cycles_per_s())
-    }
 }
 
 pub fn active(ctx: &mut Ctx) -> Result<()> {
@@ -138,13 +136,15 @@ pub fn active(ctx: &mut Ctx) -> Result<()> {
         let point = point?;
         progress(format!(
             "{} active: cycle {} ms (idle {} ms), agent CPU {:.2}% (idle {:.2}%), {} \
-             sessions charged per cycle, {} fsyncs per cycle; ss -tin {} ms",
+             sessions charged per cycle, {} session rows written per s, {} fsyncs per cycle; \
+             ss -tin {} ms",
             point.connections,
             num(point.active.cycle_ms),
             num(point.idle.cycle_ms),
             point.active.cpu_share() * 100.0,
             point.idle.cpu_share() * 100.0,
-            point.charged_per_cycle.map_or_else(|| "?".into(), num),
+            num(point.active.charges_per_cycle()),
+            num(point.active.writes_per_s()),
             point
                 .active
                 .fsyncs_per_cycle()
@@ -158,7 +158,7 @@ pub fn active(ctx: &mut Ctx) -> Result<()> {
         }
     }
     for p in &points {
-        ctx.results.measures.extend(rows(p, ctx.quick));
+        ctx.results.measures.extend(rows(p));
     }
     ctx.results.details.insert(
         "active".into(),
@@ -193,10 +193,6 @@ fn measure_size(ctx: &Ctx, pop: &mut Population, n: usize, secs: u64) -> Result<
     let active = window(&pop.agent, open, Duration::from_secs(secs))?;
     let machine1 = host::machine_cpu()?;
     let machine_busy_cores = host::ticks_to_secs(machine1.0 - machine0.0) / active.cpu.wall_s;
-    let ledger = ledger_path(&pop.agent);
-    let charged_per_cycle = charged_per_cycle(&pop.agent, &ledger, if ctx.quick { 2 } else { 4 })
-        .map_err(|e| progress(format!("counting charged sessions failed: {e:#}")))
-        .ok();
     let (ss_ms, ss_cpu_ms, ss_rows) =
         scale::time_ss(&pop.fleet.ss_filter(), if ctx.quick { 3 } else { 7 })?;
     // A profile where a target is judged (10k: CPU; 100k: cycle time), and
@@ -216,7 +212,6 @@ fn measure_size(ctx: &Ctx, pop: &mut Population, n: usize, secs: u64) -> Result<
         connections: open,
         idle,
         active,
-        charged_per_cycle,
         ss_ms,
         ss_cpu_ms,
         ss_rows,
@@ -242,6 +237,9 @@ fn window(agent: &Agent, connections: usize, span: Duration) -> Result<Window> {
         cpu: CpuUse { connections, ..cpu },
         fsyncs,
         charged_minor: charged(&s1) - charged(&s0),
+        charges: s1.sum("meterd_cycle_charges_total") - s0.sum("meterd_cycle_charges_total"),
+        session_writes: s1.sum("meterd_ledger_session_writes_total")
+            - s0.sum("meterd_ledger_session_writes_total"),
         vm_rss: host::status_kb(agent.pid(), "VmRSS")?,
     })
 }
@@ -263,49 +261,6 @@ fn sqlite(ledger: &Path, sql: &str) -> Result<String> {
             .arg(ledger)
             .arg(sql),
     )
-}
-
-/// Sessions charged per cycle: the `<session>:cycles` rows whose units
-/// changed between snapshots of the ledger taken right after consecutive
-/// cycles (a read transaction sees whole commits only), `samples` times.
-fn charged_per_cycle(agent: &Agent, ledger: &Path, samples: usize) -> Result<f64> {
-    let snapshot = || -> Result<HashMap<String, u64>> {
-        Ok(
-            sqlite(ledger, "SELECT id, units FROM charges WHERE kind = 'cycle'")?
-                .lines()
-                .filter_map(|l| {
-                    let (id, units) = l.rsplit_once('|')?;
-                    Some((id.to_owned(), units.parse().ok()?))
-                })
-                .collect(),
-        )
-    };
-    let next_cycle = || -> Result<f64> {
-        let c = agent.scrape()?.cycles();
-        let s = agent.wait_for(Duration::from_secs(60), "a cycle", |s| s.cycles() > c)?;
-        Ok(s.cycles())
-    };
-    let mut cycle = next_cycle()?;
-    let mut before = snapshot()?;
-    let mut per_cycle = Vec::new();
-    for _ in 0..samples {
-        let now = next_cycle()?;
-        let after = snapshot()?;
-        let changed = after
-            .iter()
-            .filter(|(id, units)| before.get(*id) != Some(units))
-            .count();
-        // The scrape may lag the commit by one cycle; only clean pairs count.
-        if (now - cycle - 1.0).abs() < 0.5 {
-            per_cycle.push(changed as f64);
-        }
-        cycle = now;
-        before = after;
-    }
-    if per_cycle.is_empty() {
-        bail!("no two snapshots one cycle apart");
-    }
-    Ok(host::mean(&per_cycle))
 }
 
 /// `perf record` on the agent for `span`; the top symbols of `perf report`.
@@ -352,7 +307,7 @@ fn profile(agent: &Agent, work: &Path, span: Duration) -> Result<Vec<String>> {
 }
 
 /// The rows of one size: cycle, CPU, charge upserts, fsyncs.
-fn rows(p: &Point, quick: bool) -> Vec<Measure> {
+fn rows(p: &Point) -> Vec<Measure> {
     let profile = if p.profile.is_empty() {
         String::new()
     } else {
@@ -366,7 +321,8 @@ fn rows(p: &Point, quick: bool) -> Vec<Measure> {
     );
     let context = format!("{profile}{load}");
     let mut rows = vec![cycle_row(p, &context), cpu_row(p, &context)];
-    rows.extend(charge_row(p, quick));
+    rows.push(charge_row(p));
+    rows.push(write_row(p));
     rows.extend(fsync_row(p));
     rows
 }
@@ -474,36 +430,60 @@ fn cpu_row(p: &Point, context: &str) -> Measure {
     }
 }
 
-fn charge_row(p: &Point, quick: bool) -> Option<Measure> {
+fn charge_row(p: &Point) -> Measure {
     let act = &p.active;
     let size = size_label(p);
-    let per_cycle = p.charged_per_cycle?;
-    Some(Measure {
+    let per_cycle = act.charges_per_cycle();
+    Measure {
         bench: "active",
-        name: format!("charge rows written, {size} active viewers"),
-        value: p.upserts_per_s()?,
-        unit: "upserts/s".into(),
-        baseline_name: format!("same {size} idle: 0 (no session)"),
-        baseline: Some(0.0),
+        name: format!("sessions charged per cycle, {size} active viewers"),
+        value: per_cycle,
+        unit: "charges/cycle".into(),
+        baseline_name: "open sessions".into(),
+        baseline: Some(act.sessions),
         ratio: Some(per_cycle / act.sessions.max(1.0)),
         ratio_meaning: "sessions charged per cycle / open sessions".into(),
         target: "every session charged every cycle".into(),
         met: Some(per_cycle >= act.sessions * 0.95),
         note: format!(
-            "The ledger keeps one cycle-charge row per session (`<session>:cycles`), \
-             updated in place, so this counts upserts, not new rows: {} sessions charged \
-             per cycle (the `:cycles` rows whose units changed between sqlite3 snapshots \
-             of the ledger right after consecutive cycles, mean of {} pairs) x {:.2} \
-             cycles/s. meterd_charged_minor_total grew {:.0} in the {:.0} s window, \
-             {:.2} minor units per session per second (2 KB/s at 1 per KB: 2 expected).",
-            num(per_cycle),
-            if quick { 2 } else { 4 },
-            act.cycles_per_s(),
+            "meterd_cycle_charges_total grew {:.0} over {} cycles. \
+             meterd_charged_minor_total grew {:.0} in the {:.0} s window, {:.2} minor units \
+             per session per second (2 KB/s at 1 per KB: 2 expected).",
+            act.charges,
+            act.cycles,
             act.charged_minor,
             act.cpu.wall_s,
             act.charged_minor / act.cpu.wall_s / act.sessions.max(1.0),
         ),
-    })
+    }
+}
+
+fn write_row(p: &Point) -> Measure {
+    let act = &p.active;
+    let size = size_label(p);
+    let charges_per_s = act.charges / act.cpu.wall_s;
+    Measure {
+        bench: "active",
+        name: format!("ledger session rows written, {size} active viewers"),
+        value: act.writes_per_s(),
+        unit: "rows/s".into(),
+        baseline_name: "charges per second".into(),
+        baseline: Some(charges_per_s),
+        ratio: Some(act.writes_per_s() / charges_per_s.max(1e-9)),
+        ratio_meaning: "rows written / charges made".into(),
+        target: "-".into(),
+        met: None,
+        note: format!(
+            "meterd_ledger_session_writes_total grew {:.0} in the {:.0} s window ({:.0} per \
+             cycle): an open session's row (its accrual, updated in place, with its live \
+             segments' rows) is written when it changes structurally and otherwise at most \
+             every billing.open_write_interval (10 s), so with every session charged every \
+             cycle about a tenth of them are written per 1 s cycle.",
+            act.session_writes,
+            act.cpu.wall_s,
+            act.session_writes / act.cycles.max(1.0),
+        ),
+    }
 }
 
 fn fsync_row(p: &Point) -> Option<Measure> {
@@ -524,9 +504,9 @@ fn fsync_row(p: &Point) -> Option<Measure> {
         note: format!(
             "`perf stat -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -p PID` \
              over the window: {} calls in {} cycles (idle: {} in {}). WAL mode with \
-             synchronous = NORMAL syncs only at checkpoints (every 1000 WAL pages): \
-             each cycle rewrites every streaming session's rows, so the pages it \
-             dirties set how often it checkpoints.",
+             synchronous = NORMAL syncs only at checkpoints, which a thread of the \
+             agent's runs every second off the billing loop (a PASSIVE checkpoint syncs only \
+             when the WAL has new frames).",
             act.fsyncs.unwrap_or(0),
             act.cycles,
             idle.fsyncs.unwrap_or(0),
@@ -594,8 +574,7 @@ pub fn ledger(ctx: &mut Ctx) -> Result<()> {
     let rows = sqlite(
         &ledger,
         "SELECT 'viewer_sessions', COUNT(*) FROM viewer_sessions UNION ALL \
-         SELECT 'connections', COUNT(*) FROM connections UNION ALL \
-         SELECT 'charges', COUNT(*) FROM charges",
+         SELECT 'connections', COUNT(*) FROM connections",
     )?;
     run.settled = settled;
     run.final_db = db;
