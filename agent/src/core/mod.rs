@@ -287,7 +287,7 @@ pub struct Core {
     conns: HashMap<ConnKey, Conn>,
     /// (client, server port) -> connection: attribution by tuple is O(1).
     tuples: HashMap<(SocketAddr, u16), ConnKey>,
-    viewers: HashMap<Arc<str>, Viewer>,
+    viewers: std::collections::HashMap<Arc<str>, Viewer, viewer::IdTail>,
     /// The newest open session of each key: where a new segment may join.
     current: HashMap<ViewerKey, Arc<str>>,
     pending: Pending,
@@ -408,7 +408,7 @@ impl Core {
             by_port,
             conns: HashMap::new(),
             tuples: HashMap::new(),
-            viewers: HashMap::new(),
+            viewers: std::collections::HashMap::default(),
             current: HashMap::new(),
             pending,
             limits,

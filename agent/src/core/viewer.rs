@@ -108,3 +108,68 @@ impl Viewer {
         self.open.is_empty() && now_ns >= self.last_ns.saturating_add(self.service.idle_ns)
     }
 }
+
+/// Hashes a session id by its last 16 bytes and its length only. Ids are
+/// `v<boot id>-<socket cookie>[/<n>]` (or a UDP flow's time and port in
+/// place of the cookie): the 33-byte boot prefix is the same for every
+/// session of a boot, and the tail is what tells them apart. Hashing only
+/// that makes the per-cycle lookups of every streaming session's id about
+/// half as costly; equality still compares whole ids, so sessions of an
+/// older boot with the same tail only share a bucket. The same for `str`
+/// and `Arc<str>` keys (both hash through `str`).
+#[derive(Clone, Default)]
+pub struct IdTail(foldhash::fast::RandomState);
+
+impl std::hash::BuildHasher for IdTail {
+    type Hasher = IdTailHasher;
+
+    fn build_hasher(&self) -> IdTailHasher {
+        IdTailHasher(self.0.build_hasher())
+    }
+}
+
+/// See [`IdTail`].
+pub struct IdTailHasher(foldhash::fast::FoldHasher<'static>);
+
+impl std::hash::Hasher for IdTailHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(&bytes[bytes.len().saturating_sub(16)..]);
+        self.0.write_usize(bytes.len());
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.0.write_u8(i);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, hash::BuildHasher as _, sync::Arc};
+
+    use super::IdTail;
+
+    #[test]
+    fn ids_hash_by_their_tail_and_find_by_str() {
+        let s = IdTail::default();
+        let a = "v0123456789abcdef0123456789abcdef-18446744073709551";
+        let b = "vfedcba9876543210fedcba9876543210-18446744073709551";
+        assert_eq!(
+            s.hash_one(a),
+            s.hash_one(b),
+            "the boot prefix is not hashed"
+        );
+        assert_ne!(s.hash_one(a), s.hash_one(&a[..a.len() - 1]));
+        let mut m: HashMap<Arc<str>, u32, IdTail> = HashMap::default();
+        m.insert(Arc::from(a), 1);
+        m.insert(Arc::from(b), 2);
+        assert_eq!(
+            (m.get(a), m.get(b), m.get("v1")),
+            (Some(&1), Some(&2), None)
+        );
+        assert_eq!(m.get(&Arc::<str>::from(b)), Some(&2));
+    }
+}

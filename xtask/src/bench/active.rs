@@ -620,8 +620,11 @@ fn ledger_run(
         "a viewing session per streaming connection",
         |s| s.viewer_sessions() >= want,
     )?;
-    // A few cycles, so the WAL has reached its working size.
-    pop.agent.cycles(5.0, Duration::from_secs(120))?;
+    // Past the first `billing.open_write_interval` (10 s) and a few cycles
+    // more: every open session's rows have had their first lazy write (an
+    // update that grows them to their working size), and the WAL has
+    // reached its own.
+    pop.agent.cycles(14.0, Duration::from_secs(120))?;
     progress(format!(
         "ledger: {open} sessions streaming {RATE} B/s at a 1 s interval; measuring for \
          {window_s:.0} s"
