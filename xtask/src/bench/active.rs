@@ -268,7 +268,7 @@ fn profile(agent: &Agent, work: &Path, span: Duration) -> Result<Vec<String>> {
     let data = work.join(format!("active-{}.perf", agent.pid()));
     host::output(
         Command::new("perf")
-            .args(["record", "-q", "-F", "499", "-p"])
+            .args(["record", "-q", "-F", "2999", "-p"])
             .arg(agent.pid().to_string())
             .arg("-o")
             .arg(&data)
