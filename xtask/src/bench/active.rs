@@ -28,6 +28,7 @@ use serde_json::json;
 
 use super::agent::{Agent, Scrape, mean_cycle};
 use super::authorize::Fsyncs;
+use super::fleet::Fleet;
 use super::host;
 use super::report::{Measure, num};
 use super::scale::{self, CpuUse, Population};
@@ -42,7 +43,7 @@ pub const PRICE_MINOR: u64 = 1;
 
 /// The bench service: 1 minor unit per started KB of egress, and a short
 /// `session_idle` so that closed sessions settle soon.
-fn service_toml(session_idle: &str) -> String {
+pub(super) fn service_toml(session_idle: &str) -> String {
     format!(
         r#"session_idle = "{session_idle}"
 
@@ -130,7 +131,7 @@ pub fn active(ctx: &mut Ctx) -> Result<()> {
     let service = service_toml("30s");
     let mut points = Vec::new();
     for &n in sizes {
-        let mut pop = Population::start_with(ctx, n, "active", Some(&service))?;
+        let mut pop = Population::start_with(ctx, n, "active", Some(&service), "")?;
         let point = measure_size(ctx, &mut pop, n, secs);
         pop.stop()?;
         let point = point?;
@@ -178,14 +179,7 @@ fn measure_size(ctx: &Ctx, pop: &mut Population, n: usize, secs: u64) -> Result<
     progress(format!("{open} connections idle: measuring for {secs} s"));
     let idle = window(&pop.agent, open, Duration::from_secs(secs))?;
 
-    pop.fleet.set_rate(RATE)?;
-    let want = (open * 99 / 100) as f64;
-    pop.agent.wait_for(
-        Duration::from_secs(120),
-        "a viewing session per streaming connection",
-        |s| s.viewer_sessions() >= want,
-    )?;
-    pop.agent.cycles(2.0, Duration::from_secs(120))?;
+    stream(pop, open, 2.0)?;
     progress(format!(
         "{open} connections streaming {RATE} B/s each: measuring for {secs} s"
     ));
@@ -220,6 +214,21 @@ fn measure_size(ctx: &Ctx, pop: &mut Population, n: usize, secs: u64) -> Result<
     })
 }
 
+/// Has the servers stream [`RATE`] to every connection, then waits until
+/// the agent has a viewing session for (99% of) the `open` connections and
+/// `cycles` more cycles have run.
+pub(super) fn stream(pop: &mut Population, open: usize, cycles: f64) -> Result<()> {
+    pop.fleet.set_rate(RATE)?;
+    let want = (open * 99 / 100) as f64;
+    pop.agent.wait_for(
+        Duration::from_secs(120),
+        "a viewing session per streaming connection",
+        |s| s.viewer_sessions() >= want,
+    )?;
+    pop.agent.cycles(cycles, Duration::from_secs(120))?;
+    Ok(())
+}
+
 /// The agent over `span`: cycles, CPU, fsyncs and charges.
 fn window(agent: &Agent, connections: usize, span: Duration) -> Result<Window> {
     let fsyncs = Fsyncs::start(agent.pid());
@@ -244,17 +253,17 @@ fn window(agent: &Agent, connections: usize, span: Duration) -> Result<Window> {
     })
 }
 
-fn charged(s: &Scrape) -> f64 {
+pub(super) fn charged(s: &Scrape) -> f64 {
     s.sum("meterd_charged_minor_total")
 }
 
 /// The bench agent's ledger (next to its log).
-fn ledger_path(agent: &Agent) -> PathBuf {
+pub(super) fn ledger_path(agent: &Agent) -> PathBuf {
     agent.log.with_file_name("ledger.sqlite")
 }
 
 /// `sqlite3 -readonly LEDGER SQL`'s output.
-fn sqlite(ledger: &Path, sql: &str) -> Result<String> {
+pub(super) fn sqlite(ledger: &Path, sql: &str) -> Result<String> {
     host::output(
         Command::new("sqlite3")
             .arg("-readonly")
@@ -540,18 +549,14 @@ pub fn ledger(ctx: &mut Ctx) -> Result<()> {
         old.stop()?;
     }
     let idle_s = 3;
-    let mut pop =
-        Population::start_with(ctx, n, "ledger", Some(&service_toml(&format!("{idle_s}s"))))?;
+    let service = service_toml(&format!("{idle_s}s"));
+    let mut pop = Population::start_with(ctx, n, "ledger", Some(&service), "")?;
     let result = ledger_run(ctx, &mut pop, n, window_s, idle_s);
     let ledger = ledger_path(&pop.agent);
     pop.stop()?;
     let mut run = result?;
     // After the agent stopped: fold the WAL in and measure what stays.
-    host::output(
-        Command::new("sqlite3")
-            .arg(&ledger)
-            .arg("PRAGMA wal_checkpoint(TRUNCATE);"),
-    )?;
+    fold_wal(&ledger)?;
     let (db, wal) = ledger_bytes(&ledger);
     let settled: f64 = sqlite(
         &ledger,
@@ -613,18 +618,11 @@ fn ledger_run(
         progress(format!("only {open} of {n} connections opened: {e}"));
     }
     let ledger = ledger_path(&pop.agent);
-    pop.fleet.set_rate(RATE)?;
-    let want = (open * 99 / 100) as f64;
-    pop.agent.wait_for(
-        Duration::from_secs(120),
-        "a viewing session per streaming connection",
-        |s| s.viewer_sessions() >= want,
-    )?;
     // Past the first `billing.open_write_interval` (10 s) and a few cycles
     // more: every open session's rows have had their first lazy write (an
     // update that grows them to their working size), and the WAL has
     // reached its own.
-    pop.agent.cycles(14.0, Duration::from_secs(120))?;
+    stream(pop, open, 14.0)?;
     progress(format!(
         "ledger: {open} sessions streaming {RATE} B/s at a 1 s interval; measuring for \
          {window_s:.0} s"
@@ -646,16 +644,11 @@ fn ledger_run(
             sessions: pop.agent.scrape()?.viewer_sessions(),
         });
     }
-    pop.fleet.set_rate(0)?;
-    let written = pop.fleet.written()?;
-    // Idle past session_idle, then closed: every session can settle.
-    std::thread::sleep(Duration::from_secs(idle_s + 1));
-    pop.fleet.close()?;
-    progress("ledger: traffic stopped and connections closed; waiting for settlement");
-    let s = pop.agent.wait_for(
+    let (written, s) = settle(
+        &mut pop.fleet,
+        &pop.agent,
+        idle_s,
         Duration::from_secs(if ctx.quick { 60 } else { 180 }),
-        "every session settled",
-        |s| s.viewer_sessions() == 0.0 && s.live() == 0.0,
     )?;
     Ok(LedgerRun {
         sessions: open,
@@ -666,6 +659,49 @@ fn ledger_run(
         settled_minor: charged(&s),
         ..LedgerRun::default()
     })
+}
+
+/// Stops the traffic and has every session settle: idle past
+/// `session_idle_s`, then the connections closed. Returns the bytes the
+/// helpers wrote and the agent's metrics once every session settled (within
+/// `timeout`).
+pub(super) fn settle(
+    fleet: &mut Fleet,
+    agent: &Agent,
+    session_idle_s: u64,
+    timeout: Duration,
+) -> Result<(u64, Scrape)> {
+    fleet.set_rate(0)?;
+    // Idle past session_idle, then closed: every session can settle. The
+    // count after the wait: a pacer slot under way when the rate changed
+    // still adds its writes.
+    std::thread::sleep(Duration::from_secs(session_idle_s + 1));
+    let written = fleet.written()?;
+    fleet.close()?;
+    progress("traffic stopped and connections closed; waiting for settlement");
+    let settled = agent.wait_for(timeout, "every session settled", |s| {
+        s.viewer_sessions() == 0.0 && s.live() == 0.0
+    })?;
+    Ok((written, settled))
+}
+
+/// The least and the most 1 minor unit per started KB can bill for
+/// `written` bytes over `sessions` sessions: the total's started KB, and up
+/// to one unit more per session (each session's own last started KB).
+pub(super) fn billed_bounds(written: u64, sessions: u64) -> (u64, u64) {
+    let least = written.div_ceil(UNIT_BYTES) * PRICE_MINOR;
+    (least, least + sessions * PRICE_MINOR)
+}
+
+/// Folds the WAL into the ledger file (`PRAGMA wal_checkpoint(TRUNCATE)`),
+/// once its agent has stopped.
+pub(super) fn fold_wal(ledger: &Path) -> Result<()> {
+    host::output(
+        Command::new("sqlite3")
+            .arg(ledger)
+            .arg("PRAGMA wal_checkpoint(TRUNCATE);"),
+    )
+    .map(drop)
 }
 
 fn ledger_rows(run: &LedgerRun) -> Vec<Measure> {
@@ -742,7 +778,7 @@ fn settled_row(run: &LedgerRun) -> Measure {
         .map(|(t, b)| format!("{t} {:.0} B", *b as f64 / run.settled.max(1.0)))
         .collect::<Vec<_>>()
         .join(", ");
-    let expected_minor = run.written_bytes.div_ceil(UNIT_BYTES) * PRICE_MINOR;
+    let (least, most) = billed_bounds(run.written_bytes, run.settled as u64);
     Measure {
         bench: "ledger",
         name: "ledger bytes per settled viewing session".into(),
@@ -759,7 +795,8 @@ fn settled_row(run: &LedgerRun) -> Measure {
                  {}s, agent stopped, then `PRAGMA wal_checkpoint(TRUNCATE)`: ledger {} bytes \
                  (WAL {} bytes) / {:.0} settled sessions. By table and index (dbstat, bytes per \
                  session): {tables}. Rows: {}. Billed {:.0} minor units; the helpers wrote {} \
-                 bytes, {} minor units at 1 per started KB of the total ({}).{}",
+                 bytes, {least} minor units at 1 per started KB of the total ({}: at most \
+                 {most}).{}",
             run.settled,
             run.session_idle_s,
             run.final_db,
@@ -768,7 +805,6 @@ fn settled_row(run: &LedgerRun) -> Measure {
             run.row_counts.join(", "),
             run.settled_minor,
             run.written_bytes,
-            expected_minor,
             "per-session rounding bills each session's started KB, so up to one unit more \
                  per session",
             if per_settled > 1000.0 {

@@ -30,6 +30,10 @@ pub struct AgentSpec<'a> {
     pub interval: &'a str,
     /// Appended to the config as is (e.g. a `[fleet]` table).
     pub extra_toml: &'a str,
+    /// More keys of the `[billing]` table, `key = value` lines each ending
+    /// in a newline (e.g. `open_write_interval = "0s"\n`); empty: the
+    /// agent's defaults.
+    pub billing_toml: &'a str,
     /// The bench service's settings after its name and ports, with its
     /// `[service.tariff]` table; `None`: [`DEFAULT_SERVICE`].
     pub service_toml: Option<&'a str>,
@@ -225,7 +229,7 @@ interval = "{interval}"
 [billing]
 currency = "EUR"
 ledger = "{ledger}"
-
+{billing}
 [metrics]
 listen = "127.0.0.1:0"
 
@@ -239,6 +243,7 @@ tcp_ports = [{ports}]
 {extra}"#,
             service = spec.service_toml.unwrap_or(DEFAULT_SERVICE),
             extra = spec.extra_toml,
+            billing = spec.billing_toml,
             name = spec.name,
             cgroup = spec.cgroup.display(),
             interval = spec.interval,
@@ -279,6 +284,7 @@ pub fn unload_leftover(meterd: &Path, work: &Path) -> Result<()> {
             tcp_ports: &[1],
             interval: "1s",
             extra_toml: "",
+            billing_toml: "",
             service_toml: None,
         },
     )?;

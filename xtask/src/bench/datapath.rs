@@ -64,6 +64,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
             tcp_ports: &[metered_port],
             interval: "1s",
             extra_toml: "",
+            billing_toml: "",
             service_toml: None,
         },
     )?;

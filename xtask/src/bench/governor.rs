@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 use serde_json::json;
 
-use super::agent::{Scrape, mean_cycle};
+use super::agent::{Agent, Scrape, mean_cycle};
 use super::host::{self, Proc};
 use super::report::{Measure, num};
 use super::scale::{self, Population};
@@ -23,14 +23,14 @@ use super::{Ctx, plot, progress};
 /// How often /metrics is polled.
 const POLL: Duration = Duration::from_millis(250);
 /// The base interval of the bench agent.
-const BASE_S: f64 = 1.0;
+pub(super) const BASE_S: f64 = 1.0;
 
 /// One poll of the agent's metrics.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
     /// Seconds since the timeline started.
     pub t: f64,
-    /// stress-ng CPU workers running.
+    /// stress-ng CPU workers running (0 in benches that run none).
     pub workers: usize,
     pub cpu_pressure: Option<f64>,
     pub interval_s: f64,
@@ -97,17 +97,31 @@ fn poll(
     workers: usize,
     out: &mut Vec<Sample>,
 ) -> Result<()> {
-    while start.elapsed().as_secs_f64() < until {
+    poll_while(&pop.agent, start, workers, out, |t| t < until)
+}
+
+/// Polls `agent` every [`POLL`] while `go` holds for the seconds since
+/// `start`, recording samples.
+pub(super) fn poll_while(
+    agent: &Agent,
+    start: Instant,
+    workers: usize,
+    out: &mut Vec<Sample>,
+    go: impl Fn(f64) -> bool,
+) -> Result<()> {
+    loop {
         let t = start.elapsed().as_secs_f64();
-        let s = pop.agent.scrape()?;
+        if !go(t) {
+            return Ok(());
+        }
+        let s = agent.scrape()?;
         out.push(Sample::of(t, workers, &s));
         std::thread::sleep(POLL);
     }
-    Ok(())
 }
 
 /// Cycle durations from consecutive samples (sum and count deltas).
-fn cycles_of(samples: &[Sample]) -> Vec<Cycle> {
+pub(super) fn cycles_of(samples: &[Sample]) -> Vec<Cycle> {
     samples
         .windows(2)
         .filter(|w| w[1].cycles > w[0].cycles)

@@ -7,8 +7,9 @@
 //! governor under overload (`overload`), its timeline during a load ramp
 //! (`governor`), admission latency (`authorize`) and the fleet outbox's
 //! throughput to NATS JetStream (`outbox`), the billing cycle, agent CPU,
-//! charge rows and fsyncs with every session streaming (`active`), and the
-//! ledger's bytes per viewer (`ledger`). Writes `results.json`,
+//! charge rows and fsyncs with every session streaming (`active`), the
+//! ledger's bytes per viewer (`ledger`), and the governor when billing
+//! itself overloads the agent (`billing-overload`). Writes `results.json`,
 //! `results.md` and SVG plots to `target/bench/`, and prints progress as it
 //! goes.
 //!
@@ -29,6 +30,7 @@
 mod active;
 mod agent;
 mod authorize;
+mod billing_overload;
 mod datapath;
 mod fleet;
 mod governor;
@@ -76,6 +78,8 @@ pub enum Bench {
     Active,
     /// Ledger bytes per viewer-hour (10k streaming) and per settled session.
     Ledger,
+    /// Streaming sessions raised until billing alone widens the 1 s interval; billed total.
+    BillingOverload,
 }
 
 impl Bench {
@@ -90,6 +94,7 @@ impl Bench {
             Self::Outbox => "outbox",
             Self::Active => "active",
             Self::Ledger => "ledger",
+            Self::BillingOverload => "billing-overload",
         }
     }
 
@@ -104,6 +109,7 @@ impl Bench {
             Self::Outbox => outbox::run(ctx),
             Self::Active => active::active(ctx),
             Self::Ledger => active::ledger(ctx),
+            Self::BillingOverload => billing_overload::run(ctx),
         }
     }
 }

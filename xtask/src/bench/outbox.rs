@@ -181,6 +181,7 @@ fn drain(ctx: &Ctx, replicas: usize, n: usize) -> Result<Drain> {
             tcp_ports: &[port],
             interval: "1s",
             extra_toml: &extra,
+            billing_toml: "",
             service_toml: None,
         },
     )?;

@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use anyhow::Result;
+use plotters::chart::DualCoordChartContext;
 use plotters::coord::Shift;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
@@ -368,43 +369,96 @@ fn steps(pts: &[(f64, f64)]) -> Vec<(f64, f64)> {
     out
 }
 
-/// The time axis of the governor's panels and the loaded stretch of it.
+/// The time axis of a timeline's panels and the loaded stretch of it.
 #[derive(Clone, Copy)]
 struct Span {
     tmax: f64,
     load_start: f64,
     load_end: f64,
+    /// Room on the right for an axis of the load panel's own (on every
+    /// panel, so that their time axes line up).
+    right_axis: bool,
 }
 
-/// One panel of the timeline, the loaded stretch shaded.
+/// A timeline panel: time against a left axis, and a right one that only
+/// the load panel may use.
+type Panel<'a, 'b> = DualCoordChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<RangedCoordf64, RangedCoordf64>,
+    Cartesian2d<RangedCoordf64, RangedCoordf64>,
+>;
+
+/// One panel of the timeline, the loaded stretch shaded; `right` (top,
+/// description) draws its right-hand axis.
 fn panel<'a, 'b>(
     area: &'a Area<'b>,
     span: Span,
     ymax: f64,
     y_desc: &str,
     caption: &str,
-) -> Result<ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
-    let mut chart = ChartBuilder::on(area)
+    right: Option<(f64, &str)>,
+) -> Result<Panel<'a, 'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder
         .caption(caption, (FONT, 16))
         .margin(10)
         .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..span.tmax, 0.0..ymax)?;
+        .y_label_area_size(60);
+    if span.right_axis {
+        builder.right_y_label_area_size(60);
+    }
+    let mut chart = builder.build_cartesian_2d(0.0..span.tmax, 0.0..ymax)?;
     // The shading first, so the grid stays visible over it.
     chart.draw_series(std::iter::once(Rectangle::new(
         [(span.load_start, 0.0), (span.load_end, ymax)],
         GREY.filled(),
     )))?;
+    // The right-hand label area goes to the secondary axis, so the mesh
+    // labels the left one only.
+    let top = right.map_or(ymax, |r| r.0);
+    let mut chart = chart.set_secondary_coord(0.0..span.tmax, 0.0..top);
     chart
         .configure_mesh()
         .x_desc("seconds")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc(y_desc)
         .draw()?;
+    if let Some((_, desc)) = right {
+        chart
+            .configure_secondary_axes()
+            .y_desc(desc)
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()?;
+    }
     Ok(chart)
 }
 
-/// The governor's timeline: load, interval and cycle time (figure 4).
+/// What loaded the machine, drawn as steps in the load panel next to the
+/// CPU pressure.
+struct LoadLine<'a> {
+    label: &'a str,
+    /// (seconds, value) at each change.
+    points: Vec<(f64, f64)>,
+    /// A right-hand axis of its own, (top, description); `None`: on the
+    /// pressure's share axis.
+    axis: Option<(f64, &'a str)>,
+}
+
+/// A timeline of load, interval and cycle time, as in the patent's figure 4.
+struct Timeline<'a> {
+    /// The file, in the results dir.
+    name: &'a str,
+    title: &'a str,
+    load_caption: &'a str,
+    /// Top of the load panel's share axis.
+    share_max: f64,
+    load: LoadLine<'a>,
+    /// The loaded stretch (shaded), seconds from and to.
+    loaded: (f64, f64),
+}
+
+/// The governor's timeline during a stress-ng ramp (figure 4).
 pub fn governor(
     out: &Path,
     samples: &[Sample],
@@ -412,36 +466,146 @@ pub fn governor(
     cpus: usize,
     load_end: f64,
 ) -> Result<String> {
-    let name = "governor.svg";
-    let path = out.join(name);
-    let root = SVGBackend::new(&path, (1000, 860)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let root = root.titled(
-        "meterd load governor during a stress-ng ramp (figure 4)",
-        (FONT, 22),
-    )?;
-    let panels = root.split_evenly((3, 1));
-    let tmax = samples.last().map_or(1.0, |s| s.t);
     let load_start = samples.iter().find(|s| s.workers > 0).map_or(0.0, |s| s.t);
-    let shade = |area, ymax, y_desc, caption| {
-        panel(
-            area,
-            Span {
-                tmax,
-                load_start,
-                load_end,
-            },
-            ymax,
-            y_desc,
-            caption,
-        )
-    };
-
-    // Load: stress-ng workers per core and the CPU pressure meterd sees.
-    let load: Vec<(f64, f64)> = samples
+    let workers = samples
         .iter()
         .map(|s| (s.t, s.workers as f64 / cpus as f64))
         .collect();
+    timeline(
+        out,
+        &Timeline {
+            name: "governor.svg",
+            title: "meterd load governor during a stress-ng ramp (figure 4)",
+            load_caption: "load: stress-ng workers per core, and CPU pressure (PSI some share)",
+            share_max: 2.3,
+            load: LoadLine {
+                label: "stress-ng workers / cores",
+                points: workers,
+                axis: None,
+            },
+            loaded: (load_start, load_end),
+        },
+        samples,
+        cycles,
+    )
+}
+
+/// The governor's timeline when billing itself overloads the agent:
+/// `sessions` (seconds, sessions streaming from then on) drawn in
+/// thousands; the traffic stops at the end of `loaded`.
+pub fn billing_overload(
+    out: &Path,
+    samples: &[Sample],
+    cycles: &[Cycle],
+    sessions: &[(f64, usize)],
+    loaded: (f64, f64),
+) -> Result<String> {
+    let tmax = samples.last().map_or(1.0, |s| s.t);
+    let mut points: Vec<(f64, f64)> = sessions.iter().map(|&(t, n)| (t, n as f64 / 1e3)).collect();
+    points.extend([(loaded.1, 0.0), (tmax, 0.0)]);
+    let top = max_of(points.iter().map(|p| p.1)) * 1.15;
+    timeline(
+        out,
+        &Timeline {
+            name: "billing-overload.svg",
+            title: "meterd load governor when billing itself overloads the agent (figure 4)",
+            load_caption: "load: sessions streaming 2 KB/s (thousands, right axis), and CPU \
+                           pressure (PSI some share)",
+            share_max: 1.15,
+            load: LoadLine {
+                label: "sessions streaming (thousands)",
+                points,
+                axis: Some((top, "thousand sessions")),
+            },
+            loaded,
+        },
+        samples,
+        cycles,
+    )
+}
+
+/// The three panels: load, interval and cycle time.
+fn timeline(
+    out: &Path,
+    fig: &Timeline<'_>,
+    samples: &[Sample],
+    cycles: &[Cycle],
+) -> Result<String> {
+    let path = out.join(fig.name);
+    let root = SVGBackend::new(&path, (1000, 860)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(fig.title, (FONT, 22))?;
+    let panels = root.split_evenly((3, 1));
+    let span = Span {
+        tmax: samples.last().map_or(1.0, |s| s.t),
+        load_start: fig.loaded.0,
+        load_end: fig.loaded.1,
+        right_axis: fig.load.axis.is_some(),
+    };
+
+    // Load: the bench's own line and the CPU pressure meterd sees.
+    let mut chart = panel(
+        &panels[0],
+        span,
+        fig.share_max,
+        "share",
+        fig.load_caption,
+        fig.load.axis,
+    )?;
+    let line = LineSeries::new(steps(&fig.load.points), BLACK.stroke_width(2));
+    let drawn = if fig.load.axis.is_some() {
+        chart.draw_secondary_series(line)
+    } else {
+        chart.draw_series(line)
+    }?;
+    drawn
+        .label(fig.load.label)
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+    pressure(&mut chart, samples)?;
+    legend(&mut *chart)?;
+
+    let interval: Vec<(f64, f64)> = samples.iter().map(|s| (s.t, s.interval_s)).collect();
+    let imax = max_of(interval.iter().map(|p| p.1)) * 1.25;
+    let mut chart = panel(
+        &panels[1],
+        span,
+        imax,
+        "seconds",
+        "billing interval (meterd_read_interval_seconds)",
+        None,
+    )?;
+    chart
+        .draw_series(LineSeries::new(steps(&interval), BLUE_.stroke_width(2)))?
+        .label("interval")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE_.stroke_width(2)));
+    legend(&mut *chart)?;
+
+    let cyc: Vec<(f64, f64)> = cycles.iter().map(|c| (c.t, c.duration_ms)).collect();
+    let cmax = max_of(cyc.iter().map(|p| p.1)) * 1.3;
+    let mut chart = panel(
+        &panels[2],
+        span,
+        cmax,
+        "ms",
+        "cycle time (read + billing; meterd_cycle_duration_seconds)",
+        None,
+    )?;
+    chart
+        .draw_series(LineSeries::new(cyc.clone(), GREEN_.stroke_width(1)))?
+        .label("cycle duration")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN_.stroke_width(2)));
+    chart.draw_series(cyc.into_iter().map(|p| Circle::new(p, 3, GREEN_.filled())))?;
+    legend(&mut *chart)?;
+    root.present()?;
+    Ok(fig.name.to_owned())
+}
+
+/// The host's PSI share per poll and meterd's published pressure, on the
+/// load panel's share axis.
+fn pressure(
+    chart: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    samples: &[Sample],
+) -> Result<()> {
     let pressure: Vec<(f64, f64)> = samples
         .iter()
         .filter_map(|s| Some((s.t, s.cpu_pressure?)))
@@ -455,16 +619,6 @@ pub fn governor(
             (dt > 0.0).then(|| (w[1].t, (stalled / 1e6 / dt).min(1.0)))
         })
         .collect();
-    let mut chart = shade(
-        &panels[0],
-        2.3,
-        "share",
-        "load: stress-ng workers per core, and CPU pressure (PSI some share)",
-    )?;
-    chart
-        .draw_series(LineSeries::new(steps(&load), BLACK.stroke_width(2)))?
-        .label("stress-ng workers / cores")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
     chart
         .draw_series(LineSeries::new(psi, ORANGE.mix(0.7).stroke_width(1)))?
         .label("host PSI some share per 250 ms poll")
@@ -473,36 +627,5 @@ pub fn governor(
         .draw_series(LineSeries::new(steps(&pressure), RED_.stroke_width(2)))?
         .label("meterd_cpu_pressure_ratio (as published at cycle end)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED_.stroke_width(2)));
-    legend(&mut chart)?;
-
-    let interval: Vec<(f64, f64)> = samples.iter().map(|s| (s.t, s.interval_s)).collect();
-    let imax = max_of(interval.iter().map(|p| p.1)) * 1.25;
-    let mut chart = shade(
-        &panels[1],
-        imax,
-        "seconds",
-        "billing interval (meterd_read_interval_seconds)",
-    )?;
-    chart
-        .draw_series(LineSeries::new(steps(&interval), BLUE_.stroke_width(2)))?
-        .label("interval")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE_.stroke_width(2)));
-    legend(&mut chart)?;
-
-    let cyc: Vec<(f64, f64)> = cycles.iter().map(|c| (c.t, c.duration_ms)).collect();
-    let cmax = max_of(cyc.iter().map(|p| p.1)) * 1.3;
-    let mut chart = shade(
-        &panels[2],
-        cmax,
-        "ms",
-        "cycle time (read + billing; meterd_cycle_duration_seconds)",
-    )?;
-    chart
-        .draw_series(LineSeries::new(cyc.clone(), GREEN_.stroke_width(1)))?
-        .label("cycle duration")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN_.stroke_width(2)));
-    chart.draw_series(cyc.into_iter().map(|p| Circle::new(p, 3, GREEN_.filled())))?;
-    legend(&mut chart)?;
-    root.present()?;
-    Ok(name.to_owned())
+    Ok(())
 }

@@ -38,17 +38,19 @@ impl Population {
     /// Starts the servers, the agent and the clients, with no connection
     /// open; room for `capacity` connections.
     pub fn start(ctx: &Ctx, capacity: usize) -> Result<Population> {
-        Self::start_with(ctx, capacity, "connections", None)
+        Self::start_with(ctx, capacity, "connections", None, "")
     }
 
     /// [`Population::start`] with a run name of its own (its cgroup and
-    /// work dir) and the bench service's settings and tariff
-    /// ([`AgentSpec::service_toml`]).
+    /// work dir), the bench service's settings and tariff
+    /// ([`AgentSpec::service_toml`]) and more `[billing]` settings
+    /// ([`AgentSpec::billing_toml`]).
     pub fn start_with(
         ctx: &Ctx,
         capacity: usize,
         name: &str,
         service_toml: Option<&str>,
+        billing_toml: &str,
     ) -> Result<Population> {
         let cgroup = Cgroup::create(&ctx.cgroups, name)?;
         let fleet = Fleet::start(&cgroup, capacity)?;
@@ -62,6 +64,7 @@ impl Population {
                 tcp_ports: &ports,
                 interval: "1s",
                 extra_toml: "",
+                billing_toml,
                 service_toml,
             },
         )?;
@@ -91,16 +94,7 @@ impl Population {
     /// allows), all seen by the agent; returns the count and why it fell
     /// short, if it did.
     pub fn grow(&mut self, n: usize) -> Result<(usize, Option<String>)> {
-        let (open, error) = self.fleet.open(n)?;
-        #[expect(
-            clippy::cast_precision_loss,
-            reason = "connection counts are far below 2^52"
-        )]
-        let want = open as f64;
-        let timeout = Duration::from_secs(30);
-        self.agent
-            .wait_for(timeout, "seeing every connection", |s| s.live() >= want)?;
-        Ok((open, error))
+        grow(&mut self.fleet, &self.agent, n)
     }
 
     pub fn stop(self) -> Result<()> {
@@ -115,6 +109,20 @@ impl Population {
         drop(cgroup);
         Ok(())
     }
+}
+
+/// [`Population::grow`] on the population's two halves, for a bench that
+/// polls the agent from another thread meanwhile.
+pub(super) fn grow(fleet: &mut Fleet, agent: &Agent, n: usize) -> Result<(usize, Option<String>)> {
+    let (open, error) = fleet.open(n)?;
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "connection counts are far below 2^52"
+    )]
+    let want = open as f64;
+    let timeout = Duration::from_secs(30);
+    agent.wait_for(timeout, "seeing every connection", |s| s.live() >= want)?;
+    Ok((open, error))
 }
 
 /// The population, started on first use.
