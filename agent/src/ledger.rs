@@ -847,16 +847,32 @@ impl Ledger {
     }
 
     /// Everything charged to each account so far (open sessions' cycles,
-    /// settled sessions' charges), in millionths of a minor unit.
+    /// settled sessions' charges), in millionths of a minor unit. A ledger
+    /// of an older version may also have charges of sessions it has no
+    /// row for (before sessions had rows): those count too.
     pub fn spent_by_account(&self) -> Result<HashMap<String, i64>, LedgerError> {
-        let mut stmt = self
+        let legacy: bool = self
             .conn
-            .prepare(
-                "SELECT account, SUM(CASE state WHEN 'open' THEN charged_micro
-                 ELSE COALESCE(cycles_micro + adjustment_micro, charge_minor * 1000000) END)
-                 FROM viewer_sessions GROUP BY account",
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'charges')",
+                [],
+                |r| r.get(0),
             )
             .map_err(self.err())?;
+        let sessions = "SELECT account, CASE state WHEN 'open' THEN charged_micro
+             ELSE COALESCE(cycles_micro + adjustment_micro, charge_minor * 1000000) END AS micro
+             FROM viewer_sessions";
+        let sql = if legacy {
+            format!(
+                "SELECT account, SUM(micro) FROM ({sessions} UNION ALL
+                 SELECT account, amount_micro FROM charges
+                 WHERE session_id NOT IN (SELECT session_id FROM viewer_sessions))
+                 GROUP BY account"
+            )
+        } else {
+            format!("SELECT account, SUM(micro) FROM ({sessions}) GROUP BY account")
+        };
+        let mut stmt = self.conn.prepare(&sql).map_err(self.err())?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
             .map_err(self.err())?;
@@ -1152,8 +1168,11 @@ fn write_viewers(
 ) -> rusqlite::Result<()> {
     let mut update = tx.prepare_cached(
         "UPDATE viewer_sessions SET first_ns = ?2, last_ns = ?3, bytes_out = ?4, bytes_in = ?5,
-         connections = ?6, units = ?7, charged_micro = ?8, seq = ?9
-         WHERE session_id = ?1 AND state = 'open' AND seq <= ?9",
+         connections = ?6,
+         units = CASE WHEN seq <= ?9 THEN ?7 ELSE units END,
+         charged_micro = CASE WHEN seq <= ?9 THEN ?8 ELSE charged_micro END,
+         seq = MAX(seq, ?9)
+         WHERE session_id = ?1 AND state = 'open'",
     )?;
     let mut insert = tx.prepare_cached(
         "INSERT OR IGNORE INTO viewer_sessions (session_id, state, service, tariff, account,
@@ -1511,7 +1530,26 @@ mod tests {
         );
         let s1 = l.sessions(None).unwrap();
         assert_eq!(s1.len(), 1);
-        assert_eq!((s1[0].session_id.as_str(), s1[0].charge_minor), ("s1", 2));
+        assert_eq!((s1[0].session_id.as_str(), s1[0].charge_minor), ("s1", 2)); // A ledger of an older version: its charges table also counts the
+        // sessions it has no rows for, and only those.
+        l.conn
+            .execute_batch(
+                "CREATE TABLE charges (id TEXT PRIMARY KEY, session_id TEXT NOT NULL,
+                 kind TEXT NOT NULL, service TEXT NOT NULL, account TEXT NOT NULL,
+                 at_ms INTEGER NOT NULL, units INTEGER NOT NULL, amount_micro INTEGER NOT NULL);
+                 INSERT INTO charges VALUES ('s1:cycles', 's1', 'cycle', 'web', 'a', 1, 3, 3000000);
+                 INSERT INTO charges VALUES ('old:1', 'old', 'cycle', 'web', 'c', 1, 5, 5000000);
+                 INSERT INTO charges VALUES ('old:settle', 'old', 'settlement', 'web', 'c', 2, 0, -1);",
+            )
+            .unwrap();
+        assert_eq!(
+            l.spent_by_account().unwrap(),
+            HashMap::from([
+                ("a".to_owned(), 2_000_000),
+                ("b".to_owned(), 7),
+                ("c".to_owned(), 4_999_999)
+            ])
+        );
     }
 
     #[test]

@@ -72,8 +72,8 @@ pub struct Persisted {
     /// Charges the cycles made (one per session charged per cycle).
     #[serde(default)]
     pub cycle_charges: u64,
-    /// Open-session rows written to the ledger (see
-    /// `billing.open_write_interval`).
+    /// Viewing-session rows in the ledger's commits: new, changed and
+    /// settled ones (see `billing.open_write_interval`).
     #[serde(default)]
     pub session_writes: u64,
 }

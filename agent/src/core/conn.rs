@@ -120,8 +120,10 @@ pub struct Segment {
     pub start_ns: u64,
     /// The viewing session it feeds, once it has moved a payload byte.
     pub viewer: Option<Arc<str>>,
-    /// What the ledger lacks of it.
+    /// What the ledger lacks of it, and the kernel time its row was last
+    /// written while it fed no session (see [`super::save`]).
     pub save: super::Save,
+    pub saved_ns: u64,
 }
 
 impl Segment {
@@ -176,6 +178,7 @@ impl Conn {
                 start_ns,
                 viewer: None,
                 save: super::Save::Now,
+                saved_ns: 0,
             },
         }
     }

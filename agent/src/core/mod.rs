@@ -273,6 +273,10 @@ pub struct LiveTotals {
 /// read older than a close record, so two would do; the margin is cheap.
 const CLOSED_MEMORY: u64 = 8;
 
+/// Open viewing sessions by id (hashed by the id's tail, see
+/// [`viewer::IdTail`]).
+type Sessions = std::collections::HashMap<Arc<str>, Viewer, viewer::IdTail>;
+
 /// The billing core.
 #[derive(Debug)]
 pub struct Core {
@@ -287,7 +291,7 @@ pub struct Core {
     conns: HashMap<ConnKey, Conn>,
     /// (client, server port) -> connection: attribution by tuple is O(1).
     tuples: HashMap<(SocketAddr, u16), ConnKey>,
-    viewers: std::collections::HashMap<Arc<str>, Viewer, viewer::IdTail>,
+    viewers: Sessions,
     /// The newest open session of each key: where a new segment may join.
     current: HashMap<ViewerKey, Arc<str>>,
     pending: Pending,
@@ -439,9 +443,12 @@ impl Core {
         self.save.every_ns = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
     }
 
-    /// Owes the ledger everything it lacks at the next batch (the agent is
-    /// stopping).
+    /// From now on every change goes into the next batch, and everything
+    /// the ledger lacks is owed now: the agent is stopping, and its last
+    /// read and cycle must reach the ledger (after a reboot the kernel's
+    /// counts are gone).
     pub fn save_all(&mut self) {
+        self.save.every_ns = 0;
         for v in self.viewers.values_mut() {
             if v.save != Save::Clean {
                 mark(&mut self.due_now, v, Save::Now);
@@ -728,6 +735,7 @@ impl Core {
             start_ns,
             viewer: None,
             save: Save::Clean,
+            saved_ns: self.now_ns,
         };
         self.batch
             .segments
@@ -858,22 +866,38 @@ impl Core {
     /// datagram after the read then starts a new segment (the kernel marks
     /// the gap), so removing them does not change what is billed.
     pub fn idle_udp(
-        &self,
+        &mut self,
         read: &[(UdpFlowKey, UdpFlow)],
         now_ns: u64,
         timeout_ns: u64,
     ) -> Vec<UdpFlowKey> {
-        read.iter()
-            .filter(|(_, flow)| {
-                let idle = self
-                    .services
-                    .get(flow.service as usize)
-                    .map_or(0, |s| s.idle_ns)
-                    .max(timeout_ns);
-                now_ns >= flow.counts.last_ns.saturating_add(idle)
-            })
-            .map(|(k, _)| *k)
-            .collect()
+        let mut idle = Vec::new();
+        for (k, flow) in read {
+            let timeout = self
+                .services
+                .get(flow.service as usize)
+                .map_or(0, |s| s.idle_ns)
+                .max(timeout_ns);
+            if now_ns < flow.counts.last_ns.saturating_add(timeout) {
+                continue;
+            }
+            let key = ConnKey::Udp {
+                key: *k,
+                first_ns: flow.first_ns,
+            };
+            // Taken out of the kernel, its counts live only here until the
+            // cycle's commit: a crash in between ends it at the ledger's
+            // counts, so those must be its last. A segment the ledger lacks
+            // is written this cycle and taken at the next.
+            if let Some(conn) = self.conns.get_mut(&key)
+                && conn.seg.save != Save::Clean
+            {
+                conn.seg.save = Save::Now;
+                continue;
+            }
+            idle.push(*k);
+        }
+        idle
     }
 
     /// A UDP flow the loop took out of the kernel map, with its final value.
@@ -1232,10 +1256,15 @@ impl Core {
     fn stage_dirty(&mut self) {
         self.stage_viewers();
         let boot = self.boot.clone();
+        let (policy, now_ns) = (self.save, self.now_ns);
         for conn in self.conns.values_mut().filter(|c| {
-            c.seg.save == Save::Now || (c.seg.save == Save::Lazy && c.seg.viewer.is_none())
+            // A segment of a session goes with it; one of none (refused,
+            // not billable, or not given one yet) by itself.
+            c.seg.save == Save::Now
+                || (c.seg.viewer.is_none() && policy.due(c.seg.save, c.seg.saved_ns, now_ns))
         }) {
             conn.seg.save = Save::Clean;
+            conn.seg.saved_ns = now_ns;
             if conn.seg.viewer.is_none() && conn.attribution.is_none() && conn.seg.n == 0 {
                 // Nothing to remember yet: it would come back from the kernel.
                 continue;
@@ -1341,6 +1370,7 @@ impl Core {
                 start_ns: r.start_ns,
                 viewer,
                 save: Save::Clean,
+                saved_ns: 0,
             };
             if conn.start_ns == 0 {
                 conn.start_ns = r.start_ns;

@@ -58,9 +58,10 @@ pub struct Viewer {
     /// The wall-clock ms of its start, once the ledger has it (kept from
     /// the first write, so a settlement after a reboot still has it).
     pub started_ms: Option<i64>,
-    /// What the ledger lacks of it, and the kernel time it was last
-    /// written (see [`super::save`]).
+    /// What the ledger lacks of it (see [`super::save`]).
     pub save: super::Save,
+    /// Kernel time its row was last written: a newer accrual waits until
+    /// `billing.open_write_interval` after it.
     pub saved_ns: u64,
 }
 
