@@ -721,10 +721,7 @@ impl Agent {
     /// reflects is applied before the read (whose older values then only
     /// raise counts), and a UDP flow found idle at `now` cannot have had a
     /// datagram since that did not start a new segment.
-    fn bill(
-        &mut self,
-        ring: &mut Closes,
-    ) -> Result<HashMap<Arc<str>, LiveTotals>, AgentError> {
+    fn bill(&mut self, ring: &mut Closes) -> Result<HashMap<Arc<str>, LiveTotals>, AgentError> {
         // systemd recreates a service's cgroup on every restart of it.
         self.kernel.check_cgroup(&self.config)?;
         let now_ns = clock::boot_ns();

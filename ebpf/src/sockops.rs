@@ -229,7 +229,17 @@ fn on_state(ctx: &SockOpsContext) {
         if live.is_none() && service_of(&TCP_PORTS, ctx_field!(ctx, local_port)) == 0 {
             return;
         }
-        on_close(ctx, cookie, meter, live, ctx.arg(0), acked, received, una, nxt);
+        on_close(
+            ctx,
+            cookie,
+            meter,
+            live,
+            ctx.arg(0),
+            acked,
+            received,
+            una,
+            nxt,
+        );
         return;
     }
     // A live slot was found through the storage, so `meter` is not NULL.

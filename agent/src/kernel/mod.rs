@@ -53,11 +53,11 @@ use meterd_common::{
 };
 use sha2::{Digest as _, Sha256};
 
-use self::{slots::Slots, sys::BatchReader};
 pub use self::{
     record::{Closes, Record},
     system::SystemError,
 };
+use self::{slots::Slots, sys::BatchReader};
 use crate::{config::Config, ledger::Committed};
 
 /// The eBPF object built by `cargo xtask build-ebpf` (see `build.rs`).
@@ -368,29 +368,7 @@ impl Kernel {
         let same_build = attached_here && pinned_version.as_deref() == Some(version.as_str());
         let mut ebpf: Option<Ebpf> = None;
         let mut startup = Startup::Resumed;
-        // FREE_SLOTS is filled once, by the start that created the maps,
-        // before any program can take a slot: a restarted or upgraded agent
-        // finds the marker and pushes nothing (slots in the queue stay
-        // there, slots in use come back with their close records). A fill
-        // cut short (no marker, nothing attached yet) is redone from an
-        // empty queue.
-        let mut fresh_slots = None;
-        if !pin_dir.join(SLOTS_FILLED).is_dir() {
-            if PROGRAMS.iter().any(|p| pin_dir.join(p.link_pin()).exists()) {
-                return Err(KernelError::SlotsUnknown { pin_dir });
-            }
-            let bpf = ebpf.insert(load(config)?);
-            let slots = Slots::new(
-                take_data(bpf, map_names::LIVE)?,
-                take_data(bpf, map_names::FREE_SLOTS)?,
-            )
-            .map_err(io_err("LIVE"))?;
-            let n = slots.fill().map_err(io_err("FREE_SLOTS"))?;
-            let marker = pin_dir.join(SLOTS_FILLED);
-            fs::create_dir(&marker).map_err(|e| pin_err(&marker)(e.to_string()))?;
-            tracing::info!(slots = n, "live slots created: FREE_SLOTS filled");
-            fresh_slots = Some(slots);
-        }
+        let fresh_slots = fill_new_slots(config, &pin_dir, &mut ebpf)?;
         for prog in PROGRAMS {
             let wanted = prog != Prog::Ingress || config.meters_udp();
             let link_path = pin_dir.join(prog.link_pin());
@@ -651,7 +629,10 @@ impl Kernel {
     /// entry; the other order would leave the slot held for good, read
     /// every cycle.
     pub fn forget(&self, closed: &Closed, committed: &Committed) -> Result<(), KernelError> {
-        if let Err(e) = self.slots.release(closed.info.slot, closed.cookie, committed) {
+        if let Err(e) = self
+            .slots
+            .release(closed.info.slot, closed.cookie, committed)
+        {
             tracing::error!(
                 cookie = closed.cookie,
                 slot = closed.info.slot,
@@ -1174,6 +1155,41 @@ fn open_diag(cgroup: &Path) -> Option<diag::Diag> {
             None
         }
     }
+}
+
+/// Fills `FREE_SLOTS` once, at the start that created the maps, before any
+/// program can take a slot: a restarted or upgraded agent finds the
+/// [`SLOTS_FILLED`] marker and pushes nothing (slots in the queue stay
+/// there, slots in use come back with their close records). A fill cut
+/// short (no marker, nothing attached yet) is redone from an empty queue.
+/// Loads the object into `ebpf` to do it; the slots if it filled them.
+fn fill_new_slots(
+    config: &Config,
+    pin_dir: &Path,
+    ebpf: &mut Option<Ebpf>,
+) -> Result<Option<Slots>, KernelError> {
+    let marker = pin_dir.join(SLOTS_FILLED);
+    if marker.is_dir() {
+        return Ok(None);
+    }
+    if PROGRAMS.iter().any(|p| pin_dir.join(p.link_pin()).exists()) {
+        return Err(KernelError::SlotsUnknown {
+            pin_dir: pin_dir.to_owned(),
+        });
+    }
+    let bpf = match ebpf {
+        Some(bpf) => bpf,
+        None => ebpf.insert(load(config)?),
+    };
+    let slots = Slots::new(
+        take_data(bpf, map_names::LIVE)?,
+        take_data(bpf, map_names::FREE_SLOTS)?,
+    )
+    .map_err(io_err("LIVE"))?;
+    let n = slots.fill().map_err(io_err("FREE_SLOTS"))?;
+    fs::create_dir(&marker).map_err(|e| pin_err(&marker)(e.to_string()))?;
+    tracing::info!(slots = n, "live slots created: FREE_SLOTS filled");
+    Ok(Some(slots))
 }
 
 fn probe_bpf() -> Result<(), KernelError> {

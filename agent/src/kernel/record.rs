@@ -59,8 +59,8 @@ pub struct Record<'a> {
 
 impl<'a> Record<'a> {
     /// The next record, if any.
-    pub fn next(closes: &'a mut Closes) -> Option<Self> {
-        let Closes { ring, slots } = closes;
+    pub fn next(source: &'a mut Closes) -> Option<Self> {
+        let Closes { ring, slots } = source;
         let item = ring.next()?;
         let closed = super::decode_closed(&item);
         let len = item.len();
@@ -74,6 +74,10 @@ impl<'a> Record<'a> {
 
     /// Releases the record: the ledger has what it carried. A close
     /// record's slot goes back to the free-slot queue first.
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "the proof is spent: one commit releases one record"
+    )]
     pub fn release(mut self, committed: Committed) {
         if let Some(c) = &self.closed
             && c.info.flags & CONN_GAP == 0

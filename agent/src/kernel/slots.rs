@@ -86,7 +86,8 @@ impl Cell {
     pub fn raise(&self, counts: Counts) {
         // Release: in store order, as x86 makes the kernel's plain stores.
         self.last_ns.fetch_max(counts.last_ns, Ordering::Release);
-        self.bytes_out.fetch_max(counts.bytes_out, Ordering::Release);
+        self.bytes_out
+            .fetch_max(counts.bytes_out, Ordering::Release);
         self.bytes_in.fetch_max(counts.bytes_in, Ordering::Release);
     }
 
@@ -345,7 +346,10 @@ mod tests {
         read_cells(&cells, &mut out);
         assert_eq!(
             out,
-            vec![(7, slot(7, 100, 1, 5).counts), (3, slot(3, 200, 2, 6).counts)]
+            vec![
+                (7, slot(7, 100, 1, 5).counts),
+                (3, slot(3, 200, 2, 6).counts)
+            ]
         );
         assert_eq!(cells[2].counts_of(3), Some(slot(3, 200, 2, 6).counts));
         assert_eq!(cells[2].counts_of(7), None, "another cookie's slot");
