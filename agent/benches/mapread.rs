@@ -113,7 +113,7 @@ fn pinned(path: &str, reps: usize) -> Result<()> {
         let mut out = Vec::new();
         let mut reader = BatchReader::<u32, LiveSlot>::new(AGENT_CHUNK);
         let mut slots = Vec::new();
-        let (mut mmap, mut batch) = (Vec::new(), Vec::new());
+        let (mut mapped, mut batch) = (Vec::new(), Vec::new());
         for rep in 0..=reps {
             let started = Instant::now();
             live.read(&mut out);
@@ -123,11 +123,11 @@ fn pinned(path: &str, reps: usize) -> Result<()> {
                 .read_all(data.fd().as_fd(), &mut slots)
                 .context("BPF_MAP_LOOKUP_BATCH")?;
             if rep > 0 {
-                mmap.push(mmap_ms);
+                mapped.push(mmap_ms);
                 batch.push(ms(started));
             }
         }
-        emit_mmap("pinned", out.len(), max_entries, &mmap, &batch);
+        emit_mmap("pinned", out.len(), max_entries, &mapped, &batch);
         return Ok(());
     }
     if !matches!(map, Map::HashMap(_)) {
