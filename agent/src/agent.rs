@@ -899,6 +899,7 @@ impl Agent {
             udp: self.seen_udp_stats.unwrap_or_default(),
             live_map_entries: self.live.len() as u64,
             live_map_capacity: u64::from(self.config.agent.max_connections),
+            live_slots_leaked: self.kernel.slot_leaks(),
             ring_pending_bytes: ring_pending,
             ring_capacity_bytes: ring_size,
             limit_reached: self.limit_events,
