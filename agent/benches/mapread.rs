@@ -146,6 +146,11 @@ fn synthetic(opts: &Options) -> Result<()> {
     let mut sizes = opts.sizes.clone();
     sizes.sort_unstable();
     let mut filled = 0u32;
+    let mut slots = if opts.mmap {
+        Some(Mapped::new(opts.max_entries)?)
+    } else {
+        None
+    };
     for &size in &sizes {
         if size > opts.max_entries {
             bail!("size {size} exceeds --max-entries {}", opts.max_entries);
@@ -170,10 +175,11 @@ fn synthetic(opts: &Options) -> Result<()> {
             &batch,
             &iter,
         );
+        if let Some(slots) = &mut slots {
+            slots.against_batch(&map, size, opts)?;
+        }
     }
-    if opts.mmap {
-        mmap_against_batch(&map, opts)?;
-    }
+
     if opts.sweep {
         for chunk in CHUNK_SWEEP {
             let (entries, batch, iter) = time_batch_only(&map, chunk, opts.reps)?;
@@ -183,37 +189,55 @@ fn synthetic(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The new `LIVE` against the old: at each size, the agent's mapped read
-/// of an array of `max_entries` slots holding `size` connections, and the
-/// batch read of the hash map holding as many (the baseline), alternating.
-fn mmap_against_batch(hash: &HashMap<MapData, u64, Counts>, opts: &Options) -> Result<()> {
-    let mut array: Array<MapData, LiveSlot> = Array::create(opts.max_entries, BPF_F_MMAPABLE)
-        .context("creating a BPF_F_MMAPABLE array of LIVE slots")?;
-    let mut sizes = opts.sizes.clone();
-    sizes.sort_unstable();
-    let mut filled = 0u32;
-    let mut reader = BatchReader::<u64, Counts>::new(AGENT_CHUNK);
-    let mut hash_out = Vec::new();
-    let mut out = Vec::new();
-    for &size in &sizes {
-        while filled < size {
+/// The new `LIVE` against the old: an array of `max_entries` slots, filled
+/// along with the hash map, so that at each size the agent's mapped read
+/// of `size` held slots is timed against the batch read of the hash map
+/// holding as many (the baseline), alternating.
+struct Mapped {
+    array: Array<MapData, LiveSlot>,
+    filled: u32,
+    max_entries: u32,
+}
+
+impl Mapped {
+    fn new(max_entries: u32) -> Result<Self> {
+        Ok(Self {
+            array: Array::create(max_entries, BPF_F_MMAPABLE)
+                .context("creating a BPF_F_MMAPABLE array of LIVE slots")?,
+            filled: 0,
+            max_entries,
+        })
+    }
+
+    fn against_batch(
+        &mut self,
+        hash: &HashMap<MapData, u64, Counts>,
+        size: u32,
+        opts: &Options,
+    ) -> Result<()> {
+        while self.filled < size {
             // An odd stride is a bijection mod a power of two: the slots
             // are spread over the array, as taking and returning leaves
             // them, and the read has to pass over all of it anyway.
-            let slot = filled.wrapping_mul(7919) % opts.max_entries;
+            let i = self.filled;
+            let slot = i.wrapping_mul(7919) % self.max_entries;
             let value = LiveSlot {
-                cookie: cookie(filled),
+                cookie: cookie(i),
                 counts: Counts {
                     last_ns: 1,
-                    bytes_out: u64::from(filled) * 1500,
-                    bytes_in: u64::from(filled),
+                    bytes_out: u64::from(i) * 1500,
+                    bytes_in: u64::from(i),
                 },
             };
-            array.set(slot, &value, 0).context("filling the array")?;
-            filled += 1;
+            self.array
+                .set(slot, &value, 0)
+                .context("filling the array")?;
+            self.filled += 1;
         }
-        let live = LiveMap::new(array.map()).context("mapping the array")?;
-        let (mut mmap, mut batch) = (Vec::with_capacity(opts.reps), Vec::new());
+        let live = LiveMap::new(self.array.map()).context("mapping the array")?;
+        let mut reader = BatchReader::<u64, Counts>::new(AGENT_CHUNK);
+        let (mut hash_out, mut out) = (Vec::new(), Vec::new());
+        let (mut mapped, mut batch) = (Vec::with_capacity(opts.reps), Vec::new());
         for rep in 0..=opts.reps {
             let started = Instant::now();
             live.read(&mut out);
@@ -223,24 +247,21 @@ fn mmap_against_batch(hash: &HashMap<MapData, u64, Counts>, opts: &Options) -> R
                 .read_all(fd_of(hash), &mut hash_out)
                 .context("BPF_MAP_LOOKUP_BATCH")?;
             let batch_ms = ms(started);
-            if out.len() != size as usize {
-                bail!("mapped read found {} of {size} slots", out.len());
+            if out.len() != size as usize || hash_out.len() != out.len() {
+                bail!(
+                    "mapped read found {} of {size} slots, batch read {} entries",
+                    out.len(),
+                    hash_out.len()
+                );
             }
             if rep > 0 {
-                mmap.push(mmap_ms);
+                mapped.push(mmap_ms);
                 batch.push(batch_ms);
             }
         }
-        if hash_out.len() != out.len() {
-            eprintln!(
-                "mapread: warning: {} slots against {} hash entries: sizes differ",
-                out.len(),
-                hash_out.len()
-            );
-        }
-        emit_mmap("mmap", out.len(), opts.max_entries, &mmap, &batch);
+        emit_mmap("mmap", out.len(), self.max_entries, &mapped, &batch);
+        Ok(())
     }
-    Ok(())
 }
 
 /// A line of the mapped read against a batch read of the same size.
