@@ -1,16 +1,20 @@
-//! Full read of the live-connection map: one `BPF_MAP_LOOKUP_BATCH` walk
-//! (meterd's [`BatchReader`], as the agent reads `LIVE` every cycle) against
-//! aya's per-key `HashMap::iter()` (two syscalls per key), on the same map in
-//! the same run.
+//! Full read of the live connections: the agent's read of its memory-mapped
+//! `LIVE` array ([`LiveMap::read`], no syscall) against the hash map read it
+//! replaced, one `BPF_MAP_LOOKUP_BATCH` walk (meterd's [`BatchReader`]),
+//! and that against aya's per-key `HashMap::iter()` (two syscalls per key),
+//! all in the same run.
 //!
 //! Two modes:
-//! - synthetic (default): creates a hash map with `LIVE`'s layout (u64 cookie
-//!   -> [`Counts`], 16-byte values, preallocated, `max_entries` as the agent
-//!   sizes it), fills it to each size and times both reads; at the largest
-//!   size it also sweeps the batch reader's chunk size, which shows what
-//!   bounds the batch read;
-//! - `--pinned PATH`: times both reads on a pinned map, e.g. a running
-//!   agent's real `LIVE` with real connections in it.
+//! - synthetic (default): creates a hash map with the old `LIVE` layout
+//!   (u64 cookie -> [`Counts`], preallocated, `max_entries` as the agent
+//!   sized it) and a `BPF_F_MMAPABLE` array of [`LiveSlot`]s of the same
+//!   `max_entries` (the new `LIVE`), fills both to each size (the array's
+//!   slots spread over the whole array, as reuse leaves them) and times the
+//!   reads, alternating; at the largest size it also sweeps the batch
+//!   reader's chunk size, which shows what bounds the batch read;
+//! - `--pinned PATH`: times the reads of a pinned map, e.g. a running
+//!   agent's real `LIVE` with real connections in it (an array: the mapped
+//!   read against a batch lookup of the same array).
 //!
 //! Prints one JSON object per line on stdout (read by `cargo xtask bench`)
 //! and a human summary on stderr. Needs root (or CAP_BPF) to create maps.
@@ -23,9 +27,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{HashMap, IterableMap as _, Map, MapData};
-use meterd::kernel::sys::BatchReader;
-use meterd_common::Counts;
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData};
+use meterd::kernel::{slots::LiveMap, sys::BatchReader};
+use meterd_common::{Counts, LiveSlot};
+
+/// `BPF_F_MMAPABLE`.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// The chunk the agent's `LIVE` reader starts with (`Kernel::open`).
 const AGENT_CHUNK: usize = 16_384;
@@ -41,6 +48,7 @@ struct Options {
     max_entries: u32,
     pinned: Option<String>,
     sweep: bool,
+    mmap: bool,
 }
 
 fn parse_args() -> Result<Options> {
@@ -50,6 +58,7 @@ fn parse_args() -> Result<Options> {
         max_entries: DEFAULT_MAX_ENTRIES,
         pinned: None,
         sweep: true,
+        mmap: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -69,9 +78,10 @@ fn parse_args() -> Result<Options> {
             }
             "--pinned" => opts.pinned = Some(value("--pinned")?),
             "--no-sweep" => opts.sweep = false,
+            "--no-mmap" => opts.mmap = false,
             other => bail!(
                 "unknown argument {other}; usage: mapread [--sizes N,N..] [--reps R] \
-                 [--max-entries M] [--no-sweep] | --pinned PATH [--reps R]"
+                 [--max-entries M] [--no-sweep] [--no-mmap] | --pinned PATH [--reps R]"
             ),
         }
     }
@@ -97,8 +107,31 @@ fn pinned(path: &str, reps: usize) -> Result<()> {
     let info = data.info().context("map info")?;
     let max_entries = info.max_entries();
     let map = Map::from_map_data(data).context("map type")?;
+    if let Map::Array(data) = map {
+        // The agent's LIVE: the mapped read against a batch lookup of it.
+        let live = LiveMap::new(&data).context("mapping the array")?;
+        let mut out = Vec::new();
+        let mut reader = BatchReader::<u32, LiveSlot>::new(AGENT_CHUNK);
+        let mut slots = Vec::new();
+        let (mut mapped, mut batch) = (Vec::new(), Vec::new());
+        for rep in 0..=reps {
+            let started = Instant::now();
+            live.read(&mut out);
+            let mmap_ms = ms(started);
+            let started = Instant::now();
+            reader
+                .read_all(data.fd().as_fd(), &mut slots)
+                .context("BPF_MAP_LOOKUP_BATCH")?;
+            if rep > 0 {
+                mapped.push(mmap_ms);
+                batch.push(ms(started));
+            }
+        }
+        emit_mmap("pinned", out.len(), max_entries, &mapped, &batch);
+        return Ok(());
+    }
     if !matches!(map, Map::HashMap(_)) {
-        bail!("{path} is not a BPF hash map");
+        bail!("{path} is neither a BPF hash map nor an array");
     }
     let map: HashMap<MapData, u64, Counts> =
         HashMap::try_from(map).context("map layout is not u64 -> Counts")?;
@@ -113,6 +146,11 @@ fn synthetic(opts: &Options) -> Result<()> {
     let mut sizes = opts.sizes.clone();
     sizes.sort_unstable();
     let mut filled = 0u32;
+    let mut slots = if opts.mmap {
+        Some(Mapped::new(opts.max_entries)?)
+    } else {
+        None
+    };
     for &size in &sizes {
         if size > opts.max_entries {
             bail!("size {size} exceeds --max-entries {}", opts.max_entries);
@@ -137,7 +175,11 @@ fn synthetic(opts: &Options) -> Result<()> {
             &batch,
             &iter,
         );
+        if let Some(slots) = &mut slots {
+            slots.against_batch(&map, size, opts)?;
+        }
     }
+
     if opts.sweep {
         for chunk in CHUNK_SWEEP {
             let (entries, batch, iter) = time_batch_only(&map, chunk, opts.reps)?;
@@ -145,6 +187,101 @@ fn synthetic(opts: &Options) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The new `LIVE` against the old: an array of `max_entries` slots, filled
+/// along with the hash map, so that at each size the agent's mapped read
+/// of `size` held slots is timed against the batch read of the hash map
+/// holding as many (the baseline), alternating.
+struct Mapped {
+    array: Array<MapData, LiveSlot>,
+    filled: u32,
+    max_entries: u32,
+}
+
+impl Mapped {
+    fn new(max_entries: u32) -> Result<Self> {
+        Ok(Self {
+            array: Array::create(max_entries, BPF_F_MMAPABLE)
+                .context("creating a BPF_F_MMAPABLE array of LIVE slots")?,
+            filled: 0,
+            max_entries,
+        })
+    }
+
+    fn against_batch(
+        &mut self,
+        hash: &HashMap<MapData, u64, Counts>,
+        size: u32,
+        opts: &Options,
+    ) -> Result<()> {
+        while self.filled < size {
+            // An odd stride is a bijection mod a power of two: the slots
+            // are spread over the array, as taking and returning leaves
+            // them, and the read has to pass over all of it anyway.
+            let i = self.filled;
+            let slot = i.wrapping_mul(7919) % self.max_entries;
+            let value = LiveSlot {
+                cookie: cookie(i),
+                counts: Counts {
+                    last_ns: 1,
+                    bytes_out: u64::from(i) * 1500,
+                    bytes_in: u64::from(i),
+                },
+            };
+            self.array
+                .set(slot, &value, 0)
+                .context("filling the array")?;
+            self.filled += 1;
+        }
+        let live = LiveMap::new(self.array.map()).context("mapping the array")?;
+        let mut reader = BatchReader::<u64, Counts>::new(AGENT_CHUNK);
+        let (mut hash_out, mut out) = (Vec::new(), Vec::new());
+        let (mut mapped, mut batch) = (Vec::with_capacity(opts.reps), Vec::new());
+        for rep in 0..=opts.reps {
+            let started = Instant::now();
+            live.read(&mut out);
+            let mmap_ms = ms(started);
+            let started = Instant::now();
+            reader
+                .read_all(fd_of(hash), &mut hash_out)
+                .context("BPF_MAP_LOOKUP_BATCH")?;
+            let batch_ms = ms(started);
+            if out.len() != size as usize || hash_out.len() != out.len() {
+                bail!(
+                    "mapped read found {} of {size} slots, batch read {} entries",
+                    out.len(),
+                    hash_out.len()
+                );
+            }
+            if rep > 0 {
+                mapped.push(mmap_ms);
+                batch.push(batch_ms);
+            }
+        }
+        emit_mmap("mmap", out.len(), self.max_entries, &mapped, &batch);
+        Ok(())
+    }
+}
+
+/// A line of the mapped read against a batch read of the same size.
+fn emit_mmap(mode: &str, entries: usize, max_entries: u32, mmap: &[f64], batch: &[f64]) {
+    let line = serde_json::json!({
+        "mode": mode,
+        "entries": entries,
+        "max_entries": max_entries,
+        "chunk": AGENT_CHUNK,
+        "batch_ms": batch,
+        "iter_ms": [],
+        "mmap_ms": mmap,
+    });
+    println!("{line}");
+    eprintln!(
+        "mapread: {mode:9} {entries:>7} entries: mapped {:8.3} ms, batch {:8.2} ms ({:.1}x)",
+        median(mmap),
+        median(batch),
+        median(batch) / median(mmap)
+    );
 }
 
 /// Socket-cookie-like keys: distinct, spread over the u64 range.

@@ -20,7 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
 use meterd_common::{CONN_CLOSED, Closed, Counts, Stat, UdpFlow, UdpFlowKey, UdpStat};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -40,7 +39,7 @@ use crate::{
     governor::{CycleSignals, Pacer},
     hooks,
     journal::{Entry, Journal, JournalError},
-    kernel::{self, Kernel, KernelError, Record},
+    kernel::{self, Closes, Kernel, KernelError, Record},
     ledger::{Checkpointer, Committed, Ledger, LedgerError, SettledTotals},
     limits::{Limits, Standing},
     load::{Load, LoadMonitor},
@@ -364,7 +363,7 @@ fn record_running(
 /// The loop proper, until `shutdown` completes.
 async fn serve(
     mut agent: Agent,
-    mut ring: AsyncFd<RingBuf<MapData>>,
+    mut ring: AsyncFd<Closes>,
     mut api_rx: mpsc::Receiver<Command>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
@@ -441,7 +440,7 @@ struct Agent {
 
 impl Agent {
     /// The last drain and cycle before exiting; the pins stay.
-    fn stop(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), AgentError> {
+    fn stop(&mut self, ring: &mut Closes) -> Result<(), AgentError> {
         self.core.save_all();
         self.cycle(ring)?;
         if let Some(socket) = self.config.api.socket_path(&self.config.agent) {
@@ -457,7 +456,7 @@ impl Agent {
 
     /// Settles every queued close and gap record, each committed before it
     /// is released.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<usize, AgentError> {
+    fn drain(&mut self, ring: &mut Closes) -> Result<usize, AgentError> {
         let mut n = 0;
         while let Some(record) = Record::next(ring) {
             // An admission answered for this connection was handed over
@@ -653,7 +652,7 @@ impl Agent {
     }
 
     /// One billing cycle, timed, then the governor's decision.
-    fn cycle(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), AgentError> {
+    fn cycle(&mut self, ring: &mut Closes) -> Result<(), AgentError> {
         let started = Instant::now();
         let live_totals = self.bill(ring)?;
         let took = started.elapsed();
@@ -722,10 +721,7 @@ impl Agent {
     /// reflects is applied before the read (whose older values then only
     /// raise counts), and a UDP flow found idle at `now` cannot have had a
     /// datagram since that did not start a new segment.
-    fn bill(
-        &mut self,
-        ring: &mut RingBuf<MapData>,
-    ) -> Result<HashMap<Arc<str>, LiveTotals>, AgentError> {
+    fn bill(&mut self, ring: &mut Closes) -> Result<HashMap<Arc<str>, LiveTotals>, AgentError> {
         // systemd recreates a service's cgroup on every restart of it.
         self.kernel.check_cgroup(&self.config)?;
         let now_ns = clock::boot_ns();
@@ -740,7 +736,7 @@ impl Agent {
         self.report_udp_stats(&udp_stats);
         self.seen_udp_stats = Some(udp_stats);
 
-        self.kernel.read_live(&mut self.live)?;
+        self.kernel.read_live(&mut self.live);
         self.kernel.read_udp(&mut self.udp)?;
         // Admissions handed over before the read: applied before the core
         // meets the connections it read (and their closes), so those are
@@ -830,15 +826,15 @@ impl Agent {
     }
 
     /// Connections that closed while the ring was full: their final counts
-    /// wait in LIVE, flagged closed. Each is settled from a fresh read
-    /// (the one in `self.live` may predate the close), committed, then
-    /// deleted from the maps.
+    /// wait in their LIVE slots, INFO flagged closed. Each is settled from
+    /// a fresh read of its slot (the one in `self.live` may predate the
+    /// close), committed, then its slot returned and INFO deleted.
     fn settle_closed_in_live(&mut self) -> Result<(), AgentError> {
         let mut closed = Vec::new();
         for &(cookie, _) in &self.live {
             match self.kernel.info(cookie) {
                 Ok(Some(info)) if info.flags & CONN_CLOSED != 0 => {
-                    if let Some(counts) = self.kernel.live_counts(cookie)? {
+                    if let Some(counts) = self.kernel.closed_counts(cookie, &info) {
                         closed.push(Closed {
                             cookie,
                             counts,
@@ -852,7 +848,7 @@ impl Agent {
         }
         for c in closed {
             let proof = self.settle_record(&c)?;
-            self.kernel.forget(c.cookie, &proof)?;
+            self.kernel.forget(&c, &proof)?;
             self.live.retain(|(cookie, _)| *cookie != c.cookie);
         }
         Ok(())
@@ -903,6 +899,7 @@ impl Agent {
             udp: self.seen_udp_stats.unwrap_or_default(),
             live_map_entries: self.live.len() as u64,
             live_map_capacity: u64::from(self.config.agent.max_connections),
+            live_slots_leaked: self.kernel.slot_leaks(),
             ring_pending_bytes: ring_pending,
             ring_capacity_bytes: ring_size,
             limit_reached: self.limit_events,

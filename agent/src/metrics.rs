@@ -126,6 +126,8 @@ pub struct Metrics {
     pub udp: [u64; meterd_common::UDP_STAT_SLOTS as usize],
     pub live_map_entries: u64,
     pub live_map_capacity: u64,
+    /// `LIVE` slots this agent could not push back to `FREE_SLOTS`.
+    pub live_slots_leaked: u64,
     pub ring_pending_bytes: u64,
     pub ring_capacity_bytes: u64,
     pub limit_reached: u64,
@@ -437,6 +439,15 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
             GAUGE,
         )
         .sample(&none, f(m.live_map_entries) / f(m.live_map_capacity.max(1))),
+    );
+    push(
+        Family::new(
+            "meterd_live_slots_leaked_total",
+            "Live-map slots this agent could not return to the free-slot queue (each logged); \
+             they are free again only after `meterd unload`.",
+            COUNTER,
+        )
+        .sample(&none, f(m.live_slots_leaked)),
     );
     push(
         Family::new(

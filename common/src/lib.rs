@@ -18,9 +18,17 @@ pub mod map_names {
     pub const TCP_PORTS: &str = "TCP_PORTS";
     /// `Array<u32>`, 65536 slots indexed by local UDP port: `service + 1`, 0 = not metered.
     pub const UDP_PORTS: &str = "UDP_PORTS";
-    /// `HashMap<u64 cookie, Counts>`: live TCP counts, read every cycle.
+    /// `Array<LiveSlot>`, `agent.max_connections` slots, `BPF_F_MMAPABLE`:
+    /// live TCP counts, each slot with the cookie of the connection that
+    /// holds it. The agent maps it and reads it from memory every cycle.
     pub const LIVE: &str = "LIVE";
-    /// `HashMap<u64 cookie, ConnInfo>`: who a live TCP connection is, read once per connection.
+    /// `Queue<u32>`, `agent.max_connections` entries: the free slots of
+    /// `LIVE`. Filled by the agent when the maps are created; sock_ops pops
+    /// one at establishment, and the agent pushes it back once the
+    /// connection's close is committed.
+    pub const FREE_SLOTS: &str = "FREE_SLOTS";
+    /// `HashMap<u64 cookie, ConnInfo>`: who a live TCP connection is (and
+    /// its `LIVE` slot), read once per connection.
     pub const INFO: &str = "INFO";
     /// `HashMap<UdpFlowKey, UdpFlow>`: live UDP flows, each one the server
     /// has sent to (see `UDP_PROBATION`).
@@ -117,6 +125,27 @@ pub struct Counts {
     pub last_ns: u64,
 }
 
+/// One slot of the `LIVE` array: the connection that holds it and its
+/// counts. `cookie` is 0 while the slot is free. sock_ops zeroes the counts
+/// of a slot it takes before it publishes the cookie (an atomic exchange, a
+/// full barrier), and the agent clears the cookie before it returns the
+/// slot, so a reader that reads the cookie, the counts, and the cookie
+/// again, and finds the same non-zero cookie twice, has counts of that
+/// connection only (see the agent's `kernel::slots`). Counts only rise, so
+/// a torn read is low, never high.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveSlot {
+    /// Socket cookie of the connection holding the slot, 0: free.
+    pub cookie: u64,
+    /// Its live counts (see [`Counts`]).
+    pub counts: Counts,
+}
+
+/// [`ConnInfo::slot`] of a connection without a `LIVE` slot (untracked,
+/// or not TCP).
+pub const NO_SLOT: u32 = u32::MAX;
+
 /// IPv4 family (`AF_INET`), as the kernel reports it.
 pub const AF_INET: u16 = 2;
 /// IPv6 family (`AF_INET6`), as the kernel reports it.
@@ -151,13 +180,19 @@ pub struct ConnInfo {
     pub service: u32,
     /// `CONN_*` bits.
     pub flags: u32,
+    /// The connection's slot in `LIVE`, [`NO_SLOT`] if it has none. A
+    /// close record carries it, so the agent can return the slot once the
+    /// close is committed.
+    pub slot: u32,
+    /// Explicit padding, always zero.
+    pub pad: u32,
 }
 
 /// The connection has closed but its record could not be queued (ring buffer
-/// full): the entry stays in `LIVE`/`INFO` with final counts for the agent to
-/// collect and delete.
+/// full): the final counts stay in its `LIVE` slot and its `INFO` entry, for
+/// the agent to collect, then delete and return the slot.
 pub const CONN_CLOSED: u32 = 1 << 0;
-/// There was no room in `LIVE`/`INFO` when the connection opened; the close
+/// There was no room in `INFO` or no free `LIVE` slot when the connection opened; the close
 /// record carries the exact counts but no start time.
 pub const CONN_UNTRACKED: u32 = 1 << 1;
 /// A FIN from the client was taken out of `bytes_in`.
@@ -230,11 +265,12 @@ pub struct UdpFlow {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// A connection could not be added to `LIVE`/`INFO` (map full).
+    /// A connection could not be added to `INFO` or had no free `LIVE`
+    /// slot (`FREE_SLOTS` empty): untracked, billed at its close.
     LiveFull = 0,
-    /// A close record did not fit the ring buffer; it was left in `LIVE`.
+    /// A close record did not fit the ring buffer; it was left in its `LIVE` slot.
     RingFull = 1,
-    /// A close record did not fit and there was no `LIVE` entry to leave it in: lost.
+    /// A close record did not fit and there was no `LIVE` slot to leave it in: lost.
     Lost = 2,
     /// A UDP flow could not be added (map full): its datagrams were not counted.
     UdpFull = 3,
@@ -301,8 +337,9 @@ pub const UDP_STAT_SLOTS: u32 = 8;
 const _: () = {
     // The value sizes the agent's batch reader and the ring buffer rely on.
     assert!(size_of::<Counts>() == 24);
-    assert!(size_of::<ConnInfo>() == 64);
-    assert!(size_of::<Closed>() == 96);
+    assert!(size_of::<LiveSlot>() == 32);
+    assert!(size_of::<ConnInfo>() == 72);
+    assert!(size_of::<Closed>() == 104);
     assert!(size_of::<UdpFlowKey>() == 40);
     assert!(size_of::<UdpFlow>() == 40);
 };
@@ -312,6 +349,7 @@ mod user {
     // SAFETY: all are `#[repr(C)]`, made only of integers, with explicit
     // padding, so every bit pattern is valid.
     unsafe impl aya::Pod for super::Counts {}
+    unsafe impl aya::Pod for super::LiveSlot {}
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::Closed {}
     unsafe impl aya::Pod for super::UdpFlowKey {}

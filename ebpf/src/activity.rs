@@ -1,5 +1,5 @@
 //! When payload last moved, and the gaps in between: the one place that
-//! writes an open TCP connection's `LIVE` entry, and the writer of gap
+//! writes an open TCP connection's `LIVE` slot, and the writer of gap
 //! records for TCP and UDP.
 //!
 //! Owns: folding a fresh reading of a TCP socket's payload counters into
@@ -68,7 +68,7 @@
 use core::ptr::write_volatile;
 
 use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, generated::bpf_jiffies64};
-use meterd_common::{CONN_GAP, Closed, ConnInfo, Counts, Stat};
+use meterd_common::{CONN_GAP, Closed, ConnInfo, Counts, NO_SLOT, Stat};
 
 use crate::maps::{CLOSED, INFO, SkMeter, bump, session_idle};
 
@@ -205,9 +205,9 @@ impl<F: Fn() -> ConnInfo> Gaps<F> {
                 return false;
             }
         }
-        // The date first: a concurrent reader (the agent's batch read
-        // copies the value in field order) that sees new counts then also
-        // sees their date, on x86. Volatile keeps the compiler to that
+        // The date first: a concurrent reader (the agent reads the mapped
+        // slot in field order, `last_ns` last) that sees new counts then
+        // also sees their date, on x86. Volatile keeps the compiler to that
         // order. Writers only ever raise the values, so a racing older
         // reading cannot move them backwards.
         // SAFETY: plain stores to a valid map value.
@@ -238,6 +238,8 @@ pub fn queue_gap(cookie: u64, counts: Counts, mut info: ConnInfo, resumed_ns: u6
     };
     info.end_ns = resumed_ns;
     info.flags |= CONN_GAP;
+    // A gap returns no slot: the connection keeps it.
+    info.slot = NO_SLOT;
     entry.write(Closed {
         cookie,
         counts,

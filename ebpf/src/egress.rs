@@ -10,7 +10,7 @@
 //! On most packets of an established connection the program does one
 //! per-socket storage lookup, a state read and a jiffies compare (the fast
 //! path). At most every [`REFRESH_JIFFIES`] per connection, and on every
-//! packet in other states, it folds a snapshot into `LIVE`
+//! packet in other states, it folds a snapshot into its `LIVE` slot
 //! ([`crate::activity::fold`]), which also dates the rise and notes a gap.
 //! Only that slow path reads the boot-time clock.
 //!
@@ -43,14 +43,14 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use meterd_common::{
-    AF_INET6, ConnInfo, CutStat, IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET6, ConnInfo, CutStat, IPPROTO_TCP, IPPROTO_UDP, NO_SLOT,
     tcp::{live_bytes_in, live_bytes_out, state},
 };
 
 use crate::{
     DROP, PASS,
     activity::{OnRingFull, REFRESH_JIFFIES, Reading, fold},
-    maps::{LIVE, SkMeter, bump_cut, sk_meter},
+    maps::{SkMeter, bump_cut, live_slot, sk_meter},
     udp::{Direction, count_udp},
 };
 
@@ -133,7 +133,7 @@ fn cut_verdict(ctx: &SkBuffContext) -> i32 {
     }
 }
 
-/// Folds a snapshot of the socket's counters into `LIVE`, and refreshes
+/// Folds a snapshot of the socket's counters into its `LIVE` slot, and refreshes
 /// the socket's cut flag from `CUT`.
 #[inline(always)]
 fn slow_path(ctx: &SkBuffContext, sk: *mut bpf_sock, meter: &mut SkMeter, jiffies: u64) {
@@ -142,10 +142,11 @@ fn slow_path(ctx: &SkBuffContext, sk: *mut bpf_sock, meter: &mut SkMeter, jiffie
     meter.refresh_cut(cookie);
     // SAFETY: helper on a full socket.
     let tp = unsafe { bpf_tcp_sock(sk) };
-    let live = LIVE.get_ptr_mut(&cookie);
+    // An array load and a cookie compare, no hash lookup.
+    let live = live_slot(meter.slot, cookie);
     let (Some(live), false) = (live, tp.is_null()) else {
-        // Nothing to fold into (the connection was untracked or its entry
-        // taken): stay on the fast path.
+        // Nothing to fold into (the connection is untracked): stay on the
+        // fast path.
         // SAFETY: helper without arguments.
         let now_ns = unsafe { bpf_ktime_get_boot_ns() };
         if meter.is_untracked() {
@@ -223,6 +224,8 @@ fn info_of(sk: *mut bpf_sock, service: u32) -> ConnInfo {
         protocol: IPPROTO_TCP,
         service,
         flags: 0,
+        slot: NO_SLOT,
+        pad: 0,
     }
 }
 

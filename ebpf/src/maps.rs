@@ -4,16 +4,21 @@
 //!
 //! Sizes here are defaults; the agent may override `max_entries` at load time.
 
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xchg},
+    ptr::{read_volatile, write_volatile},
+};
+
 use aya_ebpf::{
-    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    bindings::{BPF_F_MMAPABLE, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::SkStorage,
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue, RingBuf},
 };
 use meterd_common::{
-    CUT_SLOTS, CUT_STAT_SLOTS, ConnInfo, Counts, CutStat, PORT_SLOTS, SERVICE_SLOTS, STAT_SLOTS,
-    Stat, UDP_STAT_SLOTS, UdpFlow, UdpFlowKey, UdpStat,
+    CUT_SLOTS, CUT_STAT_SLOTS, ConnInfo, Counts, CutStat, LiveSlot, NO_SLOT, PORT_SLOTS,
+    SERVICE_SLOTS, STAT_SLOTS, Stat, UDP_STAT_SLOTS, UdpFlow, UdpFlowKey, UdpStat,
 };
 
 /// Local TCP port -> service index + 1 (0: not metered). Written by the agent.
@@ -31,12 +36,23 @@ pub static UDP_PORTS: Array<u32> = Array::pinned(PORT_SLOTS, 0);
 #[map]
 pub static SERVICE_IDLE: Array<u64> = Array::pinned(SERVICE_SLOTS, 0);
 
-/// Socket cookie -> live payload counts and when they last rose. Small
-/// values: the agent reads the whole map every cycle.
+/// Slot -> the cookie of the connection holding it and its live payload
+/// counts. Memory-mapped (`BPF_F_MMAPABLE`, kernel 5.5): the agent reads
+/// the whole array from memory every cycle, without a syscall. A
+/// connection takes a slot from [`FREE_SLOTS`] at establishment and keeps
+/// its index in its [`SkMeter`] and `INFO` entry; only the agent returns it
+/// (after the close is committed). See [`take_slot`] and [`live_slot`].
 #[map]
-pub static LIVE: HashMap<u64, Counts> = HashMap::pinned(262_144, 0);
+pub static LIVE: Array<LiveSlot> = Array::pinned(262_144, BPF_F_MMAPABLE);
 
-/// Socket cookie -> who the connection is. Read once per connection.
+/// The free slots of [`LIVE`], filled by the agent when the maps are
+/// created. Empty: a new connection is untracked ([`METER_UNTRACKED`]),
+/// billed exactly at its close, as with a full map before.
+#[map]
+pub static FREE_SLOTS: Queue<u32> = Queue::pinned(262_144, 0);
+
+/// Socket cookie -> who the connection is, and its [`LIVE`] slot. Read
+/// once per connection.
 #[map]
 pub static INFO: HashMap<u64, ConnInfo> = HashMap::pinned(262_144, 0);
 
@@ -94,6 +110,12 @@ pub struct SkMeter {
     /// `METER_*` bits. Was explicit padding (always 0) before the cut-off,
     /// so storage made by an older build reads as "no flags".
     pub flags: u32,
+    /// The connection's slot in [`LIVE`], [`NO_SLOT`] if it has none
+    /// (untracked). Looked up only on the slow path, and checked against
+    /// the slot's cookie ([`live_slot`]).
+    pub slot: u32,
+    /// Explicit padding, always zero.
+    pub pad: u32,
 }
 
 /// [`SkMeter::flags`]: the connection is in [`CUT`]; the egress hook drops
@@ -103,8 +125,8 @@ pub struct SkMeter {
 /// and at the first packet of a quiet one.
 pub const METER_CUT: u32 = 1 << 0;
 
-/// [`SkMeter::flags`]: the connection is metered but has no `LIVE` entry
-/// (the live map was full when it opened). Its storage then keeps what the
+/// [`SkMeter::flags`]: the connection is metered but has no `LIVE` slot
+/// (`INFO` was full or [`FREE_SLOTS`] empty when it opened). Its storage then keeps what the
 /// close record needs to date it: `synced_ns` is its establishment, never
 /// refreshed, and `service` the milliseconds from then to the last packet
 /// the egress hook saw it send while established (at most one refresh
@@ -138,7 +160,7 @@ impl SkMeter {
         self.flags & METER_CUT != 0
     }
 
-    /// Whether the connection has no `LIVE` entry (see [`METER_UNTRACKED`]).
+    /// Whether the connection has no `LIVE` slot (see [`METER_UNTRACKED`]).
     #[inline(always)]
     pub fn is_untracked(&self) -> bool {
         self.flags & METER_UNTRACKED != 0
@@ -170,7 +192,7 @@ impl SkMeter {
 /// an older build of the programs keep their live refresh after an
 /// upgrade. A pinned map is reused only if its value size matches, so a
 /// change of [`SkMeter`]'s layout needs a full `meterd unload` (as a change
-/// of `LIVE`'s does).
+/// of `LIVE`'s does); the agent's load error says so.
 #[btf_map(pin_by_name)]
 pub static SK_METER: SkStorage<SkMeter> = SkStorage::new();
 
@@ -196,6 +218,59 @@ pub fn sk_meter(sk: *mut core::ffi::c_void, init: Option<&mut SkMeter>) -> *mut 
         )
     }
     .cast::<SkMeter>()
+}
+
+/// Takes a free slot of [`LIVE`] for `cookie`: zeroes its counts, then
+/// publishes the cookie with an atomic exchange (a full barrier), so a
+/// reader that sees the cookie sees zeroed or newer counts. `NO_SLOT` if
+/// the queue is empty (or its lock was contended). The caller writes the
+/// slot into `INFO` before the agent can need it: `publish` is separate.
+#[inline(always)]
+pub fn take_slot() -> u32 {
+    match FREE_SLOTS.pop() {
+        Ok(Some(slot)) if LIVE.get_ptr_mut(slot).is_some() => slot,
+        // A slot out of range cannot come from the agent's fill; dropped
+        // rather than returned, as it could never be used.
+        _ => NO_SLOT,
+    }
+}
+
+/// Zeroes a taken slot's counts and publishes `cookie` in it (after the
+/// connection's `INFO` entry exists, so the agent finds it).
+#[inline(always)]
+pub fn publish_slot(slot: u32, cookie: u64) {
+    if let Some(entry) = LIVE.get_ptr_mut(slot) {
+        // SAFETY: valid map value pointer; a free slot has no other writer
+        // (the agent writes only the cookie of a slot it is returning).
+        unsafe {
+            write_volatile(&raw mut (*entry).counts.bytes_out, 0);
+            write_volatile(&raw mut (*entry).counts.bytes_in, 0);
+            write_volatile(&raw mut (*entry).counts.last_ns, 0);
+            atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*entry).cookie, cookie);
+        }
+    }
+}
+
+/// Gives back a slot taken for a connection that could not be registered
+/// (its `INFO` insert failed); its cookie was never published.
+#[inline(always)]
+pub fn untake_slot(slot: u32) {
+    if slot != NO_SLOT {
+        let _ = FREE_SLOTS.push(&slot, 0);
+    }
+}
+
+/// The counts in `slot`, if it holds `cookie`'s connection: NULL for
+/// [`NO_SLOT`], an index out of range or a slot held by another cookie.
+#[inline(always)]
+pub fn live_slot(slot: u32, cookie: u64) -> Option<*mut Counts> {
+    let entry = LIVE.get_ptr_mut(slot)?;
+    // SAFETY: valid map value pointer.
+    if unsafe { read_volatile(&raw const (*entry).cookie) } != cookie {
+        return None;
+    }
+    // SAFETY: as above.
+    Some(unsafe { &raw mut (*entry).counts })
 }
 
 /// Socket cookie -> [`meterd_common::CUT_MARK`]: TCP connections of

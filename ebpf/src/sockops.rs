@@ -1,9 +1,11 @@
 //! sock_ops: the life of a metered TCP connection.
 //!
-//! - PASSIVE_ESTABLISHED: an accepted connection on a metered port gets a
-//!   `LIVE` and an `INFO` entry and its `SK_METER` storage (synced now, so
-//!   the first packets take the egress fast path), and asks for state
-//!   callbacks.
+//! - PASSIVE_ESTABLISHED: an accepted connection on a metered port takes a
+//!   `LIVE` slot from `FREE_SLOTS`, gets an `INFO` entry (with the slot)
+//!   and its `SK_METER` storage (with the slot, synced now, so the first
+//!   packets take the egress fast path), and asks for state callbacks.
+//!   With no free slot (or a full `INFO`) it is untracked: billed at its
+//!   close, timed from its storage.
 //! - STATE (any transition but to CLOSE): folds the counters into `LIVE`
 //!   ([`crate::activity::fold`], which dates the rise and notes a gap);
 //!   entering FIN_WAIT2 records the exact receive count that
@@ -13,9 +15,11 @@
 //!   rule, so a rise first seen at close after a quiet period is dated as
 //!   the tail it is and not at the close (a keep-alive connection's idle
 //!   tail is not watching time), and queues a `Closed` record (after the
-//!   gap record, if the fold found a gap). If the ring buffer is full, the
-//!   totals stay in `LIVE` marked closed, for the agent to collect: counted
-//!   in `STATS`, never silent.
+//!   gap record, if the fold found a gap), with the slot in its `info`. The
+//!   slot keeps the cookie and the final totals: only the agent returns it,
+//!   once the close is committed. If the ring buffer is full, the totals
+//!   stay in the slot and `INFO` is marked closed, for the agent to
+//!   collect: counted in `STATS`, never silent.
 //!
 //! - Cut-off: each state change copies the connection's `CUT` entry into
 //!   its `SK_METER` flags (the egress hook drops a cut connection's
@@ -38,14 +42,15 @@ use aya_ebpf::{
 };
 use meterd_common::{
     AF_INET6, CONN_CLOSED, CONN_FIN_IN, CONN_FIN_OUT, CONN_UNTRACKED, Closed, ConnInfo, Counts,
-    IPPROTO_TCP, SOCK_OPS_STATE_CB_FLAG, Stat, sock_ops_cb_flags,
+    IPPROTO_TCP, NO_SLOT, SOCK_OPS_STATE_CB_FLAG, Stat, sock_ops_cb_flags,
     tcp::{final_bytes_in, final_bytes_out, live_bytes_in, live_bytes_out, state},
 };
 
 use crate::{
     activity::{OnRingFull, Reading, fold},
     maps::{
-        CLOSED, CUT, INFO, LIVE, METER_UNTRACKED, SkMeter, TCP_PORTS, bump, service_of, sk_meter,
+        CLOSED, CUT, INFO, METER_UNTRACKED, SkMeter, TCP_PORTS, bump, live_slot, publish_slot,
+        service_of, sk_meter, take_slot, untake_slot,
     },
 };
 
@@ -107,6 +112,8 @@ fn conn_info(ctx: &SockOpsContext, service: u32, start_ns: u64) -> ConnInfo {
         protocol: IPPROTO_TCP,
         service,
         flags: 0,
+        slot: NO_SLOT,
+        pad: 0,
     }
 }
 
@@ -118,27 +125,15 @@ fn socket(ctx: &SockOpsContext) -> *mut core::ffi::c_void {
     unsafe { sk.sk }.cast()
 }
 
-/// The socket's [`SkMeter`]; with `create`, made from `init` if it has
-/// none (e.g. its creation failed at establishment), so its live refresh
-/// starts now. `init` itself when there is no storage.
+/// The socket's [`SkMeter`], NULL if it has none (not metered, or its
+/// creation failed at establishment).
 #[inline(always)]
-fn meter<'a>(ctx: &SockOpsContext, init: &'a mut SkMeter, create: bool) -> &'a mut SkMeter {
+fn meter_of(ctx: &SockOpsContext) -> *mut SkMeter {
     let sk = socket(ctx);
     if sk.is_null() {
-        return init;
+        return core::ptr::null_mut();
     }
-    let meter = if create {
-        sk_meter(sk, Some(&mut *init))
-    } else {
-        sk_meter(sk, None)
-    };
-    if meter.is_null() {
-        init
-    } else {
-        // SAFETY: valid storage pointer; the socket's callbacks and packets
-        // run under its lock.
-        unsafe { &mut *meter }
-    }
+    sk_meter(sk, None)
 }
 
 /// A meter for a socket that has none: synced now, so nothing is dated
@@ -152,6 +147,8 @@ fn fresh_meter(ctx: &SockOpsContext, now: &Reading) -> SkMeter {
         // have: no gap detection.
         service: service_of(&TCP_PORTS, ctx_field!(ctx, local_port)).wrapping_sub(1),
         flags: 0,
+        slot: NO_SLOT,
+        pad: 0,
     }
 }
 
@@ -171,23 +168,27 @@ fn on_established(ctx: &SockOpsContext) {
     }
     let cookie = cookie(ctx);
     let now = Reading::now(0, 0);
-    let info = conn_info(ctx, service - 1, now.ns);
-    let tracked = if INFO.insert(&cookie, &info, u64::from(BPF_NOEXIST)).is_err() {
+    let mut info = conn_info(ctx, service - 1, now.ns);
+    // The slot first: INFO carries it, so the agent, which finds a new
+    // cookie in LIVE and then looks up INFO, always has both. Published
+    // only after the INFO insert; given back if that fails.
+    info.slot = take_slot();
+    let tracked = if info.slot == NO_SLOT {
         false
-    } else if LIVE
-        .insert(&cookie, &Counts::default(), u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        let _ = INFO.remove(&cookie);
+    } else if INFO.insert(&cookie, &info, u64::from(BPF_NOEXIST)).is_err() {
+        untake_slot(info.slot);
         false
     } else {
+        publish_slot(info.slot, cookie);
         true
     };
     // Mark the socket metered for the egress hook (see maps::SkMeter).
     // Synced at establishment: the handshake moved no payload, and the
     // first packets within the refresh period take the fast path. Without
-    // room in the maps, the storage is what dates the close record
-    // (METER_UNTRACKED: its start, and its last packet, 0 ms after it).
+    // a slot, the storage is what dates the close record (METER_UNTRACKED:
+    // its start, and its last packet, 0 ms after it). If the storage
+    // cannot be made, a tracked connection's counts stay at 0 until its
+    // close record, which still carries INFO's slot back to the agent.
     let sk = socket(ctx);
     if !sk.is_null() {
         let mut init = SkMeter {
@@ -195,6 +196,8 @@ fn on_established(ctx: &SockOpsContext) {
             synced_ns: now.ns,
             service: if tracked { service - 1 } else { 0 },
             flags: if tracked { 0 } else { METER_UNTRACKED },
+            slot: if tracked { info.slot } else { NO_SLOT },
+            pad: 0,
         };
         sk_meter(sk, Some(&mut init));
     }
@@ -212,7 +215,13 @@ fn on_state(ctx: &SockOpsContext) {
     let received = ctx_field!(ctx, bytes_received);
     let una = ctx_field!(ctx, snd_una);
     let nxt = ctx_field!(ctx, snd_nxt);
-    let live = LIVE.get_ptr_mut(&cookie);
+    let meter = meter_of(ctx);
+    let live = if meter.is_null() {
+        None
+    } else {
+        // SAFETY: valid storage pointer, under the socket's lock.
+        live_slot(unsafe { (*meter).slot }, cookie)
+    };
     if new_state == state::CLOSE {
         // Another program on the socket (another meterd's, on another
         // port) may have asked for these callbacks: a socket on none of
@@ -220,9 +229,20 @@ fn on_state(ctx: &SockOpsContext) {
         if live.is_none() && service_of(&TCP_PORTS, ctx_field!(ctx, local_port)) == 0 {
             return;
         }
-        on_close(ctx, cookie, live, ctx.arg(0), acked, received, una, nxt);
+        on_close(
+            ctx,
+            cookie,
+            meter,
+            live,
+            ctx.arg(0),
+            acked,
+            received,
+            una,
+            nxt,
+        );
         return;
     }
+    // A live slot was found through the storage, so `meter` is not NULL.
     let Some(live) = live else { return };
     // SAFETY: valid map value pointer; sock_ops callbacks of one socket run
     // under its lock, like its egress packets, and every writer only raises
@@ -236,8 +256,8 @@ fn on_state(ctx: &SockOpsContext) {
         live_bytes_in(received, new_state).unwrap_or(live.bytes_in)
     };
     let now = Reading::now(live_bytes_out(acked, new_state, una, nxt), bytes_in);
-    let mut init = fresh_meter(ctx, &now);
-    let meter = meter(ctx, &mut init, true);
+    // SAFETY: non-NULL (see above) storage pointer, under the socket's lock.
+    let meter = unsafe { &mut *meter };
     meter.refresh_cut(cookie);
     let service = meter.service;
     fold(
@@ -258,6 +278,7 @@ fn on_state(ctx: &SockOpsContext) {
 fn on_close(
     ctx: &SockOpsContext,
     cookie: u64,
+    meter_ptr: *mut SkMeter,
     live: Option<*mut Counts>,
     old_state: u32,
     acked: u64,
@@ -265,7 +286,7 @@ fn on_close(
     una: u32,
     nxt: u32,
 ) {
-    // Without a LIVE entry there is no FIN_WAIT2 snapshot: final_bytes_in
+    // Without a LIVE slot there is no FIN_WAIT2 snapshot: final_bytes_in
     // then assumes the client's FIN arrived, at worst one byte low.
     // SAFETY: valid map value pointer.
     let in_at_fin_wait2 = live.map(|l| unsafe { (*l).bytes_in });
@@ -292,7 +313,12 @@ fn on_close(
         // lock, no other writer runs for it.
         let live = unsafe { &mut *live };
         let mut init = fresh_meter(ctx, &now);
-        let meter = meter(ctx, &mut init, false);
+        let meter = if meter_ptr.is_null() {
+            &mut init
+        } else {
+            // SAFETY: valid storage pointer, under the socket's lock.
+            unsafe { &mut *meter_ptr }
+        };
         let service = meter.service;
         // Dates the final rise and queues its gap record, if any, before
         // the close record. A gap record that does not fit is merged into
@@ -309,17 +335,12 @@ fn on_close(
     }
     // Untracked: the socket's storage has its start and last packet.
     let mut untracked_start = 0;
-    if live.is_none() {
-        let sk = socket(ctx);
-        if !sk.is_null() {
-            let meter = sk_meter(sk, None);
-            // SAFETY: valid storage pointer, under the socket's lock.
-            if !meter.is_null() && unsafe { (*meter).is_untracked() } {
-                let (start, last) = unsafe { (*meter).untracked_times() };
-                untracked_start = start;
-                counts.last_ns = last;
-            }
-        }
+    // SAFETY: valid storage pointer, under the socket's lock.
+    if live.is_none() && !meter_ptr.is_null() && unsafe { (*meter_ptr).is_untracked() } {
+        // SAFETY: as above.
+        let (start, last) = unsafe { (*meter_ptr).untracked_times() };
+        untracked_start = start;
+        counts.last_ns = last;
     }
     let info = INFO.get_ptr_mut(&cookie);
 
@@ -340,7 +361,9 @@ fn on_close(
             info: info_value,
         });
         entry.submit(0);
-        let _ = LIVE.remove(&cookie);
+        // The slot keeps the cookie and the final totals: the agent
+        // returns it once this record is committed (it may read the final
+        // totals as live until then, which they are, exactly).
         let _ = INFO.remove(&cookie);
         forget_cut(cookie);
         bump(Stat::Closed);
@@ -348,7 +371,7 @@ fn on_close(
     }
 
     // Ring buffer full: leave the final totals (and the date the fold gave
-    // them) where the agent's next full read will find them.
+    // them) in the slot, where the agent's next full read finds them.
     match (live, info) {
         (Some(live), Some(info)) => {
             // SAFETY: valid map value pointers; the socket is closing, no

@@ -58,7 +58,7 @@ use aya_ebpf::{
 };
 use meterd_common::{
     AF_INET, AF_INET6, ConnInfo, Counts, CutStat, FLOW_CUT, FLOW_CUT_CHECK_SHIFT, IPPROTO_UDP,
-    Stat, UdpFlow, UdpFlowKey, UdpStat,
+    NO_SLOT, Stat, UdpFlow, UdpFlowKey, UdpStat,
 };
 
 use crate::{
@@ -382,6 +382,8 @@ fn add(key: &UdpFlowKey, flow: *mut UdpFlow, dir: Direction, payload: u64, now: 
                     protocol: IPPROTO_UDP,
                     service: (*flow).service,
                     flags: 0,
+                    slot: NO_SLOT,
+                    pad: 0,
                 };
                 // A full ring loses this gap (counted): the flow's session
                 // then spans it.

@@ -348,6 +348,11 @@ impl TestEnv {
         })
     }
 
+    /// The agent's `pin_dir` (bpffs): its pinned maps.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
     /// The test's scratch directory (logs, config).
     pub fn dir(&self) -> &Path {
         &self.dir

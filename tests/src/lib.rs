@@ -26,6 +26,7 @@ pub mod env;
 pub mod hls;
 pub mod http;
 pub mod ledger;
+pub mod live_map;
 pub mod metrics;
 pub mod nats;
 pub mod netns;

@@ -7,13 +7,16 @@
 //! and no record of anything else.
 
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     thread,
     time::Duration,
 };
 
 use meterd_tests::{
-    AgentConfig, CloseOrder, Setup, Source, TcpClient, TestEnv, UdpClient, port, traffic_bin,
+    AgentConfig, CloseOrder, Setup, Source, TcpClient, TestEnv, UdpClient,
+    live_map::{LiveMapping, SlotRead},
+    port, traffic_bin,
     wire::{CloseBy, ConnLog},
 };
 
@@ -290,4 +293,96 @@ fn agent_kill9_and_restart_mid_transfer() {
     env.wait_for_exact_records(&truth);
     // The restarted agent also stops the contract's way: SIGTERM, exit 0.
     env.agent().stop();
+}
+
+/// The live counts as the agent reads them, from the pinned `LIVE` array's
+/// memory, read here in a tight loop by the test process itself while a
+/// paced download, an upload and a mixed transfer run in the metered
+/// cgroup: per cookie, no value ever goes down, and none ever exceeds the
+/// connection's exact final total (counts only rise, so a read torn
+/// between two kernel writes is low, never high). Slots are taken and
+/// given back meanwhile; a cookie seen in a slot keeps that slot.
+#[test]
+fn live_counts_read_from_memory_never_go_down_or_over() {
+    let Some(mut env) = TestEnv::new("mmap-read", traffic_bin!(), Setup::default()) else {
+        return;
+    };
+    let listen = loopback4(port(8, 0));
+    env.start_agent(AgentConfig {
+        interval: Duration::from_millis(200),
+        ..tcp_config(&[listen.port()])
+    });
+    let server = env.tcp_server(&[listen]);
+    let live = LiveMapping::open(&env.pin_dir().join("LIVE"));
+    let paced = |down, up, close| TcpClient {
+        close,
+        chunk: MIB / 4,
+        pause_ms: 20,
+        ..TcpClient::new(listen, down, up)
+    };
+    let clients = [
+        paced(24 * MIB, 0, CloseOrder::Server),
+        paced(0, 8 * MIB, CloseOrder::Client),
+        paced(6 * MIB, 6 * MIB, CloseOrder::Server),
+        // Short ones, so slots are returned and taken during the reads.
+        TcpClient {
+            count: 200,
+            parallel: 2,
+            close: CloseOrder::Alternate,
+            ..TcpClient::new(listen, 64 * 1024, 100)
+        },
+    ];
+    let mut running: Vec<_> = clients.iter().map(|c| env.spawn_tcp_client(c)).collect();
+    // cookie -> (slot, highest values seen)
+    let mut seen: HashMap<u64, (usize, SlotRead)> = HashMap::new();
+    let (mut reads, mut rises) = (0u64, 0u64);
+    let mut out = Vec::new();
+    while running.iter_mut().any(|c| !c.finished()) {
+        live.read(&mut out);
+        reads += 1;
+        for &(slot, cookie, now) in &out {
+            let (at, high) = seen.entry(cookie).or_insert((slot, SlotRead::default()));
+            assert_eq!(*at, slot, "cookie {cookie} moved from slot {at} to {slot}");
+            assert!(
+                now.bytes_out >= high.bytes_out
+                    && now.bytes_in >= high.bytes_in
+                    && now.last_ns >= high.last_ns,
+                "cookie {cookie} went down after {reads} reads: {high:?} -> {now:?}"
+            );
+            if now != *high {
+                rises += 1;
+            }
+            *high = now;
+        }
+    }
+    let summaries: Vec<_> = running
+        .into_iter()
+        .map(|c| c.finish(Duration::from_secs(60)))
+        .collect();
+    let truth = env.tcp_truth(&server, &summaries.iter().collect::<Vec<_>>());
+    assert_eq!(truth.len(), 203);
+    let records = env.wait_for_exact_records(&truth);
+    let finals: HashMap<u64, (u64, u64)> = records
+        .iter()
+        .filter_map(|r| Some((r.cookie?, (r.bytes_out, r.bytes_in))))
+        .collect();
+    for (cookie, (_, high)) in &seen {
+        let &(out, inbound) = finals
+            .get(cookie)
+            .unwrap_or_else(|| panic!("cookie {cookie} read live but has no close record"));
+        assert!(
+            high.bytes_out <= out && high.bytes_in <= inbound,
+            "cookie {cookie} read live as {high:?}, above its exact totals out {out}, in {inbound}"
+        );
+    }
+    let big = seen
+        .values()
+        .filter(|(_, h)| h.bytes_out >= MIB || h.bytes_in >= MIB)
+        .count();
+    assert!(
+        big >= 3 && rises > 50,
+        "the reads saw too little to judge: {} cookies, {big} over 1 MiB, {rises} rises in {reads} reads",
+        seen.len()
+    );
+    env.agent().assert_running();
 }

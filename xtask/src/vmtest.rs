@@ -111,7 +111,7 @@ const VM_TESTS: &[VmTest] = &[
     VmTest {
         target: "kernel_counting",
         name: "long_lived_download_and_upload_ipv4",
-        why: "live reads of TCP counts over IPv4 (sock_ops, cgroup_skb, batch lookup)",
+        why: "live reads of TCP counts over IPv4 (sock_ops, cgroup_skb, the mapped LIVE array)",
     },
     VmTest {
         target: "kernel_counting",

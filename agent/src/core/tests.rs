@@ -79,6 +79,8 @@ fn info(client: u8, port: u16, start_ns: u64) -> ConnInfo {
         protocol: IPPROTO_TCP,
         service: 0,
         flags: 0,
+        slot: meterd_common::NO_SLOT,
+        pad: 0,
     }
 }
 

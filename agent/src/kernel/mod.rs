@@ -26,6 +26,7 @@
 pub mod diag;
 mod record;
 mod ring;
+pub mod slots;
 pub mod sys;
 pub mod system;
 
@@ -34,6 +35,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -51,12 +53,20 @@ use meterd_common::{
 };
 use sha2::{Digest as _, Sha256};
 
-use self::sys::BatchReader;
-pub use self::{record::Record, system::SystemError};
+pub use self::{
+    record::{Closes, Record},
+    system::SystemError,
+};
+use self::{slots::Slots, sys::BatchReader};
 use crate::{config::Config, ledger::Committed};
 
 /// The eBPF object built by `cargo xtask build-ebpf` (see `build.rs`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("METERD_BPF_OBJECT"));
+
+/// The directory `open` makes in `pin_dir` once it has filled `FREE_SLOTS`
+/// of maps it created (bpffs holds only pins and directories). Without it,
+/// the queue is filled (again) before any program is attached.
+const SLOTS_FILLED: &str = "slots-filled";
 
 /// The programs in the object, in attach order: sock_ops first, so no
 /// connection is established unseen while the others attach.
@@ -143,6 +153,12 @@ pub enum KernelError {
         prog_id: u32,
     },
     #[error(
+        "{pin_dir}: the maps are pinned and attached but {SLOTS_FILLED} is missing, so the \
+         free-slot queue (FREE_SLOTS) cannot be trusted (pinned by an older meterd, or the \
+         marker was removed): run `meterd unload` first"
+    )]
+    SlotsUnknown { pin_dir: PathBuf },
+    #[error(
         "map {name} is full ({capacity} connections or flows cut off and still open): \
          nothing more can be cut until some close, are removed (`uncut`) or the account is \
          topped up"
@@ -197,7 +213,9 @@ pub enum Startup {
 /// meterd's programs and maps, attached and pinned.
 pub struct Kernel {
     pin_dir: PathBuf,
-    live: MapData,
+    /// `LIVE` mapped, and `FREE_SLOTS`: shared with the ring's records,
+    /// whose release returns slots.
+    slots: Arc<Slots>,
     info: MapData,
     udp_flows: MapData,
     tcp_ports: Array<MapData, u32>,
@@ -207,10 +225,9 @@ pub struct Kernel {
     /// `UDP_STATS`: what UDP probation did (`meterd_common::UdpStat`).
     udp_stats: PerCpuArray<MapData, u64>,
     /// Taken by the closed-record drain (`take_closed`).
-    closed: Option<RingBuf<MapData>>,
+    closed: Option<Closes>,
     /// Read-only view of the ring buffer's positions, for its fill level.
     ring_positions: Option<ring::Positions>,
-    live_reader: BatchReader<u64, Counts>,
     udp_reader: BatchReader<UdpFlowKey, UdpFlow>,
     /// `CUT`: cookies of cut TCP connections, written by [`Kernel::cut`].
     cut: MapData,
@@ -351,6 +368,7 @@ impl Kernel {
         let same_build = attached_here && pinned_version.as_deref() == Some(version.as_str());
         let mut ebpf: Option<Ebpf> = None;
         let mut startup = Startup::Resumed;
+        let fresh_slots = fill_new_slots(config, &pin_dir, &mut ebpf)?;
         for prog in PROGRAMS {
             let wanted = prog != Prog::Ingress || config.meters_udp();
             let link_path = pin_dir.join(prog.link_pin());
@@ -385,6 +403,14 @@ impl Kernel {
                 None
             }
         };
+        let slots = Arc::new(match fresh_slots {
+            Some(s) => s,
+            None => Slots::new(
+                maps.any_data(map_names::LIVE)?,
+                maps.any_data(map_names::FREE_SLOTS)?,
+            )
+            .map_err(io_err("LIVE"))?,
+        });
         let diag = open_diag(&cgroup_path);
         let mut kernel = Self {
             cut: maps.data(map_names::CUT)?,
@@ -392,7 +418,6 @@ impl Kernel {
             cut_stats: PerCpuArray::try_from(maps.map(map_names::CUT_STATS)?)
                 .map_err(map_err("CUT_STATS"))?,
             diag,
-            live: maps.data(map_names::LIVE)?,
             info: maps.data(map_names::INFO)?,
             udp_flows: maps.data(map_names::UDP_FLOWS)?,
             tcp_ports: Array::try_from(maps.map(map_names::TCP_PORTS)?)
@@ -404,9 +429,9 @@ impl Kernel {
             stats: PerCpuArray::try_from(maps.map(map_names::STATS)?).map_err(map_err("STATS"))?,
             udp_stats: PerCpuArray::try_from(maps.map(map_names::UDP_STATS)?)
                 .map_err(map_err("UDP_STATS"))?,
-            closed: Some(closed),
+            closed: Some(Closes::new(closed, Arc::clone(&slots))),
+            slots,
             ring_positions,
-            live_reader: BatchReader::new(16_384),
             udp_reader: BatchReader::new(4096),
             pin_dir,
             startup,
@@ -560,11 +585,20 @@ impl Kernel {
         Ok(())
     }
 
-    /// Reads every live TCP connection's counts into `out`.
-    pub fn read_live(&mut self, out: &mut Vec<(u64, Counts)>) -> Result<(), KernelError> {
-        self.live_reader
-            .read_all(self.live.fd().as_fd(), out)
-            .map_err(io_err("LIVE"))
+    /// Reads every live TCP connection's counts into `out`, from the
+    /// mapped `LIVE` array: no syscall (see [`slots`]).
+    pub fn read_live(&mut self, out: &mut Vec<(u64, Counts)>) {
+        self.slots.read(out);
+    }
+
+    /// `LIVE` slots held by connections now, and how many there are.
+    pub fn slots_in_use(&self) -> (usize, usize) {
+        (self.slots.in_use(), self.slots.capacity())
+    }
+
+    /// Slots this agent could not return to `FREE_SLOTS` (logged each).
+    pub fn slot_leaks(&self) -> u64 {
+        self.slots.leaks()
     }
 
     /// Who a live connection is; `None` if it is gone.
@@ -572,16 +606,42 @@ impl Kernel {
         sys::lookup(self.info.fd().as_fd(), &cookie).map_err(io_err("INFO"))
     }
 
-    /// Current counts of one connection; `None` if it is gone.
+    /// Current counts of one connection (its `INFO` entry names its
+    /// slot); `None` if it is gone or untracked.
     pub fn live_counts(&self, cookie: u64) -> Result<Option<Counts>, KernelError> {
-        sys::lookup(self.live.fd().as_fd(), &cookie).map_err(io_err("LIVE"))
+        Ok(self
+            .info(cookie)?
+            .and_then(|info| self.slots.counts(info.slot, cookie)))
+    }
+
+    /// The final counts of a connection that closed while the ring buffer
+    /// was full (`info` flagged [`CONN_CLOSED`]): read fresh from its slot,
+    /// which the close wrote last.
+    pub fn closed_counts(&self, cookie: u64, info: &ConnInfo) -> Option<Counts> {
+        self.slots.counts(info.slot, cookie)
     }
 
     /// Removes a connection that closed while the ring buffer was full,
-    /// once its final counts are committed.
-    pub fn forget(&self, cookie: u64, _committed: &Committed) -> Result<(), KernelError> {
-        sys::delete(self.live.fd().as_fd(), &cookie).map_err(io_err("LIVE"))?;
-        sys::delete(self.info.fd().as_fd(), &cookie).map_err(io_err("INFO"))
+    /// once its final counts are committed: returns its slot (as
+    /// [`Record::release`] does for a close record), then deletes its
+    /// `INFO` entry. In that order: a crash between the two leaves an
+    /// `INFO` entry flagged closed and no slot, which costs one `INFO`
+    /// entry; the other order would leave the slot held for good, read
+    /// every cycle.
+    pub fn forget(&self, closed: &Closed, committed: &Committed) -> Result<(), KernelError> {
+        if let Err(e) = self
+            .slots
+            .release(closed.info.slot, closed.cookie, committed)
+        {
+            tracing::error!(
+                cookie = closed.cookie,
+                slot = closed.info.slot,
+                error = %e,
+                "cannot return a closed connection's slot to FREE_SLOTS: one live slot fewer"
+            );
+            self.slots.leaked();
+        }
+        sys::delete(self.info.fd().as_fd(), &closed.cookie).map_err(io_err("INFO"))
     }
 
     /// Reads every live UDP flow into `out`.
@@ -602,7 +662,7 @@ impl Kernel {
     }
 
     /// The ring buffer of closed connections, for the async drain.
-    pub fn take_closed(&mut self) -> Option<RingBuf<MapData>> {
+    pub fn take_closed(&mut self) -> Option<Closes> {
         self.closed.take()
     }
 
@@ -939,14 +999,10 @@ impl Kernel {
             }
             .into());
         }
-        if let Ok(data) = MapData::from_pin(pin_dir.join(map_names::LIVE)) {
-            let mut live = Vec::new();
-            if BatchReader::<u64, Counts>::new(16_384)
-                .read_all(data.fd().as_fd(), &mut live)
-                .is_ok()
-            {
-                report.live_dropped = live.len();
-            }
+        if let Ok(data) = MapData::from_pin(pin_dir.join(map_names::LIVE))
+            && let Ok(live) = slots::LiveMap::new(&data)
+        {
+            report.live_dropped = live.in_use();
         }
         // Clear the ports first: a detached program lingers until the kernel
         // frees it, and must not look like a meterd still metering them.
@@ -976,7 +1032,7 @@ impl Kernel {
             let name = entry.file_name().to_string_lossy().into_owned();
             // Only what meterd pins itself: its build marker, its links and
             // its maps (all upper-case names from the object).
-            let ours_dir = name.starts_with("object-") && path.is_dir();
+            let ours_dir = (name.starts_with("object-") || name == SLOTS_FILLED) && path.is_dir();
             let ours_pin = !path.is_dir()
                 && (name.starts_with("link_")
                     || (!name.is_empty()
@@ -1055,6 +1111,26 @@ impl MapSource<'_> {
             _ => Err(KernelError::MissingMap(name)),
         }
     }
+
+    /// An array or queue map's data.
+    fn any_data(&mut self, name: &'static str) -> Result<MapData, KernelError> {
+        into_data(self.map(name)?).ok_or(KernelError::MissingMap(name))
+    }
+}
+
+/// The data of an array or queue map.
+fn into_data(map: Map) -> Option<MapData> {
+    match map {
+        Map::Array(data) | Map::Queue(data) => Some(data),
+        _ => None,
+    }
+}
+
+/// Takes an array or queue map out of a loaded object.
+fn take_data(bpf: &mut Ebpf, name: &'static str) -> Result<MapData, KernelError> {
+    bpf.take_map(name)
+        .and_then(into_data)
+        .ok_or(KernelError::MissingMap(name))
 }
 
 /// Probes `SOCK_DESTROY` and says what cut-off will do; `None`: drop only.
@@ -1081,6 +1157,41 @@ fn open_diag(cgroup: &Path) -> Option<diag::Diag> {
     }
 }
 
+/// Fills `FREE_SLOTS` once, at the start that created the maps, before any
+/// program can take a slot: a restarted or upgraded agent finds the
+/// [`SLOTS_FILLED`] marker and pushes nothing (slots in the queue stay
+/// there, slots in use come back with their close records). A fill cut
+/// short (no marker, nothing attached yet) is redone from an empty queue.
+/// Loads the object into `ebpf` to do it; the slots if it filled them.
+fn fill_new_slots(
+    config: &Config,
+    pin_dir: &Path,
+    ebpf: &mut Option<Ebpf>,
+) -> Result<Option<Slots>, KernelError> {
+    let marker = pin_dir.join(SLOTS_FILLED);
+    if marker.is_dir() {
+        return Ok(None);
+    }
+    if PROGRAMS.iter().any(|p| pin_dir.join(p.link_pin()).exists()) {
+        return Err(KernelError::SlotsUnknown {
+            pin_dir: pin_dir.to_owned(),
+        });
+    }
+    let bpf = match ebpf {
+        Some(bpf) => bpf,
+        None => ebpf.insert(load(config)?),
+    };
+    let slots = Slots::new(
+        take_data(bpf, map_names::LIVE)?,
+        take_data(bpf, map_names::FREE_SLOTS)?,
+    )
+    .map_err(io_err("LIVE"))?;
+    let n = slots.fill().map_err(io_err("FREE_SLOTS"))?;
+    fs::create_dir(&marker).map_err(|e| pin_err(&marker)(e.to_string()))?;
+    tracing::info!(slots = n, "live slots created: FREE_SLOTS filled");
+    Ok(Some(slots))
+}
+
 fn probe_bpf() -> Result<(), KernelError> {
     use aya::programs::ProgramType;
     for t in [ProgramType::SockOps, ProgramType::CgroupSkb] {
@@ -1102,6 +1213,7 @@ fn load(config: &Config) -> Result<Ebpf, KernelError> {
     EbpfLoader::new()
         .default_map_pin_directory(&config.agent.pin_dir)
         .map_max_entries(map_names::LIVE, n)
+        .map_max_entries(map_names::FREE_SLOTS, n)
         .map_max_entries(map_names::INFO, n)
         .map_max_entries(map_names::UDP_FLOWS, config.agent.max_udp_flows)
         .map_max_entries(map_names::UDP_PROBATION, config.agent.max_udp_probation)

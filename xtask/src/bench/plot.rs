@@ -166,7 +166,7 @@ pub fn mapread(out: &Path, points: &[(f64, f64, f64)], target_ms: f64) -> Result
     );
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Full read of a LIVE-like BPF hash map (u64 -> 16 B, max_entries 262144)",
+            "Full read of a hash map like the old LIVE (u64 -> 24 B, max_entries 262144)",
             (FONT, 18),
         )
         .margin(12)
@@ -287,13 +287,13 @@ pub fn connections(out: &Path, points: &[Point]) -> Result<String> {
         &mut chart,
         pick(&|p| p.live_batch_ms),
         GREEN_,
-        "LIVE map batch read",
+        "LIVE array mapped read",
     )?;
     series(
         &mut chart,
         pick(&|p| p.live_iter_ms),
         ORANGE,
-        "LIVE map per-key read",
+        "LIVE array batch lookup",
     )?;
     legend(&mut chart)?;
 
