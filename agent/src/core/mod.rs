@@ -326,13 +326,26 @@ pub struct Core {
 
 /// A session's bytes so far (out, in): its ended segments' and its live
 /// ones'.
-fn totals_of(conns: &HashMap<ConnKey, Conn>, v: &Viewer) -> (u64, u64) {
-    v.open.iter().fold(v.done, |(o, i), key| {
+fn totals_of(v: &Viewer) -> (u64, u64) {
+    (v.done.0 + v.live.0, v.done.1 + v.live.1)
+}
+
+/// What `v.live` must be: its live segments' bytes, summed over its
+/// connections (the tests check it after every step).
+#[cfg(test)]
+fn live_of(conns: &HashMap<ConnKey, Conn>, v: &Viewer) -> (u64, u64) {
+    v.open.iter().fold((0, 0), |(o, i), key| {
         conns.get(key).map_or((o, i), |c| {
             let (co, ci) = c.seg.bytes(&c.counts);
             (o + co, i + ci)
         })
     })
+}
+
+/// Adds what a live segment's bytes grew by to its session's.
+fn grow(live: &mut (u64, u64), before: (u64, u64), after: (u64, u64)) {
+    live.0 += after.0.saturating_sub(before.0);
+    live.1 += after.1.saturating_sub(before.1);
 }
 
 /// Live sums by service, for the few services a host has: found by the
@@ -506,7 +519,15 @@ impl Core {
 
     /// A session's totals (out, in) now.
     pub fn totals(&self, v: &Viewer) -> (u64, u64) {
-        totals_of(&self.conns, v)
+        totals_of(v)
+    }
+
+    /// Checks every session's live bytes against its connections'.
+    #[cfg(test)]
+    pub fn check_live(&self) {
+        for v in self.viewers.values() {
+            assert_eq!(v.live, live_of(&self.conns, v), "live bytes of {}", v.id);
+        }
     }
 
     /// Picks up open sessions and segments from the ledger after a
@@ -572,6 +593,7 @@ impl Core {
                     first_ns: row.first_ns,
                     last_ns: row.last_ns,
                     done: (row.bytes_out, row.bytes_in),
+                    live: (0, 0),
                     open: Vec::new(),
                     connections: row.connections,
                     accrual: row.accrual,
@@ -805,10 +827,8 @@ impl Core {
             if self.closed.contains_key(&key) {
                 continue;
             }
-            if let Some(conn) = self.conns.get_mut(&key) {
-                if conn.raise(&counts) {
-                    self.touch(key);
-                }
+            if self.conns.contains_key(&key) {
+                self.raise_touch(key, &counts, false);
             } else if let Some(i) = info(cookie) {
                 fresh.push((i.start_ns, cookie, i, counts));
             }
@@ -817,10 +837,7 @@ impl Core {
         for (_, cookie, i, counts) in fresh {
             let key = ConnKey::Tcp(cookie);
             if self.open_conn(key, Peer::of(&i), i.service, i.start_ns) {
-                if let Some(conn) = self.conns.get_mut(&key) {
-                    conn.raise(&counts);
-                }
-                self.touch(key);
+                self.raise_touch(key, &counts, true);
             }
         }
     }
@@ -843,8 +860,8 @@ impl Core {
                 let gap_in_flight = conn.counts.last_ns != 0
                     && flow.counts.last_ns
                         >= conn.counts.last_ns.saturating_add(conn.service.idle_ns);
-                if !gap_in_flight && conn.raise(&flow.counts) {
-                    self.touch(key);
+                if !gap_in_flight {
+                    self.raise_touch(key, &flow.counts, false);
                 }
             } else {
                 fresh.push((flow.first_ns, key, *k, *flow));
@@ -853,10 +870,7 @@ impl Core {
         fresh.sort_unstable_by_key(|f| f.0);
         for (_, key, k, flow) in fresh {
             if self.open_conn(key, Peer::of_flow(&k), flow.service, flow.first_ns) {
-                if let Some(conn) = self.conns.get_mut(&key) {
-                    conn.raise(&flow.counts);
-                }
-                self.touch(key);
+                self.raise_touch(key, &flow.counts, true);
             }
         }
     }
@@ -1012,14 +1026,14 @@ impl Core {
                 Outcome::Refused
             };
         };
-        let Some(c) = self.conns.get_mut(&key) else {
+        let Some(c) = self.conns.get(&key) else {
             return Outcome::Pending;
         };
         if c.attribution.as_deref() == Some(&attribution) {
             return Outcome::Applied;
         }
         if let Some(counts) = fresh(&key) {
-            c.raise(&counts);
+            self.raise(key, &counts);
         }
         self.reattribute(key, attribution, now_ns);
         Outcome::Applied
@@ -1188,7 +1202,7 @@ impl Core {
         let limited = !self.limits.is_empty();
         let mut ended = Vec::new();
         for (id, v) in &mut self.viewers {
-            let totals = totals_of(&self.conns, v);
+            let totals = totals_of(v);
             let quantity = v.quantity(totals);
             if let Some(charge) = billing::cycle_charge(&v.service.tariff, quantity, &mut v.accrual)
             {
@@ -1361,9 +1375,6 @@ impl Core {
             });
             let viewer = Some(Arc::<str>::from(r.session_id.as_str()))
                 .filter(|v| self.viewers.contains_key(v));
-            if let Some(v) = viewer.as_ref().and_then(|v| self.viewers.get_mut(v)) {
-                v.open.push(key);
-            }
             conn.seg = conn::Segment {
                 n: r.n,
                 base: r.base,
@@ -1372,6 +1383,15 @@ impl Core {
                 save: Save::Clean,
                 saved_ns: 0,
             };
+            if let Some(v) = conn
+                .seg
+                .viewer
+                .as_ref()
+                .and_then(|v| self.viewers.get_mut(v))
+            {
+                v.open.push(key);
+                grow(&mut v.live, (0, 0), conn.seg.bytes(&conn.counts));
+            }
             if conn.start_ns == 0 {
                 conn.start_ns = r.start_ns;
             }
@@ -1406,6 +1426,58 @@ impl Core {
         self.tuples.insert((peer.client(), peer.server_port), key);
         self.conns.insert(key, conn);
         true
+    }
+
+    /// Raises a live connection's counts to `read` (counts never go
+    /// down), and its session's live bytes with its segment's. Every rise
+    /// of a connection's counts goes through here (or
+    /// [`Self::raise_touch`]), so the session's totals need no lookup per
+    /// connection. True if they rose.
+    fn raise(&mut self, key: ConnKey, read: &Counts) -> bool {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return false;
+        };
+        let before = conn.seg.bytes(&conn.counts);
+        if !conn.raise(read) {
+            return false;
+        }
+        if let Some(v) = conn
+            .seg
+            .viewer
+            .as_ref()
+            .and_then(|id| self.viewers.get_mut(id))
+        {
+            grow(&mut v.live, before, conn.seg.bytes(&conn.counts));
+        }
+        true
+    }
+
+    /// [`Self::raise`] and then [`Self::touch`] (also when nothing rose,
+    /// with `always`), with one lookup of the connection and of its
+    /// session: the read's path for every connection that moved.
+    fn raise_touch(&mut self, key: ConnKey, read: &Counts, always: bool) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let before = conn.seg.bytes(&conn.counts);
+        if !conn.raise(read) && !always {
+            return;
+        }
+        let Some(id) = conn.seg.viewer.as_ref() else {
+            self.touch(key);
+            return;
+        };
+        let Some(v) = self.viewers.get_mut(id) else {
+            return;
+        };
+        let after = conn.seg.bytes(&conn.counts);
+        grow(&mut v.live, before, after);
+        // As `touch` for a segment of a session (it has moved payload).
+        if conn.answered() && (after.0 > 0 || after.1 > 0) {
+            conn.seg.save.raise(Save::Lazy);
+            v.last_ns = v.last_ns.max(conn.counts.last_ns.max(conn.seg.start_ns));
+            mark(&mut self.due_now, v, Save::Lazy);
+        }
     }
 
     /// After a connection's counts changed: the session's last payload
@@ -1517,6 +1589,7 @@ impl Core {
                 first_ns: w.start_ns,
                 last_ns: w.last_ns,
                 done: (0, 0),
+                live: (0, 0),
                 open: Vec::new(),
                 connections: 0,
                 accrual: Accrual::default(),
@@ -1543,6 +1616,7 @@ impl Core {
                 if let Some(conn) = self.conns.get_mut(&key) {
                     conn.seg.viewer = Some(Arc::clone(id));
                     conn.seg.save = Save::Now;
+                    grow(&mut v.live, (0, 0), conn.seg.bytes(&conn.counts));
                 }
             }
             Seat::Ended(mut row) => {
@@ -1559,10 +1633,13 @@ impl Core {
     /// Ends a connection's current segment at `at`: its bytes up to there
     /// are its session's for good.
     fn end_segment(&mut self, key: ConnKey, at: Counts, end_ns: u64, closes: bool) {
-        let Some(conn) = self.conns.get_mut(&key) else {
+        if !self.conns.contains_key(&key) {
+            return;
+        }
+        self.raise(key, &at);
+        let Some(conn) = self.conns.get(&key) else {
             return;
         };
-        conn.raise(&at);
         let has_payload = conn.seg.has_payload(&at);
         let mut orphan = None;
         if has_payload && conn.seg.viewer.is_none() {
@@ -1589,6 +1666,8 @@ impl Core {
         {
             v.done.0 += o;
             v.done.1 += i;
+            let (lo, li) = conn.seg.bytes(&conn.counts);
+            v.live = (v.live.0.saturating_sub(lo), v.live.1.saturating_sub(li));
             v.open.retain(|k| *k != key);
             if has_payload {
                 v.last_ns = v.last_ns.max(at.last_ns.max(conn.seg.start_ns));

@@ -212,6 +212,7 @@ impl Store {
 }
 
 fn drive(core: &mut Core, store: &mut Store) {
+    core.check_live();
     store.apply(core.take_batch());
 }
 

@@ -49,6 +49,10 @@ pub struct Viewer {
     pub last_ns: u64,
     /// Bytes of its segments that have ended (out, in).
     pub done: (u64, u64),
+    /// Bytes of its live segments (out, in), kept as their counts rise
+    /// (see `Core::raise`): its totals are `done` plus these, without a
+    /// lookup per connection.
+    pub live: (u64, u64),
     /// Connections whose current segment feeds it.
     pub open: Vec<ConnKey>,
     /// Segments it has had.
