@@ -1156,6 +1156,11 @@ fn reboot(store: &mut Store) -> Vec<(String, u64)> {
     store.restore_into(&mut core);
     core.on_cycle(600 * S);
     drive(&mut core, store);
+    by_account(store)
+}
+
+/// Settled sessions as (account, bytes out), sorted.
+fn by_account(store: &Store) -> Vec<(String, u64)> {
     let mut v: Vec<_> = store
         .sessions()
         .iter()
@@ -1292,13 +1297,7 @@ fn a_replayed_admission_splits_at_the_ledgers_counts() {
         core.on_record(&close(91, i, counts(10_000_000, 10 * S), 10 * S));
         core.on_cycle(60 * S);
         drive(&mut core, &mut store);
-        let mut v: Vec<_> = store
-            .sessions()
-            .iter()
-            .map(|s| (s.row.account.clone(), s.row.bytes_out))
-            .collect();
-        v.sort();
-        v
+        by_account(&store)
     };
     let client = "127.0.0.23".to_owned();
     assert_eq!(
