@@ -66,41 +66,56 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     }
 }
 
-/// Looks up `key`; `Ok(None)` if absent.
-pub fn lookup<K: Copy, V: Copy + Default>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+/// The address of a key or value for `union bpf_attr` (0 means none).
+fn addr<T>(v: &T) -> u64 {
+    std::ptr::from_ref(v) as u64
+}
+
+/// An element command that fills a value (`cmd` on `key`, or on no key
+/// for a queue); `Ok(None)` if there is no such element.
+fn read_elem<V: Copy + Default>(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    key: u64,
+) -> io::Result<Option<V>> {
     let mut value = V::default();
     let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd().cast_unsigned(),
-        key: std::ptr::from_ref(key) as u64,
+        key,
         value: std::ptr::from_mut(&mut value) as u64,
         ..ElemAttr::default()
     };
-    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+    match bpf(cmd, &mut attr) {
         Ok(()) => Ok(Some(value)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-/// Sets `key` to `value`.
-pub fn update<K: Copy, V: Copy>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+/// An element command that only passes a key and/or a value.
+fn write_elem(cmd: libc::c_long, fd: BorrowedFd<'_>, key: u64, value: u64) -> io::Result<()> {
     let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd().cast_unsigned(),
-        key: std::ptr::from_ref(key) as u64,
-        value: std::ptr::from_ref(value) as u64,
+        key,
+        value,
         ..ElemAttr::default()
     };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+    bpf(cmd, &mut attr)
+}
+
+/// Looks up `key`; `Ok(None)` if absent.
+pub fn lookup<K: Copy, V: Copy + Default>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    read_elem(BPF_MAP_LOOKUP_ELEM, fd, addr(key))
+}
+
+/// Sets `key` to `value`.
+pub fn update<K: Copy, V: Copy>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    write_elem(BPF_MAP_UPDATE_ELEM, fd, addr(key), addr(value))
 }
 
 /// Deletes `key`; absent is not an error.
 pub fn delete<K: Copy>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
-    let mut attr = ElemAttr {
-        map_fd: fd.as_raw_fd().cast_unsigned(),
-        key: std::ptr::from_ref(key) as u64,
-        ..ElemAttr::default()
-    };
-    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+    match write_elem(BPF_MAP_DELETE_ELEM, fd, addr(key), 0) {
         Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
         _ => Ok(()),
     }
@@ -111,45 +126,19 @@ pub fn lookup_and_delete<K: Copy, V: Copy + Default>(
     fd: BorrowedFd<'_>,
     key: &K,
 ) -> io::Result<Option<V>> {
-    let mut value = V::default();
-    let mut attr = ElemAttr {
-        map_fd: fd.as_raw_fd().cast_unsigned(),
-        key: std::ptr::from_ref(key) as u64,
-        value: std::ptr::from_mut(&mut value) as u64,
-        ..ElemAttr::default()
-    };
-    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
-        Ok(()) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
+    read_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, addr(key))
 }
 
 /// Pushes `value` onto a queue map (`BPF_MAP_UPDATE_ELEM` without a key).
 ///
 /// Minimum kernel version: 4.20 (queue maps).
 pub fn push<V: Copy>(fd: BorrowedFd<'_>, value: &V) -> io::Result<()> {
-    let mut attr = ElemAttr {
-        map_fd: fd.as_raw_fd().cast_unsigned(),
-        value: std::ptr::from_ref(value) as u64,
-        ..ElemAttr::default()
-    };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+    write_elem(BPF_MAP_UPDATE_ELEM, fd, 0, addr(value))
 }
 
 /// Pops the head of a queue map; `Ok(None)` if it is empty.
 pub fn pop<V: Copy + Default>(fd: BorrowedFd<'_>) -> io::Result<Option<V>> {
-    let mut value = V::default();
-    let mut attr = ElemAttr {
-        map_fd: fd.as_raw_fd().cast_unsigned(),
-        value: std::ptr::from_mut(&mut value) as u64,
-        ..ElemAttr::default()
-    };
-    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
-        Ok(()) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
+    read_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, 0)
 }
 
 /// The fields of `struct bpf_map_info` meterd reads.
