@@ -654,8 +654,10 @@ impl Agent {
     /// One billing cycle, timed, then the governor's decision.
     fn cycle(&mut self, ring: &mut Closes) -> Result<(), AgentError> {
         let started = Instant::now();
+        let cpu_before = clock::thread_cpu();
         let live_totals = self.bill(ring)?;
         let took = started.elapsed();
+        let cpu = clock::thread_cpu().saturating_sub(cpu_before);
         let overrun = self.pacer.overrun(tokio::time::Instant::now());
         // Decide on the load of the interval that just ended (since the
         // last cycle), not on the periodic sample, which can be almost an
@@ -666,7 +668,7 @@ impl Agent {
             overrun,
         });
         self.interval_changed(change, overrun);
-        self.persisted.observe_cycle(took, overrun);
+        self.persisted.observe_cycle(took, cpu, overrun);
         let refused = self.refused_base + self.core.refused_count();
         if refused > self.persisted.attributions_refused {
             tracing::warn!(

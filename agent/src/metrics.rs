@@ -59,6 +59,9 @@ pub struct ServiceTotals {
 pub struct Persisted {
     pub cycles: u64,
     pub cycle_seconds_sum: f64,
+    /// CPU time of the cycles (the run loop's thread, during them).
+    #[serde(default)]
+    pub cycle_cpu_seconds: f64,
     /// Count per bucket of [`CYCLE_BUCKETS`] (not cumulative), plus one for
     /// cycles above the last bound.
     pub cycle_buckets: Vec<u64>,
@@ -79,9 +82,10 @@ pub struct Persisted {
 }
 
 impl Persisted {
-    /// Records one cycle's duration and overrun.
-    pub fn observe_cycle(&mut self, took: Duration, overrun: Duration) {
+    /// Records one cycle's duration, CPU time and overrun.
+    pub fn observe_cycle(&mut self, took: Duration, cpu: Duration, overrun: Duration) {
         let secs = took.as_secs_f64();
+        self.cycle_cpu_seconds += cpu.as_secs_f64();
         self.cycle_buckets.resize(CYCLE_BUCKETS.len() + 1, 0);
         let bucket = CYCLE_BUCKETS
             .iter()
@@ -321,6 +325,15 @@ fn families(m: &Metrics) -> Vec<MetricFamily> {
     cycle.inner.mut_metric().push(metric);
     push(&mut cycle);
 
+    push(
+        Family::new(
+            "meterd_cycle_cpu_seconds_total",
+            "CPU time the billing cycles used (the run loop's thread): below the cycles' \
+             duration by the time they waited for a CPU or the disk.",
+            COUNTER,
+        )
+        .sample(&none, p.cycle_cpu_seconds),
+    );
     push(
         Family::new(
             "meterd_cycle_overruns_total",
@@ -619,10 +632,16 @@ mod tests {
                 },
             ),
         );
-        m.persisted
-            .observe_cycle(Duration::from_millis(3), Duration::ZERO);
-        m.persisted
-            .observe_cycle(Duration::from_millis(30), Duration::from_millis(5));
+        m.persisted.observe_cycle(
+            Duration::from_millis(3),
+            Duration::from_millis(2),
+            Duration::ZERO,
+        );
+        m.persisted.observe_cycle(
+            Duration::from_millis(30),
+            Duration::from_millis(6),
+            Duration::from_millis(5),
+        );
         m.persisted.observe_change("widen", "pressure");
         let text = encode(&m);
         for line in [
@@ -632,6 +651,7 @@ mod tests {
             "meterd_cycle_duration_seconds_bucket{le=\"0.005\"} 1",
             "meterd_cycle_duration_seconds_bucket{le=\"+Inf\"} 2",
             "meterd_cycle_overruns_total 1",
+            "meterd_cycle_cpu_seconds_total 0.008",
             "meterd_interval_changes_total{direction=\"widen\",reason=\"pressure\"} 1",
             "meterd_connections_closed_total{service=\"web\"} 2",
             "meterd_viewer_sessions_settled_total{service=\"web\"} 3",

@@ -94,6 +94,10 @@ enum Cmd {
         /// Results directory [default: target/bench].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Viewer counts for `active`, comma-separated, e.g. 10000,50000
+        /// [default: 1000,10000,50000,100000; with --quick 1000,5000].
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
     },
     /// See meterd bill a live HLS stream to eight real players in about two
     /// minutes (root): nginx, ffmpeg and meterd in a network namespace and
@@ -140,7 +144,17 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             allow_skip,
             filter,
         }),
-        Cmd::Bench { only, quick, out } => bench::run(&bench::Options { only, quick, out }),
+        Cmd::Bench {
+            only,
+            quick,
+            out,
+            sizes,
+        } => bench::run(&bench::Options {
+            only,
+            quick,
+            out,
+            sizes,
+        }),
         Cmd::BenchHelper { helper } => bench::helper(&helper),
         Cmd::Demo => demo::run(),
         Cmd::Deb => deb::run(),

@@ -119,7 +119,7 @@ pub struct Segment {
     /// the end of a gap, or the attribution.
     pub start_ns: u64,
     /// The viewing session it feeds, once it has moved a payload byte.
-    pub viewer: Option<Arc<str>>,
+    pub viewer: Option<super::SessionRef>,
     /// What the ledger lacks of it, and the kernel time its row was last
     /// written while it fed no session (see [`super::save`]).
     pub save: super::Save,

@@ -39,7 +39,7 @@ use meterd_common::{
 pub use self::{
     conn::{Conn, ConnKey, Peer, Protocol},
     save::Save,
-    viewer::{Viewer, ViewerKey, Who},
+    viewer::{SessionRef, Sessions, Viewer, ViewerKey, Who},
 };
 use crate::{
     attribution::{Attribution, ConnectionRef, Pending},
@@ -273,10 +273,6 @@ pub struct LiveTotals {
 /// read older than a close record, so two would do; the margin is cheap.
 const CLOSED_MEMORY: u64 = 8;
 
-/// Open viewing sessions by id (hashed by the id's tail, see
-/// [`viewer::IdTail`]).
-type Sessions = std::collections::HashMap<Arc<str>, Viewer, viewer::IdTail>;
-
 /// The billing core.
 #[derive(Debug)]
 pub struct Core {
@@ -293,7 +289,7 @@ pub struct Core {
     tuples: HashMap<(SocketAddr, u16), ConnKey>,
     viewers: Sessions,
     /// The newest open session of each key: where a new segment may join.
-    current: HashMap<ViewerKey, Arc<str>>,
+    current: HashMap<ViewerKey, SessionRef>,
     pending: Pending,
     limits: Limits,
     /// Open segments from the ledger whose connection has not shown up
@@ -425,7 +421,7 @@ impl Core {
             by_port,
             conns: HashMap::new(),
             tuples: HashMap::new(),
-            viewers: std::collections::HashMap::default(),
+            viewers: Sessions::default(),
             current: HashMap::new(),
             pending,
             limits,
@@ -575,33 +571,30 @@ impl Core {
             let newer = self
                 .current
                 .get(&key)
-                .and_then(|c| self.viewers.get(c))
+                .and_then(|c| self.viewers.get(c.id()))
                 .is_none_or(|c| c.last_ns <= row.last_ns);
+            let at = self.viewers.insert(Viewer {
+                id,
+                key: key.clone(),
+                service,
+                client_addr: row
+                    .client_addr
+                    .parse()
+                    .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                first_ns: row.first_ns,
+                last_ns: row.last_ns,
+                done: (row.bytes_out, row.bytes_in),
+                live: (0, 0),
+                open: Vec::new(),
+                connections: row.connections,
+                accrual: row.accrual,
+                started_ms: row.started_ms,
+                save: Save::Clean,
+                saved_ns: 0,
+            });
             if newer {
-                self.current.insert(key.clone(), Arc::clone(&id));
+                self.current.insert(key, at);
             }
-            self.viewers.insert(
-                Arc::clone(&id),
-                Viewer {
-                    id,
-                    key,
-                    service,
-                    client_addr: row
-                        .client_addr
-                        .parse()
-                        .unwrap_or(IpAddr::from([0, 0, 0, 0])),
-                    first_ns: row.first_ns,
-                    last_ns: row.last_ns,
-                    done: (row.bytes_out, row.bytes_in),
-                    live: (0, 0),
-                    open: Vec::new(),
-                    connections: row.connections,
-                    accrual: row.accrual,
-                    started_ms: row.started_ms,
-                    save: Save::Clean,
-                    saved_ns: 0,
-                },
-            );
         }
         for seg in segments {
             self.restored.insert(seg.conn_id.clone(), seg);
@@ -827,9 +820,10 @@ impl Core {
             if self.closed.contains_key(&key) {
                 continue;
             }
-            if self.conns.contains_key(&key) {
-                self.raise_touch(key, &counts, false);
-            } else if let Some(i) = info(cookie) {
+            // One lookup of a known connection (the read's common case).
+            if !self.raise_touch(key, &counts, false)
+                && let Some(i) = info(cookie)
+            {
                 fresh.push((i.start_ns, cookie, i, counts));
             }
         }
@@ -1201,7 +1195,7 @@ impl Core {
         self.now_ns = now_ns;
         let limited = !self.limits.is_empty();
         let mut ended = Vec::new();
-        for (id, v) in &mut self.viewers {
+        for v in self.viewers.values_mut() {
             let totals = totals_of(v);
             let quantity = v.quantity(totals);
             if let Some(charge) = billing::cycle_charge(&v.service.tariff, quantity, &mut v.accrual)
@@ -1215,9 +1209,9 @@ impl Core {
                     );
                 }
             }
-            let of_old_boot = !id.starts_with(&this_boot);
+            let of_old_boot = !v.id.starts_with(&this_boot);
             if v.ended(now_ns) || (of_old_boot && v.open.is_empty()) {
-                ended.push((Arc::clone(id), totals));
+                ended.push((Arc::clone(&v.id), totals));
                 continue;
             }
             if self.save.due(v.save, v.saved_ns, now_ns) {
@@ -1321,7 +1315,7 @@ impl Core {
         let Some(v) = self.viewers.remove(id) else {
             return;
         };
-        if self.current.get(&v.key) == Some(id) {
+        if self.current.get(&v.key).is_some_and(|c| c.id() == id) {
             self.current.remove(&v.key);
         }
         let quantity = v.quantity(totals);
@@ -1373,8 +1367,7 @@ impl Core {
                     denied: r.denied,
                 })
             });
-            let viewer = Some(Arc::<str>::from(r.session_id.as_str()))
-                .filter(|v| self.viewers.contains_key(v));
+            let viewer = self.viewers.find(&r.session_id);
             conn.seg = conn::Segment {
                 n: r.n,
                 base: r.base,
@@ -1387,7 +1380,7 @@ impl Core {
                 .seg
                 .viewer
                 .as_ref()
-                .and_then(|v| self.viewers.get_mut(v))
+                .and_then(|v| self.viewers.at_mut(v))
             {
                 v.open.push(key);
                 grow(&mut v.live, (0, 0), conn.seg.bytes(&conn.counts));
@@ -1445,7 +1438,7 @@ impl Core {
             .seg
             .viewer
             .as_ref()
-            .and_then(|id| self.viewers.get_mut(id))
+            .and_then(|r| self.viewers.at_mut(r))
         {
             grow(&mut v.live, before, conn.seg.bytes(&conn.counts));
         }
@@ -1454,21 +1447,22 @@ impl Core {
 
     /// [`Self::raise`] and then [`Self::touch`] (also when nothing rose,
     /// with `always`), with one lookup of the connection and of its
-    /// session: the read's path for every connection that moved.
-    fn raise_touch(&mut self, key: ConnKey, read: &Counts, always: bool) {
+    /// session: the read's path for every connection that moved. False if
+    /// the connection is not known.
+    fn raise_touch(&mut self, key: ConnKey, read: &Counts, always: bool) -> bool {
         let Some(conn) = self.conns.get_mut(&key) else {
-            return;
+            return false;
         };
         let before = conn.seg.bytes(&conn.counts);
         if !conn.raise(read) && !always {
-            return;
+            return true;
         }
-        let Some(id) = conn.seg.viewer.as_ref() else {
+        let Some(at) = conn.seg.viewer.as_ref() else {
             self.touch(key);
-            return;
+            return true;
         };
-        let Some(v) = self.viewers.get_mut(id) else {
-            return;
+        let Some(v) = self.viewers.at_mut(at) else {
+            return true;
         };
         let after = conn.seg.bytes(&conn.counts);
         grow(&mut v.live, before, after);
@@ -1478,6 +1472,7 @@ impl Core {
             v.last_ns = v.last_ns.max(conn.counts.last_ns.max(conn.seg.start_ns));
             mark(&mut self.due_now, v, Save::Lazy);
         }
+        true
     }
 
     /// After a connection's counts changed: the session's last payload
@@ -1494,17 +1489,17 @@ impl Core {
         conn.seg.save.raise(Save::Lazy);
         let last = conn.counts.last_ns.max(conn.seg.start_ns);
         match &conn.seg.viewer {
-            Some(id) => {
-                if let Some(v) = self.viewers.get_mut(id) {
+            Some(at) => {
+                if let Some(v) = self.viewers.at_mut(at) {
                     v.last_ns = v.last_ns.max(last);
                     mark(&mut self.due_now, v, Save::Lazy);
                 }
             }
             None => {
                 if let Some(w) = self.waiting_of(key)
-                    && let Some(id) = self.joinable(&w)
+                    && let Some(at) = self.joinable(&w)
                 {
-                    self.attach(&w, &id, Seat::Live(key));
+                    self.attach(&w, &at, Seat::Live(key));
                 }
             }
         }
@@ -1544,10 +1539,14 @@ impl Core {
 
     /// The open session of its key that admits a segment starting at
     /// `w.start_ns`.
-    fn joinable(&self, w: &Waiting) -> Option<Arc<str>> {
+    fn joinable(&self, w: &Waiting) -> Option<SessionRef> {
         self.current
             .get(&w.key)
-            .filter(|id| self.viewers.get(*id).is_some_and(|v| v.admits(w.start_ns)))
+            .filter(|at| {
+                self.viewers
+                    .get(at.id())
+                    .is_some_and(|v| v.admits(w.start_ns))
+            })
             .cloned()
     }
 
@@ -1571,40 +1570,36 @@ impl Core {
         waiting
             .sort_by(|a, b| (a.0.start_ns, &a.0.segment_id).cmp(&(b.0.start_ns, &b.0.segment_id)));
         for (w, seat) in waiting {
-            let id = self.joinable(&w).unwrap_or_else(|| self.open_viewer(&w));
-            self.attach(&w, &id, seat);
+            let at = self.joinable(&w).unwrap_or_else(|| self.open_viewer(&w));
+            self.attach(&w, &at, seat);
         }
     }
 
     /// A new viewing session for `w`, named after its segment.
-    fn open_viewer(&mut self, w: &Waiting) -> Arc<str> {
-        let id: Arc<str> = Arc::from(format!("v{}", w.segment_id));
-        self.viewers.insert(
-            Arc::clone(&id),
-            Viewer {
-                id: Arc::clone(&id),
-                key: w.key.clone(),
-                service: Arc::clone(&w.service),
-                client_addr: w.client,
-                first_ns: w.start_ns,
-                last_ns: w.last_ns,
-                done: (0, 0),
-                live: (0, 0),
-                open: Vec::new(),
-                connections: 0,
-                accrual: Accrual::default(),
-                started_ms: None,
-                save: Save::Clean,
-                saved_ns: 0,
-            },
-        );
-        self.current.insert(w.key.clone(), Arc::clone(&id));
-        id
+    fn open_viewer(&mut self, w: &Waiting) -> SessionRef {
+        let at = self.viewers.insert(Viewer {
+            id: Arc::from(format!("v{}", w.segment_id)),
+            key: w.key.clone(),
+            service: Arc::clone(&w.service),
+            client_addr: w.client,
+            first_ns: w.start_ns,
+            last_ns: w.last_ns,
+            done: (0, 0),
+            live: (0, 0),
+            open: Vec::new(),
+            connections: 0,
+            accrual: Accrual::default(),
+            started_ms: None,
+            save: Save::Clean,
+            saved_ns: 0,
+        });
+        self.current.insert(w.key.clone(), at.clone());
+        at
     }
 
-    /// Puts a segment into session `id`.
-    fn attach(&mut self, w: &Waiting, id: &Arc<str>, seat: Seat) {
-        let Some(v) = self.viewers.get_mut(id) else {
+    /// Puts a segment into session `at`.
+    fn attach(&mut self, w: &Waiting, at: &SessionRef, seat: Seat) {
+        let Some(v) = self.viewers.at_mut(at) else {
             return;
         };
         v.connections += 1;
@@ -1614,7 +1609,7 @@ impl Core {
             Seat::Live(key) => {
                 v.open.push(key);
                 if let Some(conn) = self.conns.get_mut(&key) {
-                    conn.seg.viewer = Some(Arc::clone(id));
+                    conn.seg.viewer = Some(at.clone());
                     conn.seg.save = Save::Now;
                     grow(&mut v.live, (0, 0), conn.seg.bytes(&conn.counts));
                 }
@@ -1622,7 +1617,7 @@ impl Core {
             Seat::Ended(mut row) => {
                 v.done.0 += w.bytes.0;
                 v.done.1 += w.bytes.1;
-                row.session_id = id.to_string();
+                row.session_id = at.id().to_string();
                 row.restaged = true;
                 self.batch.segments.push(*row);
             }
@@ -1648,7 +1643,7 @@ impl Core {
                 w.bytes = bytes;
                 w.last_ns = at.last_ns.max(w.start_ns);
                 match self.joinable(&w) {
-                    Some(id) => self.attach(&w, &id, Seat::Live(key)),
+                    Some(at) => self.attach(&w, &at, Seat::Live(key)),
                     // Its session is opened by the next cycle, in order.
                     None => orphan = Some(w),
                 }
@@ -1662,7 +1657,7 @@ impl Core {
             .seg
             .viewer
             .as_ref()
-            .and_then(|id| self.viewers.get_mut(id))
+            .and_then(|r| self.viewers.at_mut(r))
         {
             v.done.0 += o;
             v.done.1 += i;
@@ -1750,7 +1745,11 @@ fn segment_row(boot: &str, conn: &Conn, open: bool, end_ns: u64) -> SegmentRow {
         id: conn::segment_id(&conn_id, conn.seg.n),
         conn_id,
         n: conn.seg.n,
-        session_id: conn.seg.viewer.as_deref().unwrap_or("").to_owned(),
+        session_id: conn
+            .seg
+            .viewer
+            .as_ref()
+            .map_or_else(String::new, |r| r.id().to_string()),
         open,
         service: conn.service.name.to_string(),
         account: conn.attribution.as_ref().map(|a| a.account.clone()),

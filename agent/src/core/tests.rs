@@ -1313,3 +1313,60 @@ fn a_replayed_admission_splits_at_the_ledgers_counts() {
         vec![(client, 1_000_000), ("alice".into(), 9_000_000)]
     );
 }
+
+/// A connection reaches its session by slot; a slot freed by a settled
+/// session and taken by a new one must never give the old reference the
+/// new session, and a session restored under the same id is still found.
+#[test]
+fn a_stale_session_ref_never_reaches_the_session_in_its_reused_slot() {
+    let service = Arc::new(ServiceDef {
+        name: Arc::from("hls"),
+        tariff: volume(1, 1000, 0),
+        idle_ns: 30 * S,
+        tcp_ports: vec![PORT],
+        udp_ports: Vec::new(),
+        on_limit: None,
+        bill_unattributed: true,
+    });
+    let viewer = |id: &str| Viewer {
+        id: Arc::from(id),
+        key: ViewerKey {
+            service: Arc::clone(&service.name),
+            who: Who::Client(IpAddr::from([127, 0, 0, 2])),
+        },
+        service: Arc::clone(&service),
+        client_addr: IpAddr::from([127, 0, 0, 2]),
+        first_ns: 0,
+        last_ns: 0,
+        done: (0, 0),
+        live: (0, 0),
+        open: Vec::new(),
+        connections: 0,
+        accrual: Accrual::default(),
+        started_ms: None,
+        save: Save::Clean,
+        saved_ns: 0,
+    };
+    let id_at = |s: &mut Sessions, r: &SessionRef| s.at_mut(r).map(|v| v.id.to_string());
+    let mut s = Sessions::default();
+    let a = s.insert(viewer("va"));
+    let other = s.insert(viewer("vo"));
+    assert!(s.remove("va").is_some());
+    let b = s.insert(viewer("vb"));
+    assert_eq!(s.values().count(), 2, "vb took va's freed slot");
+    assert_eq!(
+        id_at(&mut s, &a),
+        None,
+        "a settled session's ref finds nothing"
+    );
+    assert_eq!(id_at(&mut s, &b).as_deref(), Some("vb"));
+    assert_eq!(id_at(&mut s, &other).as_deref(), Some("vo"));
+    assert!(s.remove("vo").is_some() && s.remove("vb").is_some());
+    s.insert(viewer("va"));
+    assert_eq!(
+        id_at(&mut s, &a).as_deref(),
+        Some("va"),
+        "found again by its id"
+    );
+    assert!(s.contains("va") && s.find("vb").is_none() && s.get("vo").is_none());
+}

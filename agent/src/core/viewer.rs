@@ -114,6 +114,120 @@ impl Viewer {
     }
 }
 
+/// Where a segment's session is: its slot in [`Sessions`] and its id.
+/// A connection reaches its session through the slot, with no hashing;
+/// the id is checked by pointer on every use, so a slot reused by another
+/// session is never taken for the old one (the id is looked up instead).
+#[derive(Debug, Clone)]
+pub struct SessionRef {
+    slot: u32,
+    id: Arc<str>,
+}
+
+impl SessionRef {
+    /// The session's id.
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+}
+
+impl PartialEq for SessionRef {
+    /// The same session: the slot is only where it was found.
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for SessionRef {}
+
+/// Open viewing sessions: a slab of slots with an index by id. Every
+/// streaming connection's counts rise every cycle, and each rise goes to
+/// its session: through [`SessionRef`] that is an index, not a hash of the
+/// id and a compare of its 40 bytes (the largest share of a cycle at 10k
+/// streaming sessions before).
+#[derive(Debug, Default)]
+pub struct Sessions {
+    slots: Vec<Option<Viewer>>,
+    free: Vec<u32>,
+    by_id: std::collections::HashMap<Arc<str>, u32, IdTail>,
+}
+
+impl Sessions {
+    /// Adds a session (replacing one with the same id) and says where it is.
+    pub fn insert(&mut self, v: Viewer) -> SessionRef {
+        let id = Arc::clone(&v.id);
+        let slot = if let Some(&slot) = self.by_id.get(&id) {
+            slot
+        } else {
+            let slot = self.free.pop().unwrap_or_else(|| {
+                self.slots.push(None);
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 open sessions")
+            });
+            self.by_id.insert(Arc::clone(&id), slot);
+            slot
+        };
+        self.slots[slot as usize] = Some(v);
+        SessionRef { slot, id }
+    }
+
+    /// Where session `id` is, if open.
+    pub fn find(&self, id: &str) -> Option<SessionRef> {
+        let slot = *self.by_id.get(id)?;
+        let v = self.slots[slot as usize].as_ref()?;
+        Some(SessionRef {
+            slot,
+            id: Arc::clone(&v.id),
+        })
+    }
+
+    /// Session `id`, if open.
+    pub fn get(&self, id: &str) -> Option<&Viewer> {
+        self.slots[*self.by_id.get(id)? as usize].as_ref()
+    }
+
+    /// Session `id`, if open.
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Viewer> {
+        self.slots[*self.by_id.get(id)? as usize].as_mut()
+    }
+
+    /// Whether session `id` is open.
+    pub fn contains(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    /// The session `r` refers to, if still open: by its slot when that
+    /// still holds it, else by its id.
+    pub fn at_mut(&mut self, r: &SessionRef) -> Option<&mut Viewer> {
+        let here = self
+            .slots
+            .get(r.slot as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|v| Arc::ptr_eq(&v.id, &r.id));
+        if here {
+            self.slots[r.slot as usize].as_mut()
+        } else {
+            self.get_mut(&r.id)
+        }
+    }
+
+    /// Takes session `id` out; its slot is reused.
+    pub fn remove(&mut self, id: &str) -> Option<Viewer> {
+        let slot = self.by_id.remove(id)?;
+        self.free.push(slot);
+        self.slots[slot as usize].take()
+    }
+
+    /// Open sessions.
+    pub fn values(&self) -> impl Iterator<Item = &Viewer> {
+        self.slots.iter().flatten()
+    }
+
+    /// Open sessions.
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Viewer> {
+        self.slots.iter_mut().flatten()
+    }
+}
+
 /// Hashes a session id by its last 16 bytes and its length only. Ids are
 /// `v<boot id>-<socket cookie>[/<n>]` (or a UDP flow's time and port in
 /// place of the cookie): the 33-byte boot prefix is the same for every

@@ -177,6 +177,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         "billing-overload",
         Some(&service),
         BILLING_TOML,
+        "",
     )?;
     let ledger = active::ledger_path(&pop.agent);
     let result = timeline(&mut pop, plan);

@@ -122,11 +122,15 @@ pub struct Options {
     pub quick: bool,
     /// Results directory [default: `<target>/bench`].
     pub out: Option<PathBuf>,
+    /// Viewer counts for `active`; empty = its defaults.
+    pub sizes: Vec<usize>,
 }
 
 /// What the benches share.
 pub struct Ctx {
     pub quick: bool,
+    /// Viewer counts for `active`; empty = its defaults.
+    pub sizes: Vec<usize>,
     /// The release agent binary.
     pub meterd: PathBuf,
     /// The `mapread` bench binary, when a selected bench needs it.
@@ -195,6 +199,7 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let mut ctx = Ctx {
         quick: opts.quick,
+        sizes: opts.sizes.clone(),
         meterd: util::target_dir().join("release/meterd"),
         mapread,
         work,

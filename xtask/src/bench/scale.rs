@@ -38,19 +38,21 @@ impl Population {
     /// Starts the servers, the agent and the clients, with no connection
     /// open; room for `capacity` connections.
     pub fn start(ctx: &Ctx, capacity: usize) -> Result<Population> {
-        Self::start_with(ctx, capacity, "connections", None, "")
+        Self::start_with(ctx, capacity, "connections", None, "", "")
     }
 
     /// [`Population::start`] with a run name of its own (its cgroup and
     /// work dir), the bench service's settings and tariff
     /// ([`AgentSpec::service_toml`]) and more `[billing]` settings
-    /// ([`AgentSpec::billing_toml`]).
+    /// ([`AgentSpec::billing_toml`]) and other tables
+    /// ([`AgentSpec::extra_toml`]).
     pub fn start_with(
         ctx: &Ctx,
         capacity: usize,
         name: &str,
         service_toml: Option<&str>,
         billing_toml: &str,
+        extra_toml: &str,
     ) -> Result<Population> {
         let cgroup = Cgroup::create(&ctx.cgroups, name)?;
         let fleet = Fleet::start(&cgroup, capacity)?;
@@ -63,7 +65,7 @@ impl Population {
                 cgroup: cgroup.path(),
                 tcp_ports: &ports,
                 interval: "1s",
-                extra_toml: "",
+                extra_toml,
                 billing_toml,
                 service_toml,
             },
