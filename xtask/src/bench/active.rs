@@ -457,7 +457,10 @@ fn cycle_cpu_row(p: &Point) -> Measure {
         },
         met: judged.then_some(met),
         note: format!(
-            "Mean CPU time of the run loop's thread per cycle (meterd_cycle_cpu_seconds_total              / cycles), {} cycles; the cycle's duration was {} ms, so it spent {:.0}% of it              waiting for a CPU or the disk (machine busy {:.2} of {} cores). On a calm host a              cycle takes its CPU time plus its disk waits.",
+            "Mean CPU time of the run loop's thread per cycle (meterd_cycle_cpu_seconds_total \
+             / cycles), {} cycles; the cycle's duration was {} ms, so it spent {:.0}% of it \
+             waiting for a CPU or the disk (machine busy {:.2} of {} cores). On a calm host a \
+             cycle takes its CPU time plus its disk waits.",
             act.cycles,
             num(act.cycle_ms),
             (1.0 - act.cycle_cpu_ms / act.cycle_ms).max(0.0) * 100.0,
