@@ -1,6 +1,7 @@
 //! The machine as the benchmarks see it: cgroups to run servers in, child
 //! processes that are stopped when dropped, procfs readings, a sysctl that is
-//! put back, free ports, and small statistics.
+//! put back, free ports, a lock that keeps two runs apart, and small
+//! statistics.
 //!
 //! Owns nothing meterd-specific (that is `agent`) and no measurement logic
 //! (the bench modules).
@@ -14,6 +15,43 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
+
+/// An exclusive lock on a file, held while the value lives: two bench runs
+/// share the `meterd-bench` cgroup, the bench pin dir and the ports, and a
+/// second one would tear down the first's (the kernel drops the lock with
+/// the process, so a killed run leaves none behind).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock at `path`, or says which run holds it.
+    pub fn take(path: &Path) -> Result<RunLock> {
+        use std::os::fd::AsRawFd as _;
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = fs::read_to_string(path).unwrap_or_default();
+            bail!(
+                "another `cargo xtask bench` is running (pid {}): runs share the meterd-bench \
+                 cgroup, pin dir and ports, so this one would break it; wait for it to finish \
+                 (the lock is {})",
+                holder.trim(),
+                path.display()
+            );
+        }
+        file.set_len(0)?;
+        write!(file, "{}", std::process::id())?;
+        Ok(RunLock { _file: file })
+    }
+}
 
 /// Mount point of the cgroup v2 hierarchy, from /proc/mounts (never
 /// assumed: hybrid hosts mount it at /sys/fs/cgroup/unified).
@@ -462,6 +500,22 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_second_run_lock_is_refused_until_the_first_is_dropped() {
+        let path = std::env::temp_dir().join(format!("meterd-bench-lock-{}", std::process::id()));
+        let first = RunLock::take(&path).unwrap();
+        let err = RunLock::take(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "names the holder: {err}"
+        );
+        drop(first);
+        let again = RunLock::take(&path);
+        assert!(again.is_ok(), "free again once dropped: {again:?}");
+        drop(again);
+        let _ = fs::remove_file(&path);
+    }
+
     use super::*;
 
     #[test]

@@ -43,7 +43,7 @@ mod scale;
 
 use std::fs;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -166,6 +166,7 @@ pub fn run(opts: &Options) -> Result<()> {
         );
     }
     START.get_or_init(Instant::now);
+    let _lock = host::RunLock::take(Path::new("/run/meterd-bench.lock"))?;
     let mut benches: Vec<Bench> = if opts.only.is_empty() {
         Bench::value_variants().to_vec()
     } else {
