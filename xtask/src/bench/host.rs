@@ -39,11 +39,16 @@ impl RunLock {
         // SAFETY: flock on a descriptor this function owns.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let holder = fs::read_to_string(path).unwrap_or_default();
+            let holder = if holder.trim().is_empty() {
+                "unknown"
+            } else {
+                holder.trim()
+            };
             bail!(
                 "another `cargo xtask bench` is running (pid {}): runs share the meterd-bench \
                  cgroup, pin dir and ports, so this one would break it; wait for it to finish \
                  (the lock is {})",
-                holder.trim(),
+                holder,
                 path.display()
             );
         }
