@@ -551,17 +551,17 @@ impl Core {
                 on_limit: None,
                 bill_unattributed: true,
             });
+            let client_addr = row
+                .client_addr
+                .parse()
+                .unwrap_or(IpAddr::from([0, 0, 0, 0]));
             let who = if row.attributed {
                 Who::Account {
                     account: row.account.clone(),
                     content: row.content.clone(),
                 }
             } else {
-                Who::Client(
-                    row.client_addr
-                        .parse()
-                        .unwrap_or(IpAddr::from([0, 0, 0, 0])),
-                )
+                Who::Client(client_addr)
             };
             let id: Arc<str> = Arc::from(row.id.as_str());
             let key = ViewerKey {
@@ -574,23 +574,18 @@ impl Core {
                 .and_then(|c| self.viewers.get(c.id()))
                 .is_none_or(|c| c.last_ns <= row.last_ns);
             let at = self.viewers.insert(Viewer {
-                id,
-                key: key.clone(),
-                service,
-                client_addr: row
-                    .client_addr
-                    .parse()
-                    .unwrap_or(IpAddr::from([0, 0, 0, 0])),
-                first_ns: row.first_ns,
-                last_ns: row.last_ns,
                 done: (row.bytes_out, row.bytes_in),
-                live: (0, 0),
-                open: Vec::new(),
                 connections: row.connections,
                 accrual: row.accrual,
                 started_ms: row.started_ms,
-                save: Save::Clean,
-                saved_ns: 0,
+                ..Viewer::new(
+                    id,
+                    key.clone(),
+                    service,
+                    client_addr,
+                    row.first_ns,
+                    row.last_ns,
+                )
             });
             if newer {
                 self.current.insert(key, at);
@@ -1577,22 +1572,14 @@ impl Core {
 
     /// A new viewing session for `w`, named after its segment.
     fn open_viewer(&mut self, w: &Waiting) -> SessionRef {
-        let at = self.viewers.insert(Viewer {
-            id: Arc::from(format!("v{}", w.segment_id)),
-            key: w.key.clone(),
-            service: Arc::clone(&w.service),
-            client_addr: w.client,
-            first_ns: w.start_ns,
-            last_ns: w.last_ns,
-            done: (0, 0),
-            live: (0, 0),
-            open: Vec::new(),
-            connections: 0,
-            accrual: Accrual::default(),
-            started_ms: None,
-            save: Save::Clean,
-            saved_ns: 0,
-        });
+        let at = self.viewers.insert(Viewer::new(
+            Arc::from(format!("v{}", w.segment_id)),
+            w.key.clone(),
+            Arc::clone(&w.service),
+            w.client,
+            w.start_ns,
+            w.last_ns,
+        ));
         self.current.insert(w.key.clone(), at.clone());
         at
     }
@@ -1628,9 +1615,6 @@ impl Core {
     /// Ends a connection's current segment at `at`: its bytes up to there
     /// are its session's for good.
     fn end_segment(&mut self, key: ConnKey, at: Counts, end_ns: u64, closes: bool) {
-        if !self.conns.contains_key(&key) {
-            return;
-        }
         self.raise(key, &at);
         let Some(conn) = self.conns.get(&key) else {
             return;

@@ -70,6 +70,33 @@ pub struct Viewer {
 }
 
 impl Viewer {
+    /// A session with nothing done, charged or written yet.
+    pub fn new(
+        id: Arc<str>,
+        key: ViewerKey,
+        service: Arc<ServiceDef>,
+        client_addr: IpAddr,
+        first_ns: u64,
+        last_ns: u64,
+    ) -> Self {
+        Self {
+            id,
+            key,
+            service,
+            client_addr,
+            first_ns,
+            last_ns,
+            done: (0, 0),
+            live: (0, 0),
+            open: Vec::new(),
+            connections: 0,
+            accrual: Accrual::default(),
+            started_ms: None,
+            save: super::Save::Clean,
+            saved_ns: 0,
+        }
+    }
+
     /// The account billed: the attributed one, or the client address.
     pub fn account(&self) -> String {
         match &self.key.who {
@@ -188,11 +215,6 @@ impl Sessions {
     /// Session `id`, if open.
     pub fn get_mut(&mut self, id: &str) -> Option<&mut Viewer> {
         self.slots[*self.by_id.get(id)? as usize].as_mut()
-    }
-
-    /// Whether session `id` is open.
-    pub fn contains(&self, id: &str) -> bool {
-        self.by_id.contains_key(id)
     }
 
     /// The session `r` refers to, if still open: by its slot when that
