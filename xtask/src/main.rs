@@ -98,6 +98,11 @@ enum Cmd {
         /// [default: 1000,10000,50000,100000; with --quick 1000,5000].
         #[arg(long, value_delimiter = ',')]
         sizes: Vec<usize>,
+        /// Data-path pairs with idle CPUs polling, the judged ones (the
+        /// host's default idle gets half as many); more pairs narrow the
+        /// interval, about 4 s each [default: 200; with --quick 8].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(4..))]
+        pairs: Option<u32>,
     },
     /// See meterd bill a live HLS stream to eight real players in about two
     /// minutes (root): nginx, ffmpeg and meterd in a network namespace and
@@ -149,11 +154,13 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             quick,
             out,
             sizes,
+            pairs,
         } => bench::run(&bench::Options {
             only,
             quick,
             out,
             sizes,
+            pairs,
         }),
         Cmd::BenchHelper { helper } => bench::helper(&helper),
         Cmd::Demo => demo::run(),

@@ -137,8 +137,23 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `cmd`. It gets SIGTERM if the bench dies without dropping it
+    /// (killed by pid): an agent, a server or a helper is never left
+    /// running after its bench (the next run starts over its cgroups).
     pub fn spawn(name: impl Into<String>, cmd: &mut Command) -> Result<Proc> {
+        use std::os::unix::process::CommandExt as _;
         let name = name.into();
+        // SAFETY: prctl is async-signal-safe and touches no memory of the
+        // parent. The death signal follows the thread that forks; every
+        // bench spawns from its main thread.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name} (is it installed?)"))?;
@@ -433,6 +448,201 @@ impl Drop for Sysctl {
     fn drop(&mut self) {
         let _ = fs::write(&self.path, &self.before);
     }
+}
+
+/// A cgroup_skb egress program that only returns 1 (let the packet
+/// through), attached to a cgroup while this lives: the floor of what any
+/// program there costs, and of what `kernel.bpf_stats_enabled` adds to
+/// each run it times. Loaded with the raw `bpf()` syscall: two
+/// instructions need no object file.
+pub struct NoopEgress {
+    prog: std::os::fd::OwnedFd,
+    cgroup: std::os::fd::OwnedFd,
+    /// The program's id, for `bpftool prog show id`.
+    pub id: u32,
+}
+
+/// `BPF_PROG_LOAD` etc., `BPF_PROG_TYPE_CGROUP_SKB`, `BPF_CGROUP_INET_EGRESS`
+/// and `BPF_F_ALLOW_MULTI` from the kernel's uapi `linux/bpf.h`.
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+const BPF_CGROUP_INET_EGRESS: u32 = 1;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// The leading fields of `union bpf_attr` for `BPF_PROG_LOAD`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+}
+
+/// `union bpf_attr` for `BPF_PROG_ATTACH` / `BPF_PROG_DETACH`.
+#[repr(C)]
+#[derive(Default)]
+struct AttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+}
+
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, initialised `union bpf_attr` prefix of the
+    // size passed; the kernel zero-extends the rest.
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Takes ownership of a file descriptor the kernel just returned.
+fn owned(fd: libc::c_long) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let fd = i32::try_from(fd).context("bpf() returned an fd out of range")?;
+    // SAFETY: a new descriptor the kernel returned to this process, owned
+    // by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+impl NoopEgress {
+    pub fn attach(cgroup: &Path) -> Result<NoopEgress> {
+        use std::os::fd::AsRawFd as _;
+        // r0 = 1; exit.
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0x00, 0, 0, 1, 0, 0, 0]),
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+        ];
+        let license = b"GPL\0";
+        let mut name = [0u8; 16];
+        name[..11].copy_from_slice(b"meterd_noop");
+        let mut load = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_CGROUP_SKB,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            prog_name: name,
+            ..ProgLoadAttr::default()
+        };
+        let prog = owned(bpf(BPF_PROG_LOAD, &mut load).context("loading a no-op egress program")?)?;
+        let dir =
+            fs::File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
+        let cgroup_fd = std::os::fd::OwnedFd::from(dir);
+        let mut attach = AttachAttr {
+            target_fd: u32::try_from(cgroup_fd.as_raw_fd())?,
+            attach_bpf_fd: u32::try_from(prog.as_raw_fd())?,
+            attach_type: BPF_CGROUP_INET_EGRESS,
+            attach_flags: BPF_F_ALLOW_MULTI,
+        };
+        bpf(BPF_PROG_ATTACH, &mut attach)
+            .with_context(|| format!("attaching a no-op egress program to {}", cgroup.display()))?;
+        // `struct bpf_prog_info` starts with type, id.
+        let mut info = [0u32; 2];
+        let mut get = InfoAttr {
+            bpf_fd: u32::try_from(prog.as_raw_fd())?,
+            info_len: 8,
+            info: info.as_mut_ptr() as u64,
+        };
+        // Built first, so an error below still detaches it.
+        let mut noop = NoopEgress {
+            prog,
+            cgroup: cgroup_fd,
+            id: 0,
+        };
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get).context("reading the no-op program's id")?;
+        noop.id = info[1];
+        Ok(noop)
+    }
+}
+
+impl Drop for NoopEgress {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        let (Ok(target_fd), Ok(attach_bpf_fd)) = (
+            u32::try_from(self.cgroup.as_raw_fd()),
+            u32::try_from(self.prog.as_raw_fd()),
+        ) else {
+            return;
+        };
+        let mut detach = AttachAttr {
+            target_fd,
+            attach_bpf_fd,
+            attach_type: BPF_CGROUP_INET_EGRESS,
+            attach_flags: 0,
+        };
+        // Detached or not, the cgroup's removal releases it.
+        let _ = bpf(BPF_PROG_DETACH, &mut detach);
+    }
+}
+
+/// A PM QoS request of zero wakeup latency, held while this lives: the
+/// cpuidle governor then keeps idle CPUs in their polling state instead of
+/// halting them. The kernel drops the request when the file closes, so a
+/// killed bench leaves nothing behind.
+pub struct PollIdle {
+    _request: fs::File,
+}
+
+impl PollIdle {
+    pub const DEVICE: &'static str = "/dev/cpu_dma_latency";
+
+    pub fn hold() -> Result<PollIdle> {
+        use std::io::Write as _;
+        let mut request = fs::OpenOptions::new()
+            .write(true)
+            .open(Self::DEVICE)
+            .with_context(|| format!("opening {}", Self::DEVICE))?;
+        request
+            .write_all(&0_i32.to_ne_bytes())
+            .with_context(|| format!("writing 0 to {}", Self::DEVICE))?;
+        Ok(PollIdle { _request: request })
+    }
+}
+
+/// How this host's idle CPUs wait, for the notes: the cpuidle driver and
+/// its states (e.g. `haltpoll: POLL, haltpoll idle`), and a guest's
+/// halt-polling budget when the driver has one.
+pub fn idle_description() -> String {
+    let base = Path::new("/sys/devices/system/cpu");
+    let driver = fs::read_to_string(base.join("cpuidle/current_driver"))
+        .map_or_else(|_| "none".to_owned(), |s| s.trim().to_owned());
+    let mut states = Vec::new();
+    for i in 0.. {
+        let Ok(name) = fs::read_to_string(base.join(format!("cpu0/cpuidle/state{i}/name"))) else {
+            break;
+        };
+        states.push(name.trim().to_owned());
+    }
+    let poll_ns = fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        .map(|s| format!(", guest_halt_poll_ns={}", s.trim()))
+        .unwrap_or_default();
+    format!(
+        "cpuidle driver {driver} (states: {}){poll_ns}",
+        states.join(", ")
+    )
 }
 
 /// Median of `xs` (NaN when empty).

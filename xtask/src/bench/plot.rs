@@ -52,12 +52,13 @@ fn index_points(ys: &[f64]) -> Vec<(f64, f64)> {
 /// Throughput per pair, and the per-pair ratio with its median and target.
 pub fn datapath(
     out: &Path,
+    name: &str,
+    title: &str,
     metered: &[f64],
     plain: &[f64],
     ratios: &[f64],
     target: f64,
 ) -> Result<String> {
-    let name = "datapath.svg";
     let path = out.join(name);
     let root = SVGBackend::new(&path, (960, 680)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -67,10 +68,7 @@ pub fn datapath(
 
     let ymax = max_of(metered.iter().chain(plain).copied()) * 1.15;
     let mut chart = ChartBuilder::on(&top)
-        .caption(
-            "Loopback TCP throughput (iperf3 -Z -R, pinned CPUs), alternating ABBA pairs",
-            (FONT, 18),
-        )
+        .caption(title, (FONT, 18))
         .margin(12)
         .x_label_area_size(35)
         .y_label_area_size(60)
