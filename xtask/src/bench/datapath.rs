@@ -176,15 +176,18 @@ fn ratio_runs(
 ) -> Result<Vec<Pair>> {
     let total = cycles as usize * pattern.len() * 2;
     let mut out = Vec::new();
+    // Held across a mode's consecutive pairs, dropped at a switch.
+    let mut poll = None;
     for i in 0..total {
         let Slot {
             idle,
             metered_first,
         } = slot(i, pattern);
-        let _poll = match idle {
-            Idle::Poll => Some(host::PollIdle::hold()?),
-            Idle::Default => None,
-        };
+        match idle {
+            Idle::Poll if poll.is_none() => poll = Some(host::PollIdle::hold()?),
+            Idle::Poll => {}
+            Idle::Default => poll = None,
+        }
         let (metered, plain) = if metered_first {
             let m = iperf(metered_port, secs)?;
             (m, iperf(plain_port, secs)?)
