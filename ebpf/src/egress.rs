@@ -8,7 +8,8 @@
 //! for the snapshot; the ACKs it receives pass no program at all.
 //!
 //! On most packets of an established connection the program does one
-//! per-socket storage lookup, a state read and a jiffies compare (the fast
+//! per-socket storage lookup (on `skb->sk` as it comes, with no
+//! `bpf_sk_fullsock` first), a state read and a jiffies compare (the fast
 //! path). At most every [`REFRESH_JIFFIES`] per connection, and on every
 //! packet in other states, it folds a snapshot into its `LIVE` slot
 //! ([`crate::activity::fold`]), which also dates the rise and notes a gap.
@@ -66,30 +67,31 @@ pub fn meterd_egress(ctx: SkBuffContext) -> i32 {
     if sk.is_null() {
         return PASS;
     }
-    // `skb->sk` is only a sock_common (it may be a request or timewait
-    // socket); `protocol` and `tcp_sock` need the full socket.
+    // Only TCP sockets sock_ops registered have this storage (listeners and
+    // unmetered connections do not). `skb->sk` is only a sock_common (it
+    // may be a request or timewait socket): the helper takes one, and
+    // returns NULL for a socket that is not full, so a metered packet needs
+    // no `bpf_sk_fullsock` call first. The fields `tcp` reads (state,
+    // addresses, ports) are sock_common's.
+    let meter = sk_meter(sk.cast(), None);
+    if !meter.is_null() {
+        return tcp(&ctx, sk, meter);
+    }
+    // `protocol` needs the full socket.
     // SAFETY: helper on a non-NULL socket pointer from the context.
     let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
-        return PASS;
-    }
     // SAFETY: non-NULL full socket.
-    match unsafe { (*sk).protocol } as u16 {
-        IPPROTO_TCP => tcp(&ctx, sk),
-        IPPROTO_UDP => count_udp(&ctx, sk, Direction::Out),
-        _ => PASS,
+    if !sk.is_null() && unsafe { (*sk).protocol } as u16 == IPPROTO_UDP {
+        return count_udp(&ctx, sk, Direction::Out);
     }
+    PASS
 }
 
+/// A packet of a metered TCP socket: `meter` is its (non-NULL) storage.
 #[inline(always)]
-fn tcp(ctx: &SkBuffContext, sk: *mut bpf_sock) -> i32 {
-    // Only sockets sock_ops registered have this storage (listeners and
-    // unmetered connections do not).
-    let meter = sk_meter(sk.cast(), None);
-    if meter.is_null() {
-        return PASS;
-    }
-    // SAFETY: non-NULL full socket.
+fn tcp(ctx: &SkBuffContext, sk: *mut bpf_sock, meter: *mut SkMeter) -> i32 {
+    // SAFETY: the socket has storage, so it is a full socket; `state` is a
+    // sock_common field.
     let tcp_state = unsafe { (*sk).state };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_jiffies64() };

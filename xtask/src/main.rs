@@ -103,6 +103,11 @@ enum Cmd {
         /// interval, about 4 s each [default: 200; with --quick 8].
         #[arg(long, value_parser = clap::value_parser!(u32).range(4..))]
         pairs: Option<u32>,
+        /// Data path: run only the judged pairs (idle CPUs polling), not the
+        /// default-idle ones beside them: a third less time for a long
+        /// `--pairs` run.
+        #[arg(long)]
+        judged_only: bool,
     },
     /// See meterd bill a live HLS stream to eight real players in about two
     /// minutes (root): nginx, ffmpeg and meterd in a network namespace and
@@ -155,12 +160,14 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             out,
             sizes,
             pairs,
+            judged_only,
         } => bench::run(&bench::Options {
             only,
             quick,
             out,
             sizes,
             pairs,
+            judged_only,
         }),
         Cmd::BenchHelper { helper } => bench::helper(&helper),
         Cmd::Demo => demo::run(),

@@ -21,7 +21,8 @@
 //! (9-13% on these days) is the VM's wakeup latency amplified by the
 //! coupling of the two ends, not the programs' cost to the sender. A
 //! streaming server's viewers are on other machines. Both figures are
-//! reported.
+//! reported; `--judged-only` runs the polling pairs alone, for a long
+//! `--pairs` run.
 //!
 //! Then, with `kernel.bpf_stats_enabled=1` (which itself slows the
 //! programs, so not during the ratio runs), a few metered runs measure the
@@ -79,6 +80,22 @@ struct Run {
     seconds: f64,
 }
 
+/// Judged pairs of a full run, when `--pairs` does not say.
+const JUDGED_PAIRS: u32 = 200;
+
+/// Minutes a full run of this bench takes with `pairs` judged pairs (about
+/// 4.2 s a pair, measured), for the bench's start-up estimate.
+pub fn minutes(pairs: Option<u32>, judged_only: bool) -> u32 {
+    let judged = pairs.unwrap_or(JUDGED_PAIRS);
+    let all = if judged_only {
+        judged
+    } else {
+        judged + judged / 2
+    };
+    // The BPF-stats runs and set-up add about a minute.
+    (all * 42).div_ceil(600) + 1
+}
+
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     // Many adjacent pairs: the noise here comes in bursts (other work on
     // the host, ±20% from one second to the next on loopback), which a
@@ -90,8 +107,12 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     // Polling idle is judged where the host can hold it; the default idle
     // is always measured. The pattern repeats: two blocks of two pairs
     // polling, then one with the default idle.
-    let judged_pairs = ctx.pairs.unwrap_or(if ctx.quick { 8 } else { 200 });
+    let judged_pairs = ctx
+        .pairs
+        .unwrap_or(if ctx.quick { 8 } else { JUDGED_PAIRS });
     let (pattern, cycles): (&[Idle], u32) = match host::PollIdle::hold() {
+        // One block of two polling pairs a cycle.
+        Ok(_) if ctx.judged_only => (&[Idle::Poll], judged_pairs.div_ceil(2)),
         // Four polling pairs a cycle.
         Ok(_) => (
             &[Idle::Poll, Idle::Poll, Idle::Default],
@@ -509,8 +530,10 @@ struct RatioRow {
 impl RatioRow {
     fn title(self) -> &'static str {
         match (self.alone, self.idle) {
-            (true, _) => "Loopback TCP throughput (iperf3 -Z -R, pinned CPUs), ABBA pairs",
-            (false, Idle::Poll) => {
+            (true, Idle::Default) => {
+                "Loopback TCP throughput (iperf3 -Z -R, pinned CPUs), ABBA pairs"
+            }
+            (_, Idle::Poll) => {
                 "Loopback TCP throughput, idle CPUs polling (iperf3 -Z -R, pinned CPUs), ABBA pairs"
             }
             (false, Idle::Default) => {
@@ -524,10 +547,8 @@ impl RatioRow {
         let (ci_lo, ci_hi) = s.ci;
         let met = s.median >= 0.99 && ci_lo >= 0.98;
         let name = match (self.alone, self.idle) {
-            (true, _) => "data-path overhead (loopback TCP throughput)",
-            (false, Idle::Poll) => {
-                "data-path overhead (loopback TCP throughput, idle CPUs polling)"
-            }
+            (true, Idle::Default) => "data-path overhead (loopback TCP throughput)",
+            (_, Idle::Poll) => "data-path overhead (loopback TCP throughput, idle CPUs polling)",
             (false, Idle::Default) => {
                 "data-path overhead (loopback TCP throughput, the host's default idle)"
             }
@@ -552,15 +573,20 @@ impl RatioRow {
         );
         let idle = host::idle_description();
         match (self.alone, self.idle) {
-            (true, _) => {}
-            (false, Idle::Poll) => {
+            (true, Idle::Default) => {}
+            (alone, Idle::Poll) => {
                 let _ = write!(
                     note,
                     " Idle CPUs were kept polling during these pairs (0 written to {} and held; \
                  {idle}), so no wakeup between the sender's CPU and the receiver's waits for a \
-                 halted CPU. This row is judged; the next one, interleaved with it, has the host's \
-                 default idle.",
-                    host::PollIdle::DEVICE
+                 halted CPU. {}",
+                    host::PollIdle::DEVICE,
+                    if alone {
+                        "This row is judged; the default-idle pairs were not run (`--judged-only`)."
+                    } else {
+                        "This row is judged; the next one, interleaved with it, has the host's \
+                         default idle."
+                    }
                 );
             }
             (false, Idle::Default) => {
@@ -799,8 +825,8 @@ fn iperf_once(port: u16, secs: u32) -> Result<Run> {
 #[cfg(test)]
 mod tests {
     use super::{
-        BpfStats, Idle, Pair, ProgStats, RatioRow, Run, Slot, Summary, bpf_row, modes_of, pairs_of,
-        slot,
+        BpfStats, Idle, Pair, ProgStats, RatioRow, Run, Slot, Summary, bpf_row, minutes, modes_of,
+        pairs_of, slot,
     };
 
     /// Pairs whose metered runs are `ratios` times the baseline's 20 Gbit/s.
@@ -911,6 +937,32 @@ mod tests {
     }
 
     #[test]
+    fn polling_alone_is_judged_and_says_the_default_idle_was_not_run() {
+        let ok: Vec<f64> = vec![1.0; 40];
+        let row = RatioRow {
+            alone: true,
+            ..row(Idle::Poll, true)
+        };
+        let m = row.measure(&Summary::of(&pairs(Idle::Poll, &ok)), 3.0, 40, 2);
+        assert_eq!(m.met, Some(true), "{}", m.note);
+        assert!(m.name.contains("idle CPUs polling"), "{}", m.name);
+        assert!(
+            m.note.contains("were not run (`--judged-only`)"),
+            "{}",
+            m.note
+        );
+        assert!(!m.note.contains("interleaved with it"), "{}", m.note);
+    }
+
+    #[test]
+    fn the_estimate_counts_the_pairs_that_run() {
+        // 300 pairs of about 4.2 s, plus a minute.
+        assert_eq!(minutes(None, false), 22);
+        assert_eq!(minutes(Some(800), true), 57);
+        assert_eq!(minutes(Some(800), false), 85);
+    }
+
+    #[test]
     fn modes_take_turns_two_pairs_at_a_time_in_abba_blocks() {
         use Idle::{Default as D, Poll as P};
         let pattern = [P, P, D];
@@ -931,7 +983,7 @@ mod tests {
             order.join(" "),
             "Pmp Ppm Ppm Pmp Dmp Dpm Pmp Ppm Ppm Pmp Dpm Dmp"
         );
-        for pattern in [&[D][..], &[P, D], &[P, P, D], &[D, P, P, P]] {
+        for pattern in [&[D][..], &[P], &[P, D], &[P, P, D], &[D, P, P, P]] {
             let cycles = 50;
             let slots: Vec<Slot> = (0..cycles * pattern.len() * 2)
                 .map(|i| slot(i, pattern))

@@ -126,6 +126,8 @@ pub struct Options {
     pub sizes: Vec<usize>,
     /// Judged data-path pairs; `None` = its default.
     pub pairs: Option<u32>,
+    /// Data path: the judged pairs only, no default-idle ones.
+    pub judged_only: bool,
 }
 
 /// What the benches share.
@@ -135,6 +137,8 @@ pub struct Ctx {
     pub sizes: Vec<usize>,
     /// Judged data-path pairs; `None` = its default.
     pub pairs: Option<u32>,
+    /// Data path: the judged pairs only, no default-idle ones.
+    pub judged_only: bool,
     /// The release agent binary.
     pub meterd: PathBuf,
     /// The `mapread` bench binary, when a selected bench needs it.
@@ -161,6 +165,23 @@ pub fn progress(msg: impl std::fmt::Display) {
     let _ = std::io::stdout().flush();
 }
 
+/// How long the selected benches take, for the start-up note.
+fn estimate(opts: &Options, benches: &[Bench]) -> String {
+    match (opts.quick, benches.contains(&Bench::Datapath)) {
+        (true, _) => "2 minutes".to_owned(),
+        (false, false) => "12 minutes plus building".to_owned(),
+        (false, true) => format!(
+            "{} minutes for datapath{}, plus building",
+            datapath::minutes(opts.pairs, opts.judged_only),
+            if benches.len() > 1 {
+                ", 12 for the rest"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
 pub fn run(opts: &Options) -> Result<()> {
     if !util::is_root() {
         bail!(
@@ -183,12 +204,7 @@ pub fn run(opts: &Options) -> Result<()> {
         "benchmarks: {} ({} mode, about {})",
         names.join(", "),
         if opts.quick { "quick" } else { "full" },
-        match (opts.quick, benches.contains(&Bench::Datapath)) {
-            (true, _) => "2 minutes",
-            (false, false) => "12 minutes plus building",
-            // 300 pairs of two 2 s runs: both idle modes.
-            (false, true) => "21 minutes for datapath, 12 for the rest, plus building",
-        }
+        estimate(opts, &benches)
     ));
 
     let mapread = build(&benches)?;
@@ -207,6 +223,7 @@ pub fn run(opts: &Options) -> Result<()> {
         quick: opts.quick,
         sizes: opts.sizes.clone(),
         pairs: opts.pairs,
+        judged_only: opts.judged_only,
         meterd: util::target_dir().join("release/meterd"),
         mapread,
         work,
