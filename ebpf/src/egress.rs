@@ -30,8 +30,9 @@
 //! a dropped segment is never acknowledged. The slow path goes on folding
 //! a cut socket's counters (ACKs for what was sent before the cut).
 //!
-//! Minimum kernel version: 5.8 (`bpf_jiffies64`, sk_storage from
-//! cgroup_skb; `bpf_ktime_get_boot_ns` and ring buffers).
+//! Minimum kernel version: 5.10 (`bpf_sk_storage_get` on a sock_common;
+//! before, it took full sockets only; `bpf_ktime_get_boot_ns` and ring
+//! buffers from 5.8).
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -72,7 +73,9 @@ pub fn meterd_egress(ctx: SkBuffContext) -> i32 {
     // may be a request or timewait socket): the helper takes one, and
     // returns NULL for a socket that is not full, so a metered packet needs
     // no `bpf_sk_fullsock` call first. The fields `tcp` reads (state,
-    // addresses, ports) are sock_common's.
+    // family, addresses, ports) are sock_common's. The other packets (UDP
+    // datagrams, SYN-ACKs, timewait ACKs) pay that lookup's miss, a few ns,
+    // before `bpf_sk_fullsock`.
     let meter = sk_meter(sk.cast(), None);
     if !meter.is_null() {
         return tcp(&ctx, sk, meter);
@@ -142,7 +145,8 @@ fn slow_path(ctx: &SkBuffContext, sk: *mut bpf_sock, meter: &mut SkMeter, jiffie
     // SAFETY: helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     meter.refresh_cut(cookie);
-    // SAFETY: helper on a full socket.
+    // SAFETY: helper on the socket (a full one: it has storage; the helper
+    // takes a sock_common and returns NULL for anything but TCP).
     let tp = unsafe { bpf_tcp_sock(sk) };
     // An array load and a cookie compare, no hash lookup.
     let live = live_slot(meter.slot, cookie);

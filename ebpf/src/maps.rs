@@ -207,8 +207,10 @@ pub fn sk_meter(sk: *mut core::ffi::c_void, init: Option<&mut SkMeter>) -> *mut 
         ),
         None => (core::ptr::null_mut(), 0),
     };
-    // SAFETY: helper on a full socket pointer from the context (callers
-    // check it); the map pointer is the BTF map definition's own address.
+    // SAFETY: helper on a non-NULL socket pointer from the context (callers
+    // check it; a sock_common is allowed, and the helper returns NULL for
+    // one that is not a full socket); the map pointer is the BTF map
+    // definition's own address.
     unsafe {
         bpf_sk_storage_get(
             core::ptr::from_ref(&SK_METER).cast_mut().cast(),

@@ -18,6 +18,8 @@
 //! - Another sock_ops program's callback flags survive meterd's (item 9),
 //!   and an untracked close from FIN_WAIT2 is not billed the client's FIN
 //!   (item 10).
+//! - The close ring full while the agent is stopped: the closes past it
+//!   are billed from their live slots, none lost.
 //!
 //! Every verdict is a real outcome: files still there with their contents,
 //! `meterd`'s exit status and stderr, the ledger export and the closed log
@@ -1790,8 +1792,10 @@ fn is_spoofed(addr: IpAddr) -> bool {
 // The metered cgroup recreated (item 1)
 // ---------------------------------------------------------------------
 
-/// What the agent logs when a cycle finds the cgroup recreated.
-const REATTACH_LOG: &str = "the metered cgroup was recreated";
+/// What the agent logs when a cycle finds the cgroup recreated, once the
+/// programs are attached to the new one (not before: the test's traffic
+/// right after it must be metered).
+const REATTACH_LOG: &str = "the metered cgroup was recreated: meterd's programs are attached";
 /// What a start logs when the pinned links are on a cgroup that is gone.
 const RESUME_REATTACH_LOG: &str = "attached to a cgroup that is no longer at this path";
 
@@ -2119,4 +2123,95 @@ fn untracked_connection_is_timed_by_its_payload() {
     assert_eq!(s[0].bytes_out, t.bytes_sent);
     assert_eq!(s[0].charge_minor, 10 * s[0].duration_ms.div_ceil(1000));
     drop(fillers);
+}
+
+// ---------------------------------------------------------------------
+// The close ring full while the agent stalls
+// ---------------------------------------------------------------------
+
+/// Connections closing while the agent is stopped (`SIGSTOP`), this one.
+/// The close ring (`CLOSED`, 2 MiB of 112-byte records: about 18,700)
+/// fills with the first of them; what closes after that must be kept in
+/// the connections' live slots and billed from there at the next read.
+const STALLED_CLOSES: usize = 25_000;
+
+/// Stops a process, and lets it go on drop (also when the test panics).
+struct Stopped(libc::pid_t);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        let pid = libc::pid_t::try_from(pid).unwrap();
+        // SAFETY: a signal to a process of this test's own.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// The kernel's event counters, from the agent's `/metrics`.
+fn kernel_event(agent: &Agent, name: &str) -> f64 {
+    meterd_tests::metrics::Exposition::parse(&agent.metrics_text())
+        .unwrap()
+        .value("meterd_kernel_events_total", &[("event", name)])
+        .unwrap_or_else(|| panic!("no meterd_kernel_events_total{{event={name:?}}}"))
+}
+
+/// The agent stalls (stopped, as a host too loaded to schedule it would
+/// leave it) while 25,000 connections open and close. The ring fills;
+/// the closes past it stay in their live slots (`ring_full` rises, `lost`
+/// does not), and once the agent runs again every connection is billed
+/// exactly once with the bytes the server logged, in the closed log and
+/// the ledger.
+#[test]
+fn closes_past_a_full_ring_are_billed_from_their_live_slots() {
+    let Some(mut env) = TestEnv::new("hard-ringfull", traffic_bin!(), Setup::default()) else {
+        return;
+    };
+    let listen = loopback4(port(13, 2));
+    let server = env.tcp_server(&[listen]);
+    env.start_agent(tcp_config(&[listen.port()]));
+    let _files = run_files(&pin_dir(&env));
+    let (full_before, lost_before) = (
+        kernel_event(env.agent_ref(), "ring_full"),
+        kernel_event(env.agent_ref(), "lost"),
+    );
+    let pid = agent_pid(env.agent_ref().config_path());
+    let started = Instant::now();
+    let summary = {
+        let _stopped = Stopped::new(pid);
+        env.run_tcp_client(&TcpClient {
+            count: STALLED_CLOSES,
+            parallel: 8,
+            close: CloseOrder::Alternate,
+            ..TcpClient::new(listen, 1500, 100)
+        })
+    };
+    eprintln!(
+        "hard-ringfull: {STALLED_CLOSES} connections with the agent stopped in {:.1?}",
+        started.elapsed()
+    );
+    let truth = env.tcp_truth(&server, &[&summary]);
+    assert_eq!(truth.len(), STALLED_CLOSES);
+    env.wait_for_exact_records(&truth);
+    let agent = env.agent_ref();
+    let kept = kernel_event(agent, "ring_full") - full_before;
+    assert!(
+        kept >= 1.0,
+        "no close found the ring full ({STALLED_CLOSES} closes with the agent stopped): the \
+         test did not reach the fallback; raise STALLED_CLOSES if the ring grew"
+    );
+    assert!(
+        kernel_event(agent, "lost") - lost_before < 1.0,
+        "close records lost: {}",
+        kernel_event(agent, "lost") - lost_before
+    );
+    env.wait_for_exact_ledger(&truth, &|_| records::SERVICE.to_owned());
+    env.agent().assert_running();
+    eprintln!("hard-ringfull: {kept} closes kept in their live slots, all exact");
 }

@@ -470,10 +470,6 @@ impl Kernel {
         if id == self.cgroup_id {
             return Ok(false);
         }
-        tracing::warn!(
-            cgroup = %self.cgroup_path.display(),
-            "the metered cgroup was recreated: attaching meterd's programs to the new one"
-        );
         let mut bpf = load(config)?;
         for prog in PROGRAMS {
             if prog != Prog::Ingress || config.meters_udp() {
@@ -486,6 +482,12 @@ impl Kernel {
             }
         }
         self.cgroup_id = id;
+        // Logged once the programs are attached: from here on, every new
+        // connection in the cgroup is metered (the tests wait for this).
+        tracing::warn!(
+            cgroup = %self.cgroup_path.display(),
+            "the metered cgroup was recreated: meterd's programs are attached to the new one"
+        );
         Ok(true)
     }
 

@@ -21,8 +21,8 @@
 //! (9-13% on these days) is the VM's wakeup latency amplified by the
 //! coupling of the two ends, not the programs' cost to the sender. A
 //! streaming server's viewers are on other machines. Both figures are
-//! reported; `--judged-only` runs the polling pairs alone, for a long
-//! `--pairs` run.
+//! reported, the default idle only with `--default-idle` (and in a
+//! `--quick` run): the judged figure needs about 800 pairs here, an hour.
 //!
 //! Then, with `kernel.bpf_stats_enabled=1` (which itself slows the
 //! programs, so not during the ratio runs), a few metered runs measure the
@@ -81,19 +81,30 @@ struct Run {
 }
 
 /// Judged pairs of a full run, when `--pairs` does not say.
-const JUDGED_PAIRS: u32 = 200;
+const JUDGED_PAIRS: u32 = 800;
 
 /// Minutes a full run of this bench takes with `pairs` judged pairs (about
 /// 4.2 s a pair, measured), for the bench's start-up estimate.
-pub fn minutes(pairs: Option<u32>, judged_only: bool) -> u32 {
-    let judged = pairs.unwrap_or(JUDGED_PAIRS);
-    let all = if judged_only {
-        judged
-    } else {
-        judged + judged / 2
-    };
+pub fn minutes(pairs: Option<u32>, default_idle: bool) -> u32 {
+    let (pattern, cycles) = plan(pairs.unwrap_or(JUDGED_PAIRS), default_idle, true);
+    let all = u32::try_from(pattern.len()).unwrap_or(u32::MAX) * 2 * cycles;
     // The BPF-stats runs and set-up add about a minute.
     (all * 42).div_ceil(600) + 1
+}
+
+/// The modes' pattern and how many times it repeats, for `judged` judged
+/// pairs. Polling idle is judged where the host can hold it (`poll`), with
+/// the default idle measured beside it with `default_idle`: two blocks of
+/// two pairs polling, then one with the default idle. Without polling, the
+/// default idle is measured and judged alone.
+fn plan(judged: u32, default_idle: bool, poll: bool) -> (&'static [Idle], u32) {
+    match (poll, default_idle) {
+        // One block of two polling pairs a cycle.
+        (true, false) => (&[Idle::Poll], judged.div_ceil(2)),
+        // Four polling pairs a cycle.
+        (true, true) => (&[Idle::Poll, Idle::Poll, Idle::Default], judged.div_ceil(4)),
+        (false, _) => (&[Idle::Default], judged.div_ceil(2)),
+    }
 }
 
 pub fn run(ctx: &mut Ctx) -> Result<()> {
@@ -101,31 +112,23 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     // the host, ±20% from one second to the next on loopback), which a
     // median over many pairs shrugs off. 120 pairs of 2 s runs left the
     // median's 95% interval at about ±1.5% on a quiet day and ±4.5% on a
-    // noisy one, so the judged mode gets 200 (about 14 minutes) and the
-    // default idle beside it 100.
+    // noisy one, 200 at ±3.5%, and 800 at ±1.2% on a slow day, so the
+    // judged mode gets 800 (about 56 minutes).
     let (secs, stats_runs) = if ctx.quick { (1, 1) } else { (2, 3) };
-    // Polling idle is judged where the host can hold it; the default idle
-    // is always measured. The pattern repeats: two blocks of two pairs
-    // polling, then one with the default idle.
     let judged_pairs = ctx
         .pairs
         .unwrap_or(if ctx.quick { 8 } else { JUDGED_PAIRS });
-    let (pattern, cycles): (&[Idle], u32) = match host::PollIdle::hold() {
-        // One block of two polling pairs a cycle.
-        Ok(_) if ctx.judged_only => (&[Idle::Poll], judged_pairs.div_ceil(2)),
-        // Four polling pairs a cycle.
-        Ok(_) => (
-            &[Idle::Poll, Idle::Poll, Idle::Default],
-            judged_pairs.div_ceil(4),
-        ),
+    let poll = match host::PollIdle::hold() {
+        Ok(_) => true,
         Err(e) => {
             progress(format!(
                 "cannot keep idle CPUs polling ({e:#}): the data path is measured and judged \
                  with the default idle only"
             ));
-            (&[Idle::Default], judged_pairs.div_ceil(2))
+            false
         }
     };
+    let (pattern, cycles) = plan(judged_pairs, ctx.default_idle, poll);
     let modes = modes_of(pattern);
     // Longer runs for the per-GB cost: more packets to average over.
     let stats_secs = if ctx.quick { 1 } else { 3 };
@@ -521,7 +524,8 @@ impl Summary {
 struct RatioRow {
     idle: Idle,
     judged: bool,
-    /// The only mode measured (polling could not be held).
+    /// The only mode measured (polling could not be held, or
+    /// no `--default-idle`).
     alone: bool,
     /// The judged row's median, for the default-idle row's note.
     judged_median: Option<f64>,
@@ -582,7 +586,8 @@ impl RatioRow {
                  halted CPU. {}",
                     host::PollIdle::DEVICE,
                     if alone {
-                        "This row is judged; the default-idle pairs were not run (`--judged-only`)."
+                        "This row is judged; no default-idle pairs ran beside it (`--default-idle` \
+                         adds them)."
                     } else {
                         "This row is judged; the next one, interleaved with it, has the host's \
                          default idle."
@@ -826,7 +831,7 @@ fn iperf_once(port: u16, secs: u32) -> Result<Run> {
 mod tests {
     use super::{
         BpfStats, Idle, Pair, ProgStats, RatioRow, Run, Slot, Summary, bpf_row, minutes, modes_of,
-        pairs_of, slot,
+        pairs_of, plan, slot,
     };
 
     /// Pairs whose metered runs are `ratios` times the baseline's 20 Gbit/s.
@@ -947,7 +952,7 @@ mod tests {
         assert_eq!(m.met, Some(true), "{}", m.note);
         assert!(m.name.contains("idle CPUs polling"), "{}", m.name);
         assert!(
-            m.note.contains("were not run (`--judged-only`)"),
+            m.note.contains("no default-idle pairs ran beside it"),
             "{}",
             m.note
         );
@@ -955,11 +960,31 @@ mod tests {
     }
 
     #[test]
+    fn the_plan_gives_the_judged_mode_its_pairs_and_the_default_idle_half_or_none() {
+        use Idle::{Default as D, Poll as P};
+        let count = |judged, default_idle, poll| {
+            let (pattern, cycles) = plan(judged, default_idle, poll);
+            modes_of(pattern)
+                .into_iter()
+                .map(|m| (m, pairs_of(pattern, cycles, m)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(count(200, true, true), [(P, 200), (D, 100)]);
+        assert_eq!(count(800, false, true), [(P, 800)]);
+        // Rounded up to whole blocks.
+        assert_eq!(count(202, true, true), [(P, 204), (D, 102)]);
+        assert_eq!(count(9, false, true), [(P, 10)]);
+        // Without polling the default idle is judged alone, either way.
+        assert_eq!(count(200, false, false), [(D, 200)]);
+        assert_eq!(count(200, true, false), [(D, 200)]);
+    }
+
+    #[test]
     fn the_estimate_counts_the_pairs_that_run() {
-        // 300 pairs of about 4.2 s, plus a minute.
-        assert_eq!(minutes(None, false), 22);
-        assert_eq!(minutes(Some(800), true), 57);
-        assert_eq!(minutes(Some(800), false), 85);
+        // 800 pairs of about 4.2 s, plus a minute.
+        assert_eq!(minutes(None, false), 57);
+        assert_eq!(minutes(Some(200), true), 22);
+        assert_eq!(minutes(Some(800), true), 85);
     }
 
     #[test]

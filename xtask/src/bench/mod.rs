@@ -126,8 +126,8 @@ pub struct Options {
     pub sizes: Vec<usize>,
     /// Judged data-path pairs; `None` = its default.
     pub pairs: Option<u32>,
-    /// Data path: the judged pairs only, no default-idle ones.
-    pub judged_only: bool,
+    /// Data path: default-idle pairs beside the judged ones.
+    pub default_idle: bool,
 }
 
 /// What the benches share.
@@ -137,8 +137,8 @@ pub struct Ctx {
     pub sizes: Vec<usize>,
     /// Judged data-path pairs; `None` = its default.
     pub pairs: Option<u32>,
-    /// Data path: the judged pairs only, no default-idle ones.
-    pub judged_only: bool,
+    /// Data path: default-idle pairs beside the judged ones.
+    pub default_idle: bool,
     /// The release agent binary.
     pub meterd: PathBuf,
     /// The `mapread` bench binary, when a selected bench needs it.
@@ -172,7 +172,7 @@ fn estimate(opts: &Options, benches: &[Bench]) -> String {
         (false, false) => "12 minutes plus building".to_owned(),
         (false, true) => format!(
             "{} minutes for datapath{}, plus building",
-            datapath::minutes(opts.pairs, opts.judged_only),
+            datapath::minutes(opts.pairs, opts.default_idle),
             if benches.len() > 1 {
                 ", 12 for the rest"
             } else {
@@ -223,7 +223,7 @@ pub fn run(opts: &Options) -> Result<()> {
         quick: opts.quick,
         sizes: opts.sizes.clone(),
         pairs: opts.pairs,
-        judged_only: opts.judged_only,
+        default_idle: opts.default_idle || opts.quick,
         meterd: util::target_dir().join("release/meterd"),
         mapread,
         work,
