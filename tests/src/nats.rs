@@ -8,21 +8,27 @@
 
 use std::{
     fs,
-    net::TcpListener,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use crate::process::{Proc, wait_until};
+use crate::{
+    env::port,
+    process::{Proc, wait_until},
+};
 
 /// Where Debian installs it.
 pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+/// The client and route ports of node `node` of the test in `slot`:
+/// [`port`]`(slot, 1..=8)`, beside the host's server port (index 0). A port
+/// bound and released to find a free one lies in the kernel's ephemeral
+/// range, where any client socket of a parallel test can take it before
+/// nats-server binds it ("bind: address already in use"); these lie below.
+fn node_ports(slot: u16, node: usize) -> (u16, u16) {
+    let node = u16::try_from(node).expect("a node index");
+    assert!(node < 4, "at most 4 nodes fit in a test's port block");
+    (port(slot, 1 + 2 * node), port(slot, 2 + 2 * node))
 }
 
 struct Node {
@@ -116,13 +122,14 @@ pub fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 
 impl Cluster {
     /// Writes the nodes' configs into `dir` and starts them all; waits
-    /// until each answers on its client port.
-    pub fn start(dir: &Path, n: usize) -> Cluster {
+    /// until each answers on its client port. The ports are those of the
+    /// test's `slot` (see [`port`]).
+    pub fn start(dir: &Path, n: usize, slot: u16) -> Cluster {
         assert!(
             Path::new(NATS_SERVER).exists(),
             "{NATS_SERVER} is missing: install Debian's nats-server (cargo xtask test does)"
         );
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16)> = (0..n).map(|i| node_ports(slot, i)).collect();
         let routes: Vec<String> = ports
             .iter()
             .map(|(_, r)| format!("nats-route://127.0.0.1:{r}"))
@@ -164,8 +171,8 @@ impl Cluster {
 
     /// One node that speaks TLS only (a certificate of [`make_certs`]) and
     /// wants the token [`TOKEN`]: `tls://` URLs.
-    pub fn start_secured(dir: &Path, cert: &Path, key: &Path) -> Cluster {
-        let client = free_port();
+    pub fn start_secured(dir: &Path, cert: &Path, key: &Path, slot: u16) -> Cluster {
+        let (client, _) = node_ports(slot, 0);
         let store = dir.join("nats-tls");
         fs::create_dir_all(&store).expect("nats store dir");
         let config = dir.join("nats-tls.conf");

@@ -295,7 +295,7 @@ fn records_reach_the_stream_once_through_a_node_kill() {
     let Some(dir) = meterd_tests::env::scratch_dir("fleet-node") else {
         return;
     };
-    let mut cluster = Cluster::start(dir.path(), 3);
+    let mut cluster = Cluster::start(dir.path(), 3, 0);
     let stream = "FLEETNODE";
     let fleet = FleetOf::new(&cluster, stream);
     let Some(a) = host("fleet-node", "host-a", 0, &fleet, vec![], &[]) else {
@@ -329,7 +329,7 @@ fn an_outage_of_every_node_is_drained_after() {
     let Some(dir) = meterd_tests::env::scratch_dir("fleet-outage") else {
         return;
     };
-    let mut cluster = Cluster::start(dir.path(), 3);
+    let mut cluster = Cluster::start(dir.path(), 3, 2);
     let stream = "FLEETOUT";
     let fleet = FleetOf::new(&cluster, stream);
     let Some(a) = host("fleet-outage", "host-a", 2, &fleet, vec![], &[]) else {
@@ -387,7 +387,7 @@ fn a_kill_between_acknowledgement_and_mark_duplicates_nothing() {
     let Some(dir) = meterd_tests::env::scratch_dir("fleet-kill") else {
         return;
     };
-    let cluster = Cluster::start(dir.path(), 3);
+    let cluster = Cluster::start(dir.path(), 3, 4);
     let stream = "FLEETKILL";
     let fleet = FleetOf::new(&cluster, stream);
     let held = dir.path().join("held");
@@ -435,7 +435,7 @@ fn a_replay_after_the_duplicate_window_counts_once() {
     let Some(dir) = meterd_tests::env::scratch_dir("fleet-replay") else {
         return;
     };
-    let cluster = Cluster::start(dir.path(), 3);
+    let cluster = Cluster::start(dir.path(), 3, 5);
     let stream = "FLEETREPLAY";
     let fleet = FleetOf::new(&cluster, stream);
     // Made here with a 1 s duplicate window, so a replay 2 s later is
@@ -505,7 +505,7 @@ fn a_prepaid_account_stops_at_the_fleet_sum() {
     let Some(dir) = meterd_tests::env::scratch_dir("fleet-credit") else {
         return;
     };
-    let cluster = Cluster::start(dir.path(), 3);
+    let cluster = Cluster::start(dir.path(), 3, 6);
     let stream = "FLEETCREDIT";
     let fleet = FleetOf::new(&cluster, stream);
     let accounts = vec![("alice".to_owned(), PREPAID)];
@@ -608,7 +608,7 @@ fn tls_and_a_token_to_nats() {
         return;
     };
     let (ca, cert, key) = nats::make_certs(dir.path());
-    let cluster = Cluster::start_secured(dir.path(), &cert, &key);
+    let cluster = Cluster::start_secured(dir.path(), &cert, &key, 8);
     let fleet = FleetOf {
         replicas: 1,
         extra: format!(
